@@ -1,0 +1,86 @@
+"""Ensemble members: who trains on what (bootstrap samples, out-of-bag validation) and how members combine.
+
+A single model is the K=1 case of the same plan, so training has one code path: member k trains on the pool
+indices `train_index[k]` and is validated on `val_mask[k]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class MemberPlan:
+    """Per-member training samples (indices into the training pool) and validation masks."""
+
+    train_index: np.ndarray  # (K, n) int64, with repeats for bootstrap samples
+    val_mask: np.ndarray  # (K, N) bool: images of the pool that validate member k
+    bootstrap: bool
+
+    @property
+    def members(self) -> int:
+        return int(self.train_index.shape[0])
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"plan.train_index": self.train_index, "plan.val_mask": self.val_mask.astype(np.uint8)}
+
+
+def bootstrap_sample(labels: np.ndarray, rng: np.random.Generator, stratified: bool = True) -> np.ndarray:
+    """Indices drawn with replacement, the sample as large as the pool; per class when stratified."""
+    n = len(labels)
+    if not stratified:
+        return np.sort(rng.integers(0, n, size=n))
+    parts = [rng.choice(np.flatnonzero(labels == c), size=int((labels == c).sum())) for c in np.unique(labels)]
+    return np.sort(np.concatenate(parts))
+
+
+def plan_members(
+    labels: np.ndarray,
+    members: int,
+    bootstrap: bool,
+    seed: int,
+    stratified: bool = True,
+    holdout: np.ndarray | None = None,
+) -> MemberPlan:
+    """Assign each member its training sample and validation images.
+
+    With bootstrap, member k trains on a bootstrap sample of the pool and is validated on its out-of-bag images.
+    Without bootstrap, every member trains on the pool minus `holdout` and is validated on `holdout` (the
+    stratified validation split carved from train/); members then differ only by initialisation and augmentation.
+    """
+    n = len(labels)
+    rng = np.random.default_rng(seed)
+    if bootstrap:
+        train_index = np.stack([bootstrap_sample(labels, rng, stratified) for _ in range(members)])
+        val_mask = np.ones((members, n), dtype=bool)
+        for k in range(members):
+            val_mask[k, train_index[k]] = False
+        if not val_mask.any(axis=1).all():
+            raise ValueError("a bootstrap sample left no out-of-bag image; the training set is too small")
+        return MemberPlan(train_index.astype(np.int64), val_mask, bootstrap=True)
+    holdout = np.asarray(holdout if holdout is not None else [], dtype=np.int64)
+    keep = np.setdiff1d(np.arange(n), holdout)
+    train_index = np.tile(keep, (members, 1))
+    val_mask = np.zeros((members, n), dtype=bool)
+    val_mask[:, holdout] = True
+    return MemberPlan(train_index.astype(np.int64), val_mask, bootstrap=False)
+
+
+def combine(member_probs: np.ndarray) -> np.ndarray:
+    """Soft voting: the mean of member probabilities. (N, K, C) -> (N, C)."""
+    return member_probs.mean(axis=1)
+
+
+def out_of_bag_probs(member_probs: np.ndarray, val_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each pool image scored only by the members that did not train on it.
+
+    member_probs (N, K, C) for the whole pool, val_mask (K, N). Returns (probs (M, C), index (M,)) for the M
+    images that at least one member held out.
+    """
+    weights = val_mask.T.astype(member_probs.dtype)  # (N, K)
+    counts = weights.sum(axis=1)
+    index = np.flatnonzero(counts > 0)
+    probs = (member_probs[index] * weights[index, :, None]).sum(axis=1) / counts[index, None]
+    return probs, index

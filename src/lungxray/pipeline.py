@@ -1,0 +1,254 @@
+"""The run orchestrator: data -> members plan -> fit -> calibrate on validation -> score test once -> bundle.
+
+This is what `lungxray train` and `lungxray.train()` call. Selection (early stopping, temperature, referral
+threshold) uses validation or out-of-bag images only; the test split is scored once, at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lungxray import __version__, metrics
+from lungxray.augment import Augmenter
+from lungxray.bundle import Bundle, git_commit, save_bundle
+from lungxray.checkpoint import remove_checkpoint
+from lungxray.config import RunConfig, load_config
+from lungxray.data import Dataset, find_duplicates, load_dataset, stratified_split, summarize_duplicates
+from lungxray.ensemble import MemberPlan, out_of_bag_probs, plan_members
+from lungxray.files import write_json, write_text
+from lungxray.models import build_model
+from lungxray.predict import Predictor, make_predictions, normalised_entropy
+from lungxray.preprocess import prepare
+from lungxray.report import write_evaluation_report, write_report, write_rows_csv
+from lungxray.runtime import (
+    INPUT_MEAN,
+    INPUT_STD,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+    set_threads,
+)
+from lungxray.train import fit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    """What a finished training run produced; `run_dir` is a loadable bundle."""
+
+    run_dir: Path
+    config: RunConfig
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def test_accuracy(self) -> float | None:
+        test = self.metrics.get("test")
+        return test["metrics"]["accuracy"] if test else None
+
+
+def training_pool(ds: Dataset, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pool indices, holdout positions within the pool, test indices) for a dataset of any layout.
+
+    The pool is train/ (+ val/ when the folder provides one, which then is the holdout) or, without split folders,
+    everything; the holdout is otherwise a stratified, seeded split of train/. test/ is never in the pool.
+    """
+    splits = ds.splits
+    pool = np.flatnonzero(np.isin(splits, ["train", "val", "all"]))
+    test = np.flatnonzero(splits == "test")
+    if len(pool) == 0:
+        raise ValueError(f"{ds.root}: no training images (expected train/ or class folders)")
+    given_val = np.flatnonzero(splits[pool] == "val")
+    if len(given_val):
+        return pool, given_val, test
+    _, holdout = stratified_split(ds.labels[pool], val_fraction, seed) if val_fraction > 0 else (None, [])
+    return pool, np.asarray(holdout, dtype=np.int64), test
+
+
+def validation_probs(member_logits: np.ndarray, labels: np.ndarray, plan: MemberPlan) -> tuple[np.ndarray, ...]:
+    """Ensemble probabilities on validation images: out-of-bag for bootstrap members, else the holdout."""
+    member_probs = metrics.softmax(member_logits)
+    probs, index = out_of_bag_probs(member_probs, plan.val_mask)
+    return probs, labels[index], index
+
+
+def calibrate(val_probs: np.ndarray, val_labels: np.ndarray, cfg: RunConfig) -> dict[str, Any]:
+    """Temperature and referral threshold, both from validation predictions."""
+    log_probs = np.log(np.clip(val_probs, 1e-12, None))
+    temperature = metrics.fit_temperature(log_probs, val_labels) if cfg.calibration.temperature else 1.0
+    calibrated = metrics.softmax(log_probs, temperature)
+    threshold = metrics.threshold_for_coverage(normalised_entropy(calibrated), cfg.calibration.refer_coverage)
+    return {"temperature": float(temperature), "refer_threshold": float(threshold)}
+
+
+def score(pred_meta: dict[str, Any], member_logits: np.ndarray, labels: np.ndarray, classes: list[str],
+          paths: list[str], seed: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Metrics with bootstrap intervals, calibration before/after, referral, and one row per image."""
+    pred = make_predictions(member_logits, pred_meta)
+    raw = make_predictions(member_logits, {**pred_meta, "temperature": 1.0})
+    correct = pred.probs.argmax(1) == labels
+    out = {
+        "metrics": metrics.classification_metrics(labels, pred.probs, classes),
+        "intervals": {k: v.to_dict() for k, v in metrics.bootstrap_intervals(
+            labels, pred.probs, classes, n_resamples=2000, seed=seed).items()},
+        "ece_uncalibrated": metrics.expected_calibration_error(raw.probs, labels),
+        "ece_calibrated": metrics.expected_calibration_error(pred.probs, labels),
+        "refer": metrics.selective_accuracy(correct, pred.uncertainty, pred_meta["refer_threshold"]),
+        "mean_uncertainty_correct": float(pred.uncertainty[correct].mean()) if correct.any() else None,
+        "mean_uncertainty_wrong": float(pred.uncertainty[~correct].mean()) if (~correct).any() else None,
+        "reliability": {k: v.tolist() for k, v in metrics.reliability_curve(pred.probs, labels).items()},
+    }
+    rows = [
+        {"path": p, "true": classes[t], "label": classes[int(pred.probs[i].argmax())],
+         **{f"prob_{c}": float(pred.probs[i, j]) for j, c in enumerate(classes)},
+         "uncertainty": float(pred.uncertainty[i]), "refer": bool(pred.refer[i])}
+        for i, (p, t) in enumerate(zip(paths, labels, strict=True))
+    ]
+    return out, rows
+
+
+def train_run(
+    config: str | Path | dict[str, Any] | RunConfig,
+    data: str | Path,
+    out: str | Path,
+    overrides: list[str] | dict[str, Any] | None = None,
+    device: str | None = None,
+    resume: bool = False,
+) -> RunResult:
+    """Train, calibrate, evaluate and bundle one run (a single model or a packed ensemble)."""
+    started = time.perf_counter()
+    cfg = load_config(config, overrides)
+    run_dir = Path(out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / "config.yaml", cfg.to_yaml())  # first, so `--resume` can rebuild the run
+    dev = resolve_device(device)
+    seed_everything(cfg.seed, cfg.train.deterministic)
+    threads = set_threads(cfg.train.threads)
+    amp_dtype = resolve_precision(dev, cfg.train.precision)
+    log.info("device %s, %s, %d threads", dev, str(amp_dtype).replace("torch.", ""), threads)
+
+    t0 = time.perf_counter()
+    ds = load_dataset(data, size=cfg.data.image_size)
+    load_seconds = time.perf_counter() - t0
+    duplicates = find_duplicates(ds)
+    dup_summary = summarize_duplicates(duplicates)
+    log.info("%d images (%s), %d skipped; duplicates: %s", len(ds), ds.class_counts(), len(ds.skipped), dup_summary)
+    images = prepare(ds.images, cfg.data.standardize, cfg.data.crop_border)
+    pool, holdout, test = training_pool(ds, cfg.data.val_fraction, cfg.seed)
+    ens = cfg.ensemble
+    plan = plan_members(ds.labels[pool], ens.members, ens.bootstrap, cfg.seed, ens.stratified, holdout)
+
+    model = build_model(cfg.model.arch, num_classes=len(ds.classes), members=ens.members, **cfg.model.args)
+    model = model.to(dev, memory_format=torch.channels_last)
+    preset = ens.augment_preset if ens.members > 1 and ens.augment_preset else None
+    augmenter = Augmenter(cfg.augment.params(preset), seed=cfg.seed + 1, device=dev)
+    pool_images = torch.as_tensor(images[pool], device=dev)
+    pool_labels = torch.as_tensor(ds.labels[pool], device=dev)
+    state = fit(
+        model, pool_images, pool_labels, plan, cfg.train, augmenter,
+        seed=cfg.seed, amp_dtype=amp_dtype, run_dir=run_dir, resume=resume,
+    )
+
+    meta: dict[str, Any] = {
+        "name": cfg.name, "classes": ds.classes, "arch": cfg.model.arch, "arch_args": cfg.model.args,
+        "members": ens.members, "bootstrap": ens.bootstrap,
+        "input": {"size": cfg.data.image_size, "channels": 1, "mean": INPUT_MEAN, "std": INPUT_STD,
+                  "standardize": cfg.data.standardize, "crop_border": cfg.data.crop_border},
+        "seed": cfg.seed, "package_version": __version__, "torch_version": torch.__version__,
+        "git_commit": git_commit(), "data": {"root": str(ds.root), "fingerprint": ds.fingerprint},
+    }
+    predictor = Predictor(bundle=Bundle(model=model, meta=meta, path=run_dir), device=dev)
+    pool_logits = predictor.member_logits(images[pool])
+    val_probs, val_labels, val_index = validation_probs(pool_logits, ds.labels[pool], plan)
+    meta.update(calibrate(val_probs, val_labels, cfg))
+    val_scores, _ = score(meta, np.log(np.clip(val_probs, 1e-12, None))[:, None, :], val_labels, ds.classes,
+                          [ds.paths[pool[i]] for i in val_index], cfg.seed)
+    results: dict[str, Any] = {"validation": val_scores, "validation_kind": "out-of-bag" if plan.bootstrap
+                               else "holdout", "test": None}
+    test_rows: list[dict[str, Any]] = []
+    if len(test):
+        test_logits = predictor.member_logits(images[test])
+        results["test"], test_rows = score(meta, test_logits, ds.labels[test], ds.classes,
+                                           [ds.paths[i] for i in test], cfg.seed)
+    total_seconds = time.perf_counter() - started
+    results["timing"] = {
+        "total_seconds": total_seconds, "train_seconds": state.train_seconds, "load_seconds": load_seconds,
+        "epochs": state.epoch, "images_seen": state.images_seen,
+        "train_images_per_second": state.images_seen / max(state.train_seconds, 1e-9),
+        "device": str(dev), "precision": str(amp_dtype).replace("torch.", ""), "threads": threads,
+    }
+    results["data"] = {
+        "classes": ds.classes, "counts": ds.class_counts(), "pool": len(pool), "holdout": len(holdout),
+        "test": len(test), "skipped": [s.__dict__ for s in ds.skipped], "duplicates": dup_summary,
+        "duplicate_pairs": [d.__dict__ for d in duplicates],
+    }
+    results["members"] = {"best_epoch": state.member_best_epoch, "stopped": state.member_stopped}
+    meta["metrics"] = {"validation": val_scores["metrics"],
+                       "test": results["test"]["metrics"] if results["test"] else None}
+    save_bundle(run_dir, model, meta, cfg.to_yaml())
+    write_json(run_dir / "plan.json", {"train_index": plan.train_index, "val_mask": plan.val_mask.astype(int),
+                                       "pool_paths": [ds.paths[i] for i in pool]})
+    write_json(run_dir / "metrics.json", results)
+    write_json(run_dir / "history.json", state.history)
+    if test_rows:
+        write_rows_csv(run_dir / "predictions_test.csv", test_rows)
+    write_report(run_dir, cfg, meta, results, state.history)
+    remove_checkpoint(run_dir)
+    return RunResult(run_dir=run_dir, config=cfg, metrics=results, history=state.history)
+
+
+def find_data(explicit: str | Path | None = None) -> Path:
+    """--data, then $LUNGXRAY_DATA, then data/covid19-dataset, then ../shared/data/covid19-dataset."""
+    candidates = [explicit, os.environ.get("LUNGXRAY_DATA"), "data/covid19-dataset", "../shared/data/covid19-dataset"]
+    for c in candidates:
+        if c and Path(c).is_dir():
+            return Path(c)
+    if explicit:
+        raise FileNotFoundError(f"data folder not found: {explicit}")
+    raise FileNotFoundError(
+        "no dataset found: pass --data DIR or set LUNGXRAY_DATA (looked in data/covid19-dataset and "
+        "../shared/data/covid19-dataset)"
+    )
+
+
+def evaluate_run(run_dir: str | Path, data: str | Path, out: str | Path | None = None, seed: int = 0,
+                 device: str = "cpu") -> dict[str, Any]:
+    """Score a bundle on a labelled folder (its test/ split when it has one, else every image).
+
+    Folders whose names map to no class of the model are skipped and listed; with several top-level sources
+    (DATA/source/class/...) each source is also scored on its own.
+    """
+    predictor = Predictor.load(run_dir, device)
+    meta, classes = predictor.meta, predictor.classes
+    contract = meta["input"]
+    ds = load_dataset(data, size=contract["size"], classes=classes)
+    idx = np.flatnonzero(ds.splits == "test")
+    idx = idx if len(idx) else np.arange(len(ds))
+    if len(idx) == 0:
+        raise ValueError(f"{data}: no readable images of the classes {', '.join(classes)}")
+    images = prepare(ds.images[idx], contract.get("standardize", "none"), contract.get("crop_border", 0.0))
+    logits = predictor.member_logits(images)
+    labels, paths = ds.labels[idx], [ds.paths[i] for i in idx]
+    overall, rows = score(meta, logits, labels, classes, paths, seed)
+    result: dict[str, Any] = {"data": str(data), "images": len(idx), "overall": overall,
+                              "skipped": [s.__dict__ for s in ds.skipped], "sources": {}}
+    sources = ds.sources[idx]
+    for source in sorted(set(sources) - {""}):
+        sel = np.flatnonzero(sources == source)
+        result["sources"][source], _ = score(meta, logits[sel], labels[sel], classes,
+                                             [paths[i] for i in sel], seed)
+    out_dir = Path(out) if out else Path(run_dir) / "evaluation"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "evaluation.json", result)
+    write_rows_csv(out_dir / "predictions.csv", rows)
+    write_evaluation_report(out_dir, meta, result)
+    return result

@@ -1,0 +1,178 @@
+"""Markdown reports with matplotlib figures: what a reader needs to trust (or distrust) a run.
+
+Every test number is shown with its 95% bootstrap interval; the report also lists the duplicates found between
+splits, the files that could not be read, the configuration and the timings.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from lungxray.config import RunConfig
+from lungxray.files import atomic_write, write_text
+
+
+def write_rows_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
+    """CSV with the union of the rows' keys as columns, in first-seen order."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text(path, buf.getvalue())
+
+
+def save_figure(fig: plt.Figure, path: Path) -> Path:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)
+    return path
+
+
+def plot_history(history: list[dict[str, Any]], path: Path) -> Path:
+    """Loss and accuracy per epoch (train vs validation), with learning rate and batch size."""
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for ax, key, title in ((axes[0], "loss", "loss"), (axes[1], "accuracy", "accuracy")):
+        ax.plot(epochs, [h[f"train_{key}"] for h in history], label="train")
+        ax.plot(epochs, [h[f"val_{key}"] for h in history], label="validation")
+        ax.set(title=title, xlabel="epoch")
+        ax.legend()
+    axes[2].plot(epochs, [h["lr"] for h in history], color="tab:green")
+    axes[2].set(title="learning rate (green) / batch size (red)", xlabel="epoch", yscale="log")
+    twin = axes[2].twinx()
+    twin.plot(epochs, [h["batch_size"] for h in history], color="tab:red")
+    return save_figure(fig, path)
+
+
+def plot_confusion(confusion: list[list[int]], classes: Sequence[str], path: Path, title: str) -> Path:
+    cm = np.asarray(confusion)
+    fig, ax = plt.subplots(figsize=(3.8, 3.4))
+    ax.imshow(cm, cmap="Blues")
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            color = "white" if cm[i, j] > cm.max() / 2 else "black"
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", color=color)
+    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes, yticklabels=classes,
+           xlabel="predicted", ylabel="true", title=title)
+    return save_figure(fig, path)
+
+
+def plot_reliability(reliability: dict[str, list[float]], path: Path, title: str) -> Path:
+    fig, ax = plt.subplots(figsize=(3.8, 3.4))
+    counts = np.asarray(reliability["counts"])
+    used = counts > 0
+    centres = np.asarray(reliability["centers" if "centers" in reliability else "centres"])[used]
+    ax.plot([0, 1], [0, 1], "k--", lw=1)
+    ax.bar(centres, np.asarray(reliability["accuracy"])[used], width=1 / len(counts), alpha=0.7, edgecolor="k")
+    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=title)
+    return save_figure(fig, path)
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _iv(iv: dict[str, Any] | None) -> str:
+    if not iv or iv.get("value") is None:
+        return "n/a"
+    return f"{_pct(iv['value'])} ({_pct(iv['low'])}–{_pct(iv['high'])})"
+
+
+def metrics_section(scores: dict[str, Any], classes: Sequence[str], title: str) -> list[str]:
+    """Markdown for one scored split: headline metrics with intervals, per-class table, confusion."""
+    m, iv = scores["metrics"], scores["intervals"]
+    lines = [f"## {title}", "", f"{m['n']} images. 95% percentile-bootstrap intervals over images (2,000 resamples).",
+             "", "| metric | value (95% CI) |", "|---|---|"]
+    for key in ("accuracy", "balanced_accuracy", "macro_precision", "macro_recall", "macro_f1", "macro_roc_auc"):
+        lines.append(f"| {key.replace('_', ' ')} | {_iv(iv.get(key))} |")
+    lines += ["", "| class | precision | recall (sensitivity) | F1 | specificity | ROC AUC | support |",
+              "|---|---|---|---|---|---|---|"]
+    for c in classes:
+        pc = m["per_class"][c]
+        auc = "n/a" if pc.get("roc_auc") is None else f"{pc['roc_auc']:.3f}"
+        lines.append(f"| {c} | {_iv(iv.get(f'precision_{c}'))} | {_iv(iv.get(f'recall_{c}'))} | "
+                     f"{_iv(iv.get(f'f1_{c}'))} | {_pct(pc['specificity'])} | {auc} | {pc['support']} |")
+    cm = m["confusion"]
+    lines += ["", "Confusion matrix (rows true, columns predicted):", "",
+              "| | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
+    lines += [f"| **{c}** | " + " | ".join(str(v) for v in row) + " |" for c, row in zip(classes, cm, strict=True)]
+    ref = scores.get("refer") or {}
+    lines += ["", f"Calibration: ECE {scores['ece_uncalibrated']:.3f} before temperature scaling, "
+              f"{scores['ece_calibrated']:.3f} after.",
+              f"Referral: {_pct(ref.get('referral_rate'))} of images referred; accuracy on the accepted "
+              f"{_pct(ref.get('accuracy_accepted'))} (all images: {_pct(m['accuracy'])}).",
+              f"Mean uncertainty: correct {scores.get('mean_uncertainty_correct') or 0:.3f}, "
+              f"wrong {scores.get('mean_uncertainty_wrong') or 0:.3f}.", ""]
+    return lines
+
+
+def data_section(data: dict[str, Any]) -> list[str]:
+    lines = ["## Data", "", f"Classes and counts: {data['counts']}. Training pool {data['pool']} images "
+             f"(validation holdout {data['holdout']}), test {data['test']}.", ""]
+    dup = data.get("duplicates", {})
+    lines += ["### Duplicates", "", f"Found: {dup or 'none'}.", ""]
+    pairs = data.get("duplicate_pairs", [])
+    if pairs:
+        lines += ["| kind | distance | image a | image b |", "|---|---|---|---|"]
+        lines += [f"| {p['kind']} | {p['distance']} | {p['a']} | {p['b']} |" for p in pairs[:50]]
+        lines += [f"\n({len(pairs) - 50} more pairs in metrics.json)" if len(pairs) > 50 else "", ""]
+    skipped = data.get("skipped", [])
+    lines += ["### Unreadable or skipped files", ""]
+    lines += [f"- `{s['path']}`: {s['reason']}" for s in skipped] or ["None."]
+    return [*lines, ""]
+
+
+def write_report(run_dir: Path, cfg: RunConfig, meta: dict[str, Any], results: dict[str, Any],
+                 history: list[dict[str, Any]]) -> Path:
+    """report.md and its figures in the run folder."""
+    classes = meta["classes"]
+    fig_dir = run_dir / "figures"
+    fig_dir.mkdir(exist_ok=True)
+    lines = [f"# Run report: {cfg.name}", "",
+             f"Architecture `{meta['arch']}` {meta['arch_args']}, {meta['members']} member(s)"
+             f"{' (bootstrap)' if meta.get('bootstrap') else ''}; temperature {meta['temperature']:.3f}; "
+             f"git commit {meta.get('git_commit') or 'unknown'}.", ""]
+    if history:
+        plot_history(history, fig_dir / "learning_curves.png")
+        lines += ["![learning curves](figures/learning_curves.png)", ""]
+    test = results.get("test")
+    if test:
+        lines += metrics_section(test, classes, "Test split (scored once)")
+        plot_confusion(test["metrics"]["confusion"], classes, fig_dir / "confusion_test.png", "test")
+        plot_reliability(test["reliability"], fig_dir / "reliability_test.png", "test (calibrated)")
+        lines += ["![confusion](figures/confusion_test.png) ![reliability](figures/reliability_test.png)", ""]
+    lines += metrics_section(results["validation"], classes,
+                             f"Validation ({results.get('validation_kind', 'holdout')})")
+    lines += data_section(results["data"])
+    t = results["timing"]
+    lines += ["## Timing", "", f"{t['epochs']} epochs, training {t['train_seconds']:.0f} s "
+              f"({t['train_images_per_second']:.0f} member-images/s on {t['device']}, {t['precision']}, "
+              f"{t['threads']} threads); whole run {t['total_seconds']:.0f} s.", "",
+              "## Configuration", "", "```yaml", cfg.to_yaml().rstrip(), "```", ""]
+    return write_text(run_dir / "report.md", "\n".join(lines))
+
+
+def write_evaluation_report(out_dir: Path, meta: dict[str, Any], result: dict[str, Any]) -> Path:
+    """evaluation.md for `lungxray evaluate`: overall and per-source metrics on an external folder."""
+    classes = meta["classes"]
+    lines = [f"# Evaluation of `{meta.get('name', 'model')}` on `{result['data']}`", ""]
+    lines += metrics_section(result["overall"], classes, "All images")
+    plot_confusion(result["overall"]["metrics"]["confusion"], classes, out_dir / "confusion.png", "all images")
+    lines += ["![confusion](confusion.png)", ""]
+    for source, scores in result["sources"].items():
+        lines += metrics_section(scores, classes, f"Source `{source}`")
+    lines += ["## Skipped files", ""]
+    lines += [f"- `{s['path']}`: {s['reason']}" for s in result["skipped"]] or ["None."]
+    return write_text(out_dir / "evaluation.md", "\n".join([*lines, ""]))

@@ -1,0 +1,320 @@
+"""fit(): train K packed members (K=1 is a single model) with validation-driven control.
+
+Every decision — learning-rate lowering, batch growth, early stopping, which weights to keep — looks only at each
+member's validation images (a split carved from train/, or its out-of-bag images). The test split never enters.
+
+Images stay a uint8 tensor on the training device; each step gathers one batch per member, augments the whole
+stack at once and runs it through the grouped network, so K members cost one pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lungxray.augment import Augmenter
+from lungxray.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from lungxray.config import TrainConfig
+from lungxray.ensemble import MemberPlan
+from lungxray.runtime import autocast, eval_mode, normalize
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    """Everything that changes during training; checkpointed every epoch so training can resume."""
+
+    epoch: int = 0
+    lr: float = 0.0
+    batch_size: int = 32
+    plateau_wait: int = 0
+    best_monitor: float = math.inf
+    member_best: list[float] = field(default_factory=list)
+    member_best_epoch: list[int] = field(default_factory=list)
+    member_wait: list[int] = field(default_factory=list)
+    member_stopped: list[bool] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    train_seconds: float = 0.0
+    images_seen: int = 0
+
+
+def member_slice(tensor: torch.Tensor, members: int, k: int) -> torch.Tensor:
+    """Member k's part of a packed tensor (leading dimension member-major), or the tensor if it is shared."""
+    if tensor.dim() == 0 or tensor.shape[0] % members != 0 or members == 1:
+        return tensor.reshape(-1) if members == 1 else tensor
+    return tensor.reshape(members, -1)[k]
+
+
+def copy_member(dst: dict[str, torch.Tensor], src: dict[str, torch.Tensor], members: int, k: int) -> None:
+    """Overwrite member k's weights in `dst` (contiguous tensors) with those of `src`."""
+    for name, target in dst.items():
+        if target.dim() == 0 or target.shape[0] % members != 0:
+            continue
+        target.view(members, -1)[k].copy_(src[name].reshape(members, -1)[k])
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True)
+
+
+def l2_penalty(model: nn.Module) -> torch.Tensor:
+    """Coupled L2 on weight matrices and kernels (not biases or norms), like Keras kernel_regularizer=l2."""
+    terms = [p.pow(2).sum() for name, p in model.named_parameters() if p.dim() > 1 and "norm" not in name]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def class_weight_table(labels: torch.Tensor, plan: MemberPlan, num_classes: int) -> torch.Tensor:
+    """(K, C) inverse-frequency weights of each member's own sample (mean weight 1 per member)."""
+    idx = torch.as_tensor(plan.train_index, device=labels.device)
+    counts = torch.stack([torch.bincount(labels[i], minlength=num_classes) for i in idx]).float()
+    return counts.sum(1, keepdim=True) / (num_classes * counts.clamp(min=1))
+
+
+def member_losses(
+    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None, smoothing: float
+) -> torch.Tensor:
+    """Mean cross-entropy per member. logits (B, K, C), targets (B, K) -> (K,)."""
+    b, k, c = logits.shape
+    ce = F.cross_entropy(
+        logits.float().reshape(b * k, c), targets.reshape(b * k), reduction="none", label_smoothing=smoothing
+    ).view(b, k)
+    if weights is None:
+        return ce.mean(0)
+    w = weights[torch.arange(k, device=targets.device), targets]  # (B, K)
+    return (ce * w).sum(0) / w.sum(0)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    plan: MemberPlan,
+    optimizer: torch.optim.Optimizer,
+    augmenter: Augmenter,
+    state: TrainState,
+    cfg: TrainConfig,
+    rng: np.random.Generator,
+    amp_dtype: torch.dtype,
+    class_weights: torch.Tensor | None,
+    on_step: Callable[[int], None] | None = None,
+) -> dict[str, float]:
+    """One pass over each member's sample; returns mean training loss and accuracy over active members."""
+    device = images.device
+    k_members, n = plan.train_index.shape
+    order = np.stack([row[rng.permutation(n)] for row in plan.train_index])  # (K, n), own order per member
+    active = torch.tensor([not s for s in state.member_stopped], device=device, dtype=torch.float32)
+    model.train()
+    total_loss, total_correct, total_seen = 0.0, 0.0, 0
+    bs = state.batch_size
+    for start in range(0, n, bs):
+        idx = torch.as_tensor(order[:, start : start + bs], device=device)  # (K, B)
+        b = idx.shape[1]
+        if b < 2:  # a batch of one breaks batch norm and adds nothing
+            continue
+        x = normalize(images[idx.T])  # (B, K, H, W)
+        h, w = x.shape[-2:]
+        x = augmenter(x.reshape(b * k_members, 1, h, w)).reshape(b, k_members, h, w)
+        x = x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
+        y = labels[idx.T]  # (B, K)
+        with autocast(device, amp_dtype):
+            logits = model(x)  # (B, K, C)
+        losses = member_losses(logits, y, class_weights, cfg.label_smoothing)
+        loss = (losses * active).sum()
+        if cfg.l2 > 0:
+            loss = loss + cfg.l2 * l2_penalty(model)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            correct = (logits.argmax(-1) == y).float().mean(0)
+        n_active = float(active.sum().clamp(min=1))
+        total_loss += float((losses.detach() * active).sum()) / n_active * b
+        total_correct += float((correct * active).sum()) / n_active * b
+        total_seen += b
+        state.images_seen += b * int(active.sum())
+        if on_step is not None:
+            on_step(b)
+    return {"train_loss": total_loss / max(total_seen, 1), "train_accuracy": total_correct / max(total_seen, 1)}
+
+
+def predict_members(
+    model: nn.Module, images: torch.Tensor, amp_dtype: torch.dtype, batch_size: int = 64
+) -> torch.Tensor:
+    """Logits of every member on every image: uint8 (N, H, W) -> float32 (N, K, C)."""
+    members = model.members
+    outs = []
+    with eval_mode(model):
+        for start in range(0, len(images), batch_size):
+            x = normalize(images[start : start + batch_size]).unsqueeze(1)  # (B, 1, H, W)
+            x = x.expand(-1, members, -1, -1).contiguous(memory_format=torch.channels_last)
+            with autocast(images.device, amp_dtype):
+                outs.append(model(x).float())
+    return torch.cat(outs)
+
+
+def evaluate_members(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, plan: MemberPlan, amp_dtype: torch.dtype
+) -> dict[str, Any]:
+    """Validation loss and accuracy of each member on its own validation images."""
+    mask = torch.as_tensor(plan.val_mask, device=images.device)  # (K, N)
+    used = mask.any(0).nonzero().squeeze(1)
+    logits = predict_members(model, images[used], amp_dtype)  # (M, K, C)
+    m = mask[:, used].T.float()  # (M, K)
+    y = labels[used].unsqueeze(1).expand_as(m)
+    ce = F.cross_entropy(logits.permute(0, 2, 1), y, reduction="none")  # (M, K)
+    correct = (logits.argmax(-1) == y).float()
+    count = m.sum(0).clamp(min=1)
+    loss_k = ((ce * m).sum(0) / count).tolist()
+    acc_k = ((correct * m).sum(0) / count).tolist()
+    return {"member_val_loss": loss_k, "member_val_accuracy": acc_k}
+
+
+def _monitor_value(cfg: TrainConfig, loss: float, acc: float) -> float:
+    """Lower is better for both monitors."""
+    return loss if cfg.monitor == "val_loss" else -acc
+
+
+def _on_plateau(state: TrainState, cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> str:
+    """Lower the learning rate or grow the batch, as configured; returns what was done (for the log)."""
+    grow = cfg.plateau_action in ("batch", "batch_then_lr") and state.batch_size < cfg.max_batch_size
+    if grow:
+        state.batch_size = min(state.batch_size * cfg.batch_growth, cfg.max_batch_size)
+        return f"batch size -> {state.batch_size}"
+    if cfg.plateau_action in ("lr", "batch_then_lr") and state.lr > cfg.min_lr:
+        state.lr = max(state.lr * cfg.lr_factor, cfg.min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = state.lr
+        return f"learning rate -> {state.lr:.2e}"
+    return ""
+
+
+def end_of_epoch(
+    state: TrainState, cfg: TrainConfig, optimizer: torch.optim.Optimizer, val: dict[str, Any],
+    model_state: dict[str, torch.Tensor], best_state: dict[str, torch.Tensor], members: int,
+) -> list[str]:
+    """Update per-member early stopping and the shared plateau rule; returns log events."""
+    events = []
+    for k in range(members):
+        if state.member_stopped[k]:
+            continue
+        score = _monitor_value(cfg, val["member_val_loss"][k], val["member_val_accuracy"][k])
+        if score < state.member_best[k] - 1e-6:
+            state.member_best[k], state.member_best_epoch[k], state.member_wait[k] = score, state.epoch, 0
+            copy_member(best_state, model_state, members, k)
+        else:
+            state.member_wait[k] += 1
+            if cfg.early_stopping_patience and state.member_wait[k] >= cfg.early_stopping_patience:
+                state.member_stopped[k] = True
+                events.append(f"member {k} stopped early (best epoch {state.member_best_epoch[k]})")
+    active = [k for k in range(members) if not state.member_stopped[k]] or list(range(members))
+    monitor = float(np.mean([
+        _monitor_value(cfg, val["member_val_loss"][k], val["member_val_accuracy"][k]) for k in active
+    ]))
+    if monitor < state.best_monitor - 1e-6:
+        state.best_monitor, state.plateau_wait = monitor, 0
+    else:
+        state.plateau_wait += 1
+        if cfg.plateau_action != "none" and state.plateau_wait >= cfg.plateau_patience:
+            state.plateau_wait = 0
+            if event := _on_plateau(state, cfg, optimizer):
+                events.append(event)
+    return events
+
+
+def progress_bar(total: int, desc: str) -> Any:
+    """A tqdm bar on a terminal or in a notebook; None (plain log lines) when output is redirected."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return None
+    in_notebook = "ipykernel" in sys.modules
+    if not (sys.stderr.isatty() or in_notebook):
+        return None
+    return tqdm(total=total, desc=desc, unit="img", leave=False)
+
+
+def fit(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    plan: MemberPlan,
+    cfg: TrainConfig,
+    augmenter: Augmenter,
+    *,
+    seed: int = 0,
+    amp_dtype: torch.dtype = torch.float32,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainState:
+    """Train `model` (K packed members) in place; on return it holds each member's best validation weights.
+
+    images: uint8 (N, H, W) on the training device; labels: (N,) int64. With `run_dir`, a checkpoint is written
+    atomically after every epoch and `resume=True` continues from it.
+    """
+    members = plan.members
+    optimizer = make_optimizer(model, cfg)
+    rng = np.random.default_rng(seed)
+    best_state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    state = TrainState(
+        lr=cfg.lr, batch_size=cfg.batch_size, member_best=[math.inf] * members,
+        member_best_epoch=[0] * members, member_wait=[0] * members, member_stopped=[False] * members,
+    )
+    if resume and run_dir is not None and has_checkpoint(run_dir):
+        state, best_state, rng = load_checkpoint(run_dir, model, optimizer, augmenter, TrainState)
+        log.info("resuming %s after epoch %d", run_dir, state.epoch)
+    weights = class_weight_table(labels, plan, int(labels.max()) + 1) if cfg.class_weights else None
+    step_model = torch.compile(model) if cfg.compile else model
+    n_per_epoch = plan.train_index.shape[1]
+    while state.epoch < cfg.epochs and not all(state.member_stopped):
+        bar = progress_bar(n_per_epoch, f"epoch {state.epoch + 1}/{cfg.epochs}")
+        start = time.perf_counter()
+        seen_before = state.images_seen
+        metrics = train_one_epoch(
+            step_model, images, labels, plan, optimizer, augmenter, state, cfg, rng, amp_dtype, weights,
+            on_step=bar.update if bar is not None else None,
+        )
+        train_seconds = time.perf_counter() - start
+        if bar is not None:
+            bar.close()
+        val = evaluate_members(model, images, labels, plan, amp_dtype)
+        state.epoch += 1
+        state.train_seconds += train_seconds
+        record = {
+            "epoch": state.epoch, "lr": state.lr, "batch_size": state.batch_size, **metrics,
+            "val_loss": float(np.mean(val["member_val_loss"])),
+            "val_accuracy": float(np.mean(val["member_val_accuracy"])), **val,
+            "seconds": time.perf_counter() - start,
+            "images_per_second": (state.images_seen - seen_before) / max(train_seconds, 1e-9),
+        }
+        events = end_of_epoch(state, cfg, optimizer, val, model.state_dict(), best_state, members)
+        record["events"] = events
+        state.history.append(record)
+        log.info(
+            "epoch %d/%d  loss %.4f  acc %.3f  val_loss %.4f  val_acc %.3f  %.0f img/s%s",
+            state.epoch, cfg.epochs, record["train_loss"], record["train_accuracy"], record["val_loss"],
+            record["val_accuracy"], record["images_per_second"], "".join(f"  [{e}]" for e in events),
+        )
+        if on_epoch is not None:
+            on_epoch(record)
+        if run_dir is not None:
+            save_checkpoint(run_dir, model, best_state, optimizer, state, rng, augmenter)
+    model.load_state_dict(best_state)
+    return state
