@@ -41,7 +41,7 @@ def test_bad_configs_give_one_line_errors(raw: dict, message: str) -> None:
 def test_missing_file_and_bad_override() -> None:
     with pytest.raises(ConfigError, match="config file not found"):
         load_config("nope.yaml")
-    with pytest.raises(ConfigError, match="key.sub=value"):
+    with pytest.raises(ConfigError, match=r"key\.sub=value"):
         load_config({}, ["train.epochs"])
 
 
