@@ -23,8 +23,9 @@ class MemberPlan:
     def members(self) -> int:
         return int(self.train_index.shape[0])
 
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        return {"plan.train_index": self.train_index, "plan.val_mask": self.val_mask.astype(np.uint8)}
+    def member(self, k: int) -> MemberPlan:
+        """The plan of member k alone (for sequential training)."""
+        return MemberPlan(self.train_index[k : k + 1], self.val_mask[k : k + 1], self.bootstrap)
 
 
 def bootstrap_sample(labels: np.ndarray, rng: np.random.Generator, stratified: bool = True) -> np.ndarray:

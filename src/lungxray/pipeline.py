@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from lungxray.config import RunConfig, load_config
 from lungxray.data import Dataset, find_duplicates, load_dataset, stratified_split, summarize_duplicates
 from lungxray.ensemble import MemberPlan, out_of_bag_probs, plan_members
 from lungxray.files import write_json, write_text
-from lungxray.models import build_model
+from lungxray.models import build_model, stack_members
 from lungxray.predict import Predictor, make_predictions, normalised_entropy
 from lungxray.preprocess import prepare
 from lungxray.report import write_evaluation_report, write_report, write_rows_csv
@@ -36,7 +37,7 @@ from lungxray.runtime import (
     seed_everything,
     set_threads,
 )
-from lungxray.train import fit
+from lungxray.train import fit, fit_sequential
 
 log = logging.getLogger(__name__)
 
@@ -153,10 +154,24 @@ def train_run(
     augmenter = Augmenter(cfg.augment.params(preset), seed=cfg.seed + 1, device=dev)
     pool_images = torch.as_tensor(images[pool], device=dev)
     pool_labels = torch.as_tensor(ds.labels[pool], device=dev)
-    state = fit(
-        model, pool_images, pool_labels, plan, cfg.train, augmenter,
-        seed=cfg.seed, amp_dtype=amp_dtype, run_dir=run_dir, resume=resume,
-    )
+    if ens.packed or ens.members == 1:
+        state = fit(
+            model, pool_images, pool_labels, plan, cfg.train, augmenter,
+            seed=cfg.seed, amp_dtype=amp_dtype, run_dir=run_dir, resume=resume,
+        )
+    else:
+        def build() -> torch.nn.Module:
+            net = build_model(cfg.model.arch, num_classes=len(ds.classes), members=1, **cfg.model.args)
+            return net.to(dev, memory_format=torch.channels_last)
+
+        def make_augmenter(k: int) -> Augmenter:
+            return Augmenter(cfg.augment.params(preset), seed=cfg.seed + 1 + 1000 * k, device=dev)
+
+        member_states, state = fit_sequential(
+            build, pool_images, pool_labels, plan, cfg.train, make_augmenter,
+            seed=cfg.seed, amp_dtype=amp_dtype, run_dir=run_dir, resume=resume,
+        )
+        model.load_state_dict(stack_members(member_states))
 
     meta: dict[str, Any] = {
         "name": cfg.name, "classes": ds.classes, "arch": cfg.model.arch, "arch_args": cfg.model.args,
@@ -203,6 +218,7 @@ def train_run(
         write_rows_csv(run_dir / "predictions_test.csv", test_rows)
     write_report(run_dir, cfg, meta, results, state.history)
     remove_checkpoint(run_dir)
+    shutil.rmtree(run_dir / "members", ignore_errors=True)  # sequential members' resume files
     return RunResult(run_dir=run_dir, config=cfg, metrics=results, history=state.history)
 
 

@@ -41,18 +41,29 @@ def save_figure(fig: plt.Figure, path: Path) -> Path:
 
 
 def plot_history(history: list[dict[str, Any]], path: Path) -> Path:
-    """Loss and accuracy per epoch (train vs validation), with learning rate and batch size."""
-    epochs = [h["epoch"] for h in history]
+    """Loss and accuracy per epoch (train vs validation), with learning rate and batch size.
+
+    Sequentially trained members each have their own curves (records carry a "member" key).
+    """
+    runs: dict[int, list[dict[str, Any]]] = {}
+    for h in history:
+        runs.setdefault(int(h.get("member", 0)), []).append(h)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-    for ax, key, title in ((axes[0], "loss", "loss"), (axes[1], "accuracy", "accuracy")):
-        ax.plot(epochs, [h[f"train_{key}"] for h in history], label="train")
-        ax.plot(epochs, [h[f"val_{key}"] for h in history], label="validation")
+    twin = axes[2].twinx()
+    for k, run in runs.items():
+        epochs = [h["epoch"] for h in run]
+        first = k == min(runs)
+        for ax, key in ((axes[0], "loss"), (axes[1], "accuracy")):
+            ax.plot(epochs, [h[f"train_{key}"] for h in run], color="tab:blue", alpha=0.8,
+                    label="train" if first else None)
+            ax.plot(epochs, [h[f"val_{key}"] for h in run], color="tab:orange", alpha=0.8,
+                    label="validation" if first else None)
+        axes[2].plot(epochs, [h["lr"] for h in run], color="tab:green")
+        twin.plot(epochs, [h["batch_size"] for h in run], color="tab:red")
+    for ax, title in ((axes[0], "loss"), (axes[1], "accuracy")):
         ax.set(title=title, xlabel="epoch")
         ax.legend()
-    axes[2].plot(epochs, [h["lr"] for h in history], color="tab:green")
     axes[2].set(title="learning rate (green) / batch size (red)", xlabel="epoch", yscale="log")
-    twin = axes[2].twinx()
-    twin.plot(epochs, [h["batch_size"] for h in history], color="tab:red")
     return save_figure(fig, path)
 
 

@@ -9,6 +9,8 @@ stack at once and runs it through the grouped network, so K members cost one pas
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import sys
@@ -21,12 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lungxray.augment import Augmenter
 from lungxray.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from lungxray.config import TrainConfig
 from lungxray.ensemble import MemberPlan
+from lungxray.files import atomic_write, write_json
 from lungxray.runtime import autocast, eval_mode, normalize
 
 log = logging.getLogger(__name__)
@@ -318,3 +322,51 @@ def fit(
             save_checkpoint(run_dir, model, best_state, optimizer, state, rng, augmenter)
     model.load_state_dict(best_state)
     return state
+
+
+def fit_sequential(
+    build: Callable[[], nn.Module],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    plan: MemberPlan,
+    cfg: TrainConfig,
+    make_augmenter: Callable[[int], Augmenter],
+    *,
+    seed: int = 0,
+    amp_dtype: torch.dtype = torch.float32,
+    run_dir: Path | None = None,
+    resume: bool = False,
+) -> tuple[list[dict[str, torch.Tensor]], TrainState]:
+    """The fallback to packed training: members one after another, each a plain (K=1) network.
+
+    Each member's finished weights are saved under run_dir/members/ so a resumed run skips finished members.
+    Returns the members' state dicts (stack them with models.stack_members) and a merged TrainState.
+    """
+    states: list[dict[str, torch.Tensor]] = []
+    merged = TrainState(lr=cfg.lr, batch_size=cfg.batch_size)
+    for k in range(plan.members):
+        member_dir = run_dir / "members" / str(k) if run_dir is not None else None
+        done = member_dir / "member.safetensors" if member_dir is not None else None
+        torch.manual_seed(seed + 1000 * k)
+        model = build()
+        if resume and done is not None and done.is_file():
+            meta = json.loads((member_dir / "member.json").read_text())
+            model.load_state_dict(load_file(str(done), device=str(images.device)))
+            state = TrainState(**meta)
+        else:
+            if member_dir is not None:
+                member_dir.mkdir(parents=True, exist_ok=True)
+            state = fit(model, images, labels, plan.member(k), cfg, make_augmenter(k), seed=seed + 1000 * k,
+                        amp_dtype=amp_dtype, run_dir=member_dir, resume=resume)
+            if member_dir is not None:
+                sd = {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items()}
+                atomic_write(done, lambda tmp, sd=sd: save_file(sd, str(tmp)))
+                write_json(member_dir / "member.json", dataclasses.asdict(state))
+        states.append(model.state_dict())
+        merged.epoch = max(merged.epoch, state.epoch)
+        merged.train_seconds += state.train_seconds
+        merged.images_seen += state.images_seen
+        merged.member_best_epoch += state.member_best_epoch
+        merged.member_stopped += state.member_stopped
+        merged.history += [{**h, "member": k} for h in state.history]
+    return states, merged

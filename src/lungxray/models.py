@@ -1,0 +1,445 @@
+"""Model registry and from-scratch CNNs, every one a packed ensemble of K members (K=1 is a plain model).
+
+Packed-Ensembles (Laurent et al., ICLR 2023) with alpha=gamma=1: grouped convolutions, BatchNorm over K*C
+channels and a batched linear layer run K independent copies of the plain network in one pass, so K bootstrap
+members cost one training loop. Input (B, K*in_channels, H, W) holds member k's images in channels
+[k*in_channels:(k+1)*in_channels]; output logits are (B, K, num_classes), also for K=1.
+
+Invariant that keeps members portable: every parameter and buffer with a dimension is packed along dim 0 in K
+equal member-major blocks (0-dim buffers such as BatchNorm's num_batches_tracked are shared), and biases and
+norms are 1-D while kernels have dim > 1. `extract_member` / `stack_members` thus need no knowledge of the
+architecture.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "PackedLinear",
+    "PackedNet",
+    "build_model",
+    "count_flops",
+    "extract_member",
+    "list_models",
+    "model_info",
+    "register_model",
+    "stack_members",
+]
+
+F_ = TypeVar("F_", bound=Callable[..., nn.Module])
+_RESERVED = ("num_classes", "in_channels", "members")
+
+
+# ---------------------------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class _Entry:
+    factory: Callable[..., nn.Module]
+    description: str
+    defaults: dict[str, Any]  # every tunable argument with its default (registered overrides applied)
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def _tunable_args(factory: Callable[..., nn.Module]) -> dict[str, Any]:
+    """Keyword arguments a factory accepts besides the reserved ones, with their signature defaults."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {
+        n: (None if p.default is inspect.Parameter.empty else p.default)
+        for n, p in inspect.signature(factory).parameters.items()
+        if p.kind in kinds and n not in _RESERVED
+    }
+
+
+def register_model(name: str, description: str = "", **default_args: Any) -> Callable[[F_], F_]:
+    """Decorator registering a model factory (or class) under `name`; `default_args` override its defaults.
+
+    The factory must accept `num_classes`, `in_channels` and `members` as keywords. Duplicate names are
+    refused so that a typo'd re-registration cannot silently replace a model that saved bundles refer to.
+    """
+
+    def decorator(factory: F_) -> F_:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is already registered")
+        tunable = _tunable_args(factory)
+        unknown = sorted(set(default_args) - set(tunable))
+        if unknown:
+            raise TypeError(f"register_model({name!r}): {factory.__name__} has no argument(s) {unknown}")
+        doc = description or (inspect.getdoc(factory) or "").split("\n")[0]
+        _REGISTRY[name] = _Entry(factory, doc, {**tunable, **default_args})
+        return factory
+
+    return decorator
+
+
+def list_models() -> list[str]:
+    """Registered model names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def _entry(name: str) -> _Entry:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
+    return _REGISTRY[name]
+
+
+def model_info(name: str) -> dict[str, Any]:
+    """Name, one-line description and default arguments of a registered model."""
+    entry = _entry(name)
+    return {"name": name, "description": entry.description, "default_args": dict(entry.defaults)}
+
+
+def build_model(
+    name: str, num_classes: int = 3, in_channels: int = 1, members: int = 1, **kwargs: Any
+) -> nn.Module:
+    """Instantiate a registered model.
+
+    The result carries `build_args`, so `build_model(**m.build_args)` rebuilds the same architecture (bundles
+    store it in meta.json instead of pickling code).
+    """
+    entry = _entry(name)
+    unknown = sorted(set(kwargs) - set(entry.defaults))
+    if unknown:
+        raise TypeError(f"{name}: unknown argument(s) {unknown}; accepted: {sorted(entry.defaults)}")
+    for key, value in (("num_classes", num_classes), ("in_channels", in_channels), ("members", members)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: {key} must be a positive int, got {value!r}")
+    args = {**entry.defaults, **kwargs}
+    model = entry.factory(num_classes=num_classes, in_channels=in_channels, members=members, **args)
+    model.build_args = {
+        "name": name,
+        "num_classes": num_classes,
+        "in_channels": in_channels,
+        "members": members,
+        **args,
+    }
+    return model
+
+
+# ------------------------------------------------------------------------------------------- member weights
+def extract_member(state_dict: dict[str, Tensor], k: int, members: int) -> dict[str, Tensor]:
+    """Member k's weights (BN running stats too) of a K-member state dict, loadable into members=1."""
+    if not 0 <= k < members:
+        raise ValueError(f"member index {k} out of range for {members} members")
+    out = {}
+    for key, t in state_dict.items():
+        if t.dim() == 0:
+            out[key] = t.clone()
+            continue
+        if t.shape[0] % members:
+            raise ValueError(f"{key}: leading dim {t.shape[0]} is not a multiple of members={members}")
+        out[key] = t.chunk(members)[k].clone(memory_format=torch.contiguous_format)
+    return out
+
+
+def stack_members(state_dicts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Pack K members=1 state dicts into one K-member state dict (inverse of `extract_member`).
+
+    0-dim buffers (num_batches_tracked) are shared in a packed model; the first member's value is kept.
+    """
+    if not state_dicts:
+        raise ValueError("stack_members needs at least one state dict")
+    keys = list(state_dicts[0])
+    for i, sd in enumerate(state_dicts[1:], 1):
+        if list(sd) != keys or any(sd[key].shape != state_dicts[0][key].shape for key in keys):
+            raise ValueError(f"state dict {i} does not match state dict 0 (keys or shapes differ)")
+    return {
+        key: state_dicts[0][key].clone()
+        if state_dicts[0][key].dim() == 0
+        else torch.cat([sd[key].contiguous() for sd in state_dicts])
+        for key in keys
+    }
+
+
+# ------------------------------------------------------------------------------------------- building blocks
+class PackedLinear(nn.Module):
+    """K independent linear layers: weight (K, out, in), bias (K*out,) kept 1-D like every other bias."""
+
+    def __init__(self, in_features: int, out_features: int, members: int = 1, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.members = in_features, out_features, members
+        self.weight = nn.Parameter(torch.empty(members, out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(members * out_features)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default distribution per member (fan_in = in_features, not the packed K*out*in)."""
+        bound = 1.0 / math.sqrt(self.in_features)
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, K, in) -> (B, K, out)
+        k, o = self.members, self.out_features
+        if k == 1:  # plain GEMM fast path
+            return F.linear(x, self.weight[0], self.bias)
+        xt = x.transpose(0, 1)  # (K, B, in)
+        wt = self.weight.transpose(1, 2)  # (K, in, out)
+        if self.bias is None:
+            return torch.bmm(xt, wt).transpose(0, 1)
+        bias = self.bias.view(k, 1, o).expand(k, x.shape[0], o)
+        return torch.baddbmm(bias, xt, wt).transpose(0, 1)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, members={self.members}"
+
+
+class ConvBlock(nn.Module):
+    """Packed conv -> [BatchNorm] -> [max-pool] -> [ReLU].
+
+    Max-pool runs before ReLU: they commute exactly (ReLU is monotone; pool padding is -inf), and ReLU then
+    touches a quarter of the values, which matters on CPU where memory traffic, not convolution, dominates.
+    """
+
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        kernel: int,
+        members: int,
+        *,
+        stride: int = 1,
+        padding: int = 0,
+        batch_norm: bool = True,
+        pool: tuple[int, ...] | None = None,
+        relu: bool = True,
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(
+            members * cin, members * cout, kernel, stride, padding, groups=members, bias=not batch_norm
+        )
+        self.bn: nn.Module = nn.BatchNorm2d(members * cout) if batch_norm else nn.Identity()
+        self.pool: nn.Module = nn.MaxPool2d(*pool) if pool else nn.Identity()
+        self.relu = relu
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, K*cin, H, W) -> (B, K*cout, H', W')
+        x = self.pool(self.bn(self.conv(x)))
+        return F.relu(x, inplace=True) if self.relu else x
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 convs plus a (1x1 projected when the shape changes) shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int, members: int, batch_norm: bool) -> None:
+        super().__init__()
+        self.conv1 = ConvBlock(cin, cout, 3, members, stride=stride, padding=1, batch_norm=batch_norm)
+        self.conv2 = ConvBlock(cout, cout, 3, members, padding=1, batch_norm=batch_norm, relu=False)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = ConvBlock(cin, cout, 1, members, stride=stride, batch_norm=batch_norm, relu=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.conv2(self.conv1(x)) + self.shortcut(x), inplace=True)
+
+
+def _init_packed(module: nn.Module, members: int) -> None:
+    """Kaiming-normal (fan_out, relu) per member; on the whole grouped weight fan_out is K times too big."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.Conv2d):
+                for w in m.weight.chunk(members):
+                    nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+
+class PackedNet(nn.Module):
+    """Shared contract: forward = head(features(x)); (B, K*in_channels, H, W) -> logits (B, K, classes)."""
+
+    feature_channels: int
+
+    def __init__(self, num_classes: int, in_channels: int, members: int, image_size: int) -> None:
+        super().__init__()
+        self.num_classes, self.in_channels, self.members = num_classes, in_channels, members
+        self.image_size = image_size  # nominal input size; only flatten heads depend on it
+
+    def features(self, x: Tensor) -> Tensor:  # (B, K*in, H, W) -> (B, K*C, h, w), last conv map (Grad-CAM)
+        raise NotImplementedError
+
+    def head(self, f: Tensor) -> Tensor:  # (B, K*C, h, w) -> (B, K, num_classes)
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.members * self.in_channels:
+            raise ValueError(
+                f"expected input (B, members*in_channels={self.members * self.in_channels}, H, W), "
+                f"got {tuple(x.shape)}"
+            )
+        return self.head(self.features(x))
+
+
+class GapNet(PackedNet):
+    """Head shared by the global-pooling nets: per-member average pool -> dropout -> packed linear."""
+
+    def _make_head(self, channels: int, dropout: float) -> None:
+        self.feature_channels = channels
+        self.dropout = nn.Dropout(dropout)
+        self.fc = PackedLinear(channels, self.num_classes, self.members)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+    def head(self, f: Tensor) -> Tensor:
+        z = f.mean(dim=(2, 3)).reshape(f.shape[0], self.members, self.feature_channels)  # (B, K, C)
+        return self.fc(self.dropout(z))
+
+
+# ------------------------------------------------------------------------------------------------ models
+@register_model(
+    "seed_cnn", "The seed's Keras CNN: 3x (3x3 valid conv, 2x2 max-pool), flatten, dense 128, dropout."
+)
+class SeedCNN(PackedNet):
+    """The seed's design; its flatten fixes the dense layer's size (and so the input size) at build time."""
+
+    def __init__(
+        self,
+        num_classes: int = 3,
+        in_channels: int = 1,
+        members: int = 1,
+        *,
+        width: int = 32,
+        hidden: int = 128,
+        dropout: float = 0.5,
+        batch_norm: bool = False,
+        image_size: int = 256,
+    ) -> None:
+        super().__init__(num_classes, in_channels, members, image_size)
+        blocks, cin, size = [], in_channels, image_size
+        for c in (width, 2 * width, 4 * width):
+            blocks.append(ConvBlock(cin, c, 3, members, batch_norm=batch_norm, pool=(2,)))
+            cin, size = c, (size - 2) // 2
+        if size < 1:
+            raise ValueError(f"seed_cnn: image_size={image_size} is too small for three conv+pool stages")
+        self.blocks = nn.Sequential(*blocks)
+        self.feature_channels, self.feature_size = cin, size
+        self.fc1 = PackedLinear(cin * size * size, hidden, members)
+        self.dropout = nn.Dropout(dropout)
+        self.fc2 = PackedLinear(hidden, num_classes, members)
+        _init_packed(self, members)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.blocks(x)  # (B, K*4w, s, s)
+
+    def head(self, f: Tensor) -> Tensor:
+        if f.shape[-1] != self.feature_size or f.shape[-2] != self.feature_size:
+            raise ValueError(
+                f"seed_cnn was built for {self.image_size}x{self.image_size} inputs "
+                f"(pass image_size= to build_model); got a {tuple(f.shape[-2:])} feature map"
+            )
+        z = f.reshape(f.shape[0], self.members, -1)  # (B, K, C*s*s), C-major within a member
+        return self.fc2(self.dropout(F.relu(self.fc1(z), inplace=True)))
+
+
+register_model(
+    "seed_cnn_bn", "seed_cnn with BatchNorm after every conv (conv without bias).", batch_norm=True
+)(SeedCNN)
+
+
+@register_model(
+    "compact_cnn", "Fast CNN: 5x5 stride-2 stem, early pooling, 4 conv stages, global average pool."
+)
+class CompactCNN(GapNet):
+    """Downsamples 16x before the wide layers and pools globally: ~0.2 GFLOPs, ~0.25 M params at 256x256."""
+
+    def __init__(
+        self,
+        num_classes: int = 3,
+        in_channels: int = 1,
+        members: int = 1,
+        *,
+        width: int = 16,
+        dropout: float = 0.2,
+        batch_norm: bool = True,
+        image_size: int = 256,
+    ) -> None:
+        super().__init__(num_classes, in_channels, members, image_size)
+        w, k, bn = width, members, batch_norm
+        self.body = nn.Sequential(
+            ConvBlock(in_channels, w, 5, k, stride=2, padding=2, batch_norm=bn, pool=(2,)),  # S/4
+            ConvBlock(w, 2 * w, 3, k, padding=1, batch_norm=bn, pool=(2,)),  # S/8
+            ConvBlock(2 * w, 4 * w, 3, k, padding=1, batch_norm=bn, pool=(2,)),  # S/16
+            ConvBlock(4 * w, 8 * w, 3, k, padding=1, batch_norm=bn),
+            ConvBlock(8 * w, 8 * w, 3, k, padding=1, batch_norm=bn),
+        )
+        self._make_head(8 * w, dropout)
+        _init_packed(self, members)
+
+
+@register_model(
+    "resnet_small", "Small ResNet: 7x7 stride-2 stem + max-pool, 4 basic blocks, global average pool."
+)
+class ResNetSmall(GapNet):
+    """ResNet-10-like (one basic block per stage), widths w..8w: ~0.15 GFLOPs, ~0.3 M params at width 16."""
+
+    def __init__(
+        self,
+        num_classes: int = 3,
+        in_channels: int = 1,
+        members: int = 1,
+        *,
+        width: int = 16,
+        dropout: float = 0.2,
+        batch_norm: bool = True,
+        image_size: int = 256,
+    ) -> None:
+        super().__init__(num_classes, in_channels, members, image_size)
+        w, k = width, members
+        layers: list[nn.Module] = [
+            ConvBlock(in_channels, w, 7, k, stride=2, padding=3, batch_norm=batch_norm, pool=(3, 2, 1))  # S/4
+        ]
+        cin = w
+        for i, c in enumerate((w, 2 * w, 4 * w, 8 * w)):
+            layers.append(BasicBlock(cin, c, 1 if i == 0 else 2, k, batch_norm))  # S/4, S/8, S/16, S/32
+            cin = c
+        self.body = nn.Sequential(*layers)  # (B, K*8w, S/32, S/32)
+        self._make_head(8 * w, dropout)
+        _init_packed(self, members)
+
+
+# --------------------------------------------------------------------------------------------------- FLOPs
+def count_flops(model: nn.Module, image_size: int = 256) -> int:
+    """Forward FLOPs (2 x multiply-accumulates of convs and linears) per image per member.
+
+    Norms, activations and pooling are left out; they are memory-bound, so this is the figure a FLOP/s rate is
+    meaningful for.
+    """
+    members, in_ch = getattr(model, "members", 1), getattr(model, "in_channels", 1)
+    macs = 0
+
+    def conv_hook(m: nn.Conv2d, _inp: tuple[Tensor, ...], out: Tensor) -> None:
+        nonlocal macs
+        macs += out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+
+    def linear_hook(m: nn.Module, _inp: tuple[Tensor, ...], out: Tensor) -> None:
+        nonlocal macs
+        macs += out.numel() * m.in_features
+
+    handles = [
+        m.register_forward_hook(conv_hook if isinstance(m, nn.Conv2d) else linear_hook)
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d | nn.Linear | PackedLinear)
+    ]
+    param = next(model.parameters())
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(
+                torch.zeros(
+                    1, members * in_ch, image_size, image_size, device=param.device, dtype=param.dtype
+                )
+            )
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return 2 * macs // members
