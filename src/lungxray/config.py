@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from lungxray.augment import AugmentParams, resolve_params
+from lungxray.photometric import resolve_photometric
 
 
 class ConfigError(ValueError):
@@ -47,7 +48,7 @@ class AugmentConfig:
     shear_range: float | None = None
     zoom_range: float | None = None
     horizontal_flip: bool | None = None
-    photometric: str = "none"  # photometric preset (gamma, contrast, blur, noise); "none" disables
+    photometric: str = "none"  # photometric preset (photometric.PRESETS: none, light, strong), after the geometry
 
     def params(self, preset: str | None = None) -> AugmentParams:
         overrides = {
@@ -75,7 +76,8 @@ class TrainConfig:
     min_lr: float = 1e-5
     batch_growth: int = 2  # batch size multiplier when the plateau action grows the batch
     max_batch_size: int = 128
-    early_stopping_patience: int = 10  # 0 disables; best weights are always restored
+    early_stopping_patience: int = 10  # 0 disables early stopping
+    restore_best: bool = True  # end with each member's best-validation weights rather than the last epoch's
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     channels_last: bool = True
     compile: bool = False
@@ -254,5 +256,6 @@ def _validate(c: RunConfig) -> None:
         c.augment.params()
         if c.ensemble.augment_preset is not None:
             c.augment.params(c.ensemble.augment_preset)
+        resolve_photometric(c.augment.photometric)
     except ValueError as exc:
         raise ConfigError(f"augment: {exc}") from exc

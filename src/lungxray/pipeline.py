@@ -6,6 +6,7 @@ threshold) uses validation or out-of-bag images only; the test split is scored o
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -22,10 +23,19 @@ from lungxray.augment import Augmenter
 from lungxray.bundle import Bundle, git_commit, save_bundle
 from lungxray.checkpoint import remove_checkpoint
 from lungxray.config import RunConfig, load_config
-from lungxray.data import Dataset, find_duplicates, load_dataset, stratified_split, summarize_duplicates
+from lungxray.data import (
+    Dataset,
+    find_duplicates,
+    load_dataset,
+    stratified_kfold,
+    stratified_split,
+    summarize_duplicates,
+)
 from lungxray.ensemble import MemberPlan, out_of_bag_probs, plan_members
 from lungxray.files import write_json, write_text
+from lungxray.gradcam import saliency_summary
 from lungxray.models import build_model, stack_members
+from lungxray.photometric import make_photometric
 from lungxray.predict import Predictor, make_predictions, normalised_entropy
 from lungxray.preprocess import prepare
 from lungxray.report import write_evaluation_report, write_report, write_rows_csv
@@ -40,6 +50,8 @@ from lungxray.runtime import (
 from lungxray.train import fit, fit_sequential
 
 log = logging.getLogger(__name__)
+
+RUN_INFO = "run.json"  # the data root and whether the run finished, so `--resume RUN_DIR` needs nothing else
 
 
 @dataclass
@@ -57,17 +69,28 @@ class RunResult:
         return test["metrics"]["accuracy"] if test else None
 
 
-def training_pool(ds: Dataset, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def training_pool(
+    ds: Dataset, val_fraction: float, seed: int, fold: tuple[int, int] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(pool indices, holdout positions within the pool, test indices) for a dataset of any layout.
 
     The pool is train/ (+ val/ when the folder provides one, which then is the holdout) or, without split folders,
     everything; the holdout is otherwise a stratified, seeded split of train/. test/ is never in the pool.
+    With `fold=(k, n)` (cross-validation inside the training split), fold k of a stratified n-fold partition of
+    the pool is the scored set instead of test/, and the rest is the pool.
     """
     splits = ds.splits
     pool = np.flatnonzero(np.isin(splits, ["train", "val", "all"]))
     test = np.flatnonzero(splits == "test")
     if len(pool) == 0:
         raise ValueError(f"{ds.root}: no training images (expected train/ or class folders)")
+    if fold is not None:
+        keep, held_out = stratified_kfold(ds.labels[pool], fold[1], seed)[fold[0]]
+        pool, test = pool[keep], pool[held_out]
+    missing = sorted(set(ds.labels[test].tolist()) - set(ds.labels[pool].tolist()))
+    if missing:
+        names = ", ".join(ds.classes[i] for i in missing)
+        raise ValueError(f"{ds.root}: test/ has images of class(es) {names} that the training split lacks")
     given_val = np.flatnonzero(splits[pool] == "val")
     if len(given_val):
         return pool, given_val, test
@@ -124,13 +147,22 @@ def train_run(
     overrides: list[str] | dict[str, Any] | None = None,
     device: str | None = None,
     resume: bool = False,
+    fold: tuple[int, int] | None = None,
 ) -> RunResult:
-    """Train, calibrate, evaluate and bundle one run (a single model or a packed ensemble)."""
+    """Train, calibrate, evaluate and bundle one run (a single model or a packed ensemble).
+
+    `fold=(k, n)` is for cross-validation (the study): fold k of the training split plays the test split.
+    """
     started = time.perf_counter()
     cfg = load_config(config, overrides)
     run_dir = Path(out)
+    if resume and read_run_info(run_dir).get("complete"):  # killed after its last write, or resumed twice
+        log.info("%s is complete; nothing to resume", run_dir)
+        return RunResult(run_dir, cfg, json.loads((run_dir / "metrics.json").read_text()),
+                         json.loads((run_dir / "history.json").read_text()))
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "config.yaml", cfg.to_yaml())  # first, so `--resume` can rebuild the run
+    write_json(run_dir / RUN_INFO, {"data": str(Path(data).resolve()), "complete": False})
     dev = resolve_device(device)
     seed_everything(cfg.seed, cfg.train.deterministic)
     threads = set_threads(cfg.train.threads)
@@ -144,11 +176,12 @@ def train_run(
     dup_summary = summarize_duplicates(duplicates)
     log.info("%d images (%s), %d skipped; duplicates: %s", len(ds), ds.class_counts(), len(ds.skipped), dup_summary)
     images = prepare(ds.images, cfg.data.standardize, cfg.data.crop_border)
-    pool, holdout, test = training_pool(ds, cfg.data.val_fraction, cfg.seed)
+    pool, holdout, test = training_pool(ds, cfg.data.val_fraction, cfg.seed, fold)
     ens = cfg.ensemble
     plan = plan_members(ds.labels[pool], ens.members, ens.bootstrap, cfg.seed, ens.stratified, holdout)
 
-    model = build_model(cfg.model.arch, num_classes=len(ds.classes), members=ens.members, **cfg.model.args)
+    arch_args = {"image_size": cfg.data.image_size, **cfg.model.args}  # seed_cnn's dense layer depends on it
+    model = build_model(cfg.model.arch, num_classes=len(ds.classes), members=ens.members, **arch_args)
     model = model.to(dev, memory_format=torch.channels_last)
     preset = ens.augment_preset if ens.members > 1 and ens.augment_preset else None
     augmenter = Augmenter(cfg.augment.params(preset), seed=cfg.seed + 1, device=dev)
@@ -158,10 +191,11 @@ def train_run(
         state = fit(
             model, pool_images, pool_labels, plan, cfg.train, augmenter,
             seed=cfg.seed, amp_dtype=amp_dtype, run_dir=run_dir, resume=resume,
+            photometric=make_photometric(cfg.augment.photometric, seed=cfg.seed + 2, device=dev),
         )
     else:
         def build() -> torch.nn.Module:
-            net = build_model(cfg.model.arch, num_classes=len(ds.classes), members=1, **cfg.model.args)
+            net = build_model(cfg.model.arch, num_classes=len(ds.classes), members=1, **arch_args)
             return net.to(dev, memory_format=torch.channels_last)
 
         def make_augmenter(k: int) -> Augmenter:
@@ -170,11 +204,12 @@ def train_run(
         member_states, state = fit_sequential(
             build, pool_images, pool_labels, plan, cfg.train, make_augmenter,
             seed=cfg.seed, amp_dtype=amp_dtype, run_dir=run_dir, resume=resume,
+            make_photometric=lambda k: make_photometric(cfg.augment.photometric, cfg.seed + 2 + 1000 * k, dev),
         )
         model.load_state_dict(stack_members(member_states))
 
     meta: dict[str, Any] = {
-        "name": cfg.name, "classes": ds.classes, "arch": cfg.model.arch, "arch_args": cfg.model.args,
+        "name": cfg.name, "classes": ds.classes, "arch": cfg.model.arch, "arch_args": arch_args,
         "members": ens.members, "bootstrap": ens.bootstrap,
         "input": {"size": cfg.data.image_size, "channels": 1, "mean": INPUT_MEAN, "std": INPUT_STD,
                   "standardize": cfg.data.standardize, "crop_border": cfg.data.crop_border},
@@ -194,6 +229,10 @@ def train_run(
         test_logits = predictor.member_logits(images[test])
         results["test"], test_rows = score(meta, test_logits, ds.labels[test], ds.classes,
                                            [ds.paths[i] for i in test], cfg.seed)
+        # Grad-CAM on the test images: where the model looks (shortcut check) and a gallery for the report.
+        results["saliency"] = saliency_summary(predictor, images[test], ds.labels[test],
+                                               run_dir / "figures" / "gradcam_test.png")
+        results["saliency_central_mass"] = results["saliency"]["central_mass_mean"]
     total_seconds = time.perf_counter() - started
     results["timing"] = {
         "total_seconds": total_seconds, "train_seconds": state.train_seconds, "load_seconds": load_seconds,
@@ -219,7 +258,17 @@ def train_run(
     write_report(run_dir, cfg, meta, results, state.history)
     remove_checkpoint(run_dir)
     shutil.rmtree(run_dir / "members", ignore_errors=True)  # sequential members' resume files
+    write_json(run_dir / RUN_INFO, {"data": str(Path(data).resolve()), "complete": True})
     return RunResult(run_dir=run_dir, config=cfg, metrics=results, history=state.history)
+
+
+def read_run_info(run_dir: str | Path) -> dict[str, Any]:
+    """What train_run recorded in RUN_DIR/run.json ({} for runs without one, or an unreadable one)."""
+    try:
+        info = json.loads((Path(run_dir) / RUN_INFO).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return info if isinstance(info, dict) else {}
 
 
 def find_data(explicit: str | Path | None = None) -> Path:

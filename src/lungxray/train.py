@@ -31,6 +31,7 @@ from lungxray.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from lungxray.config import TrainConfig
 from lungxray.ensemble import MemberPlan
 from lungxray.files import atomic_write, write_json
+from lungxray.photometric import PhotometricAugmenter
 from lungxray.runtime import autocast, eval_mode, normalize
 
 log = logging.getLogger(__name__)
@@ -118,8 +119,15 @@ def train_one_epoch(
     amp_dtype: torch.dtype,
     class_weights: torch.Tensor | None,
     on_step: Callable[[int], None] | None = None,
+    photometric: PhotometricAugmenter | None = None,
 ) -> dict[str, float]:
-    """One pass over each member's sample; returns mean training loss and accuracy over active members."""
+    """One pass over each member's sample; returns mean training loss and accuracy over active members.
+
+    `photometric` (gamma, contrast, blur, noise, JPEG) runs after the geometric augmentation; it is reseeded
+    from the epoch number, so a resumed run draws the same changes without a checkpointed generator.
+    """
+    if photometric is not None:
+        photometric.set_epoch(state.epoch)
     device = images.device
     k_members, n = plan.train_index.shape
     order = np.stack([row[rng.permutation(n)] for row in plan.train_index])  # (K, n), own order per member
@@ -135,6 +143,8 @@ def train_one_epoch(
         x = normalize(images[idx.T])  # (B, K, H, W)
         h, w = x.shape[-2:]
         x = augmenter(x.reshape(b * k_members, 1, h, w)).reshape(b, k_members, h, w)
+        if photometric is not None:
+            x = photometric(x.reshape(b * k_members, 1, h, w)).reshape(b, k_members, h, w)
         x = x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
         y = labels[idx.T]  # (B, K)
         with autocast(device, amp_dtype):
@@ -267,6 +277,7 @@ def fit(
     run_dir: Path | None = None,
     resume: bool = False,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    photometric: PhotometricAugmenter | None = None,
 ) -> TrainState:
     """Train `model` (K packed members) in place; on return it holds each member's best validation weights.
 
@@ -282,7 +293,7 @@ def fit(
         member_best_epoch=[0] * members, member_wait=[0] * members, member_stopped=[False] * members,
     )
     if resume and run_dir is not None and has_checkpoint(run_dir):
-        state, best_state, rng = load_checkpoint(run_dir, model, optimizer, augmenter, TrainState)
+        state, best_state, rng = load_checkpoint(run_dir, model, optimizer, augmenter, TrainState, plan=plan)
         log.info("resuming %s after epoch %d", run_dir, state.epoch)
     weights = class_weight_table(labels, plan, int(labels.max()) + 1) if cfg.class_weights else None
     step_model = torch.compile(model) if cfg.compile else model
@@ -293,7 +304,7 @@ def fit(
         seen_before = state.images_seen
         metrics = train_one_epoch(
             step_model, images, labels, plan, optimizer, augmenter, state, cfg, rng, amp_dtype, weights,
-            on_step=bar.update if bar is not None else None,
+            on_step=bar.update if bar is not None else None, photometric=photometric,
         )
         train_seconds = time.perf_counter() - start
         if bar is not None:
@@ -319,8 +330,9 @@ def fit(
         if on_epoch is not None:
             on_epoch(record)
         if run_dir is not None:
-            save_checkpoint(run_dir, model, best_state, optimizer, state, rng, augmenter)
-    model.load_state_dict(best_state)
+            save_checkpoint(run_dir, model, best_state, optimizer, state, rng, augmenter, plan=plan)
+    if cfg.restore_best:
+        model.load_state_dict(best_state)
     return state
 
 
@@ -336,6 +348,7 @@ def fit_sequential(
     amp_dtype: torch.dtype = torch.float32,
     run_dir: Path | None = None,
     resume: bool = False,
+    make_photometric: Callable[[int], PhotometricAugmenter | None] | None = None,
 ) -> tuple[list[dict[str, torch.Tensor]], TrainState]:
     """The fallback to packed training: members one after another, each a plain (K=1) network.
 
@@ -357,7 +370,8 @@ def fit_sequential(
             if member_dir is not None:
                 member_dir.mkdir(parents=True, exist_ok=True)
             state = fit(model, images, labels, plan.member(k), cfg, make_augmenter(k), seed=seed + 1000 * k,
-                        amp_dtype=amp_dtype, run_dir=member_dir, resume=resume)
+                        amp_dtype=amp_dtype, run_dir=member_dir, resume=resume,
+                        photometric=make_photometric(k) if make_photometric is not None else None)
             if member_dir is not None:
                 sd = {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items()}
                 atomic_write(done, lambda tmp, sd=sd: save_file(sd, str(tmp)))
