@@ -246,9 +246,7 @@ def test_registry_errors_and_info(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_build_args_rebuild_and_input_checks() -> None:
     model = make("seed_cnn", 2, width=8)
     rebuilt = build_model(**model.build_args)
-    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
-        k: v.shape for k, v in model.state_dict().items()
-    }
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="members"):
         model(torch.randn(1, 1, SIZE, SIZE))
     with pytest.raises(ValueError, match="image_size"):
