@@ -13,7 +13,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,12 +24,19 @@ from lungxray.imageio import IMAGE_SUFFIXES, ImageDecodeError, decode_image
 from lungxray.preprocess import prepare
 from lungxray.runtime import eval_mode, normalize
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Predictions:
-    """Results for N images, in input order."""
+    """Results for N images, in input order; `to_dataframe()` gives one row per image (a table in Jupyter).
+
+    >>> pred = lungxray.load("runs/reference").predict(["a.png", "b.png"])
+    >>> pred.labels, pred.probs.shape, pred.refer  # ['covid', 'normal'], (2, 3), array([False,  True])
+    """
 
     classes: list[str]
     probs: np.ndarray  # (N, C) calibrated ensemble probabilities
@@ -37,10 +44,42 @@ class Predictions:
     uncertainty: np.ndarray  # (N,) normalised predictive entropy in [0, 1]
     disagreement: np.ndarray  # (N,) mutual information between prediction and member (0 for one member)
     refer: np.ndarray  # (N,) bool: uncertainty above the bundle's referral threshold
+    names: list[str] = field(default_factory=list)  # (N,) input names (paths or placeholders), when known
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, error) of unreadable inputs left out
 
     @property
     def labels(self) -> list[str]:
         return [self.classes[i] for i in self.probs.argmax(1)]
+
+    def __len__(self) -> int:
+        return len(self.probs)
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        """The rows of `lungxray predict`: one per image, then one per skipped input with its error."""
+        names = self.names or [f"<image {i}>" for i in range(len(self))]
+        rows: list[dict[str, Any]] = [
+            {"path": name, "label": label, **{f"prob_{c}": float(p) for c, p in zip(self.classes, probs, strict=True)},
+             "uncertainty": float(unc), "disagreement": float(dis), "refer": bool(ref), "error": ""}
+            for name, label, probs, unc, dis, ref in zip(
+                names, self.labels, self.probs, self.uncertainty, self.disagreement, self.refer, strict=True)
+        ]
+        return rows + [{"path": name, "error": error} for name, error in self.skipped]
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """The rows as a pandas DataFrame (with the error column only when an input was skipped)."""
+        import pandas as pd
+
+        columns = ["path", "label", *(f"prob_{c}" for c in self.classes), "uncertainty", "disagreement", "refer"]
+        return pd.DataFrame(self.to_rows(), columns=[*columns, "error"] if self.skipped else columns)
+
+    def __str__(self) -> str:
+        return self.to_dataframe().to_string(index=False, float_format="{:.3f}".format)
+
+    def __repr__(self) -> str:
+        return f"Predictions({len(self)} images, classes {self.classes})\n{self}"
+
+    def _repr_html_(self) -> str:
+        return str(self.to_dataframe().to_html(index=False, float_format="{:.3f}".format))
 
 
 def combine_probs(member_logits: np.ndarray, temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
@@ -99,7 +138,7 @@ class Predictor:
             for start in range(0, len(images), batch_size):
                 x = torch.as_tensor(images[start : start + batch_size], device=self.device)
                 x = normalize(x, contract["mean"], contract["std"]).unsqueeze(1)  # (B, 1, S, S)
-                outs.append(model(x.expand(-1, model.members, -1, -1)).float().cpu().numpy())
+                outs.append(model(x.expand(-1, model.members, -1, -1)).float().cpu().numpy())  # type: ignore[call-overload]
         k, c = self.bundle.members, len(self.classes)
         return np.concatenate(outs) if outs else np.zeros((0, k, c), np.float32)
 
@@ -110,6 +149,21 @@ class Predictor:
         """Decode and score inputs; an unreadable one raises ImageDecodeError naming it."""
         images = np.stack([self.preprocess(s) for s in sources]) if len(sources) else np.zeros((0, 1, 1), np.uint8)
         return self.predict_images(images)
+
+
+ENGINES = ("torch", "onnx")
+
+
+def load_predictor(run_dir: str | Path, device: str = "cpu", engine: str = "torch") -> Predictor:
+    """A Predictor for `engine`: "torch" runs the bundle; "onnx" runs RUN/model.onnx in ONNX Runtime (exported,
+    parity-checked, on first use or when stale; see `export.OnnxPredictor`). Both give the same Predictions."""
+    if engine == "onnx":
+        from lungxray.export import OnnxPredictor
+
+        return OnnxPredictor.load(run_dir, device)
+    if engine != "torch":
+        raise ValueError(f"unknown engine {engine!r} (known: {', '.join(ENGINES)})")
+    return Predictor.load(run_dir, device)
 
 
 def expand_paths(paths: Iterable[str | Path]) -> list[Path]:

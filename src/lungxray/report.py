@@ -91,6 +91,33 @@ def plot_reliability(reliability: dict[str, list[float]], path: Path, title: str
     return save_figure(fig, path)
 
 
+def plot_cam_gallery(overlays: Sequence[np.ndarray], titles: Sequence[str], path: Path, cols: int = 6) -> Path:
+    """A grid of Grad-CAM overlays (uint8 RGB) with their labels, for spotting shortcut learning at a glance."""
+    rows = max(1, -(-len(overlays) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.55 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, image, title in zip(axes.ravel(), overlays, titles, strict=False):
+        ax.imshow(image)
+        ax.set_title(title, fontsize=7, color="red" if "WRONG" in title else "black")
+    return save_figure(fig, path)
+
+
+def saliency_section(saliency: dict[str, Any]) -> list[str]:
+    """Where the test-set Grad-CAM mass lies: near the uniform baseline or below it hints at shortcut learning."""
+    lines = ["## Saliency (Grad-CAM, test split)", "",
+             f"Central mass: {_pct(saliency.get('central_mass_mean'))} of the saliency lies inside the image minus "
+             f"a {100 * saliency['margin']:.0f}% band on every edge (uniform maps give "
+             f"{_pct(saliency['uniform_baseline'])}; far below that, the model reads borders, corners or burned-in "
+             f"text rather than the lungs). Correct {_pct(saliency.get('correct'))}, wrong "
+             f"{_pct(saliency.get('wrong'))}; per true class: "
+             + ", ".join(f"{c} {_pct(v)}" for c, v in saliency.get("per_true_class", {}).items()) + ".", ""]
+    if saliency.get("gallery"):
+        lines += ["Overlays for the predicted class (all misclassified test images, then correct ones; "
+                  "c = central mass):", "", f"![Grad-CAM gallery](figures/{saliency['gallery']})", ""]
+    return lines
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
@@ -164,6 +191,8 @@ def write_report(run_dir: Path, cfg: RunConfig, meta: dict[str, Any], results: d
         plot_confusion(test["metrics"]["confusion"], classes, fig_dir / "confusion_test.png", "test")
         plot_reliability(test["reliability"], fig_dir / "reliability_test.png", "test (calibrated)")
         lines += ["![confusion](figures/confusion_test.png) ![reliability](figures/reliability_test.png)", ""]
+    if results.get("saliency"):
+        lines += saliency_section(results["saliency"])
     lines += metrics_section(results["validation"], classes,
                              f"Validation ({results.get('validation_kind', 'holdout')})")
     lines += data_section(results["data"])
@@ -187,3 +216,57 @@ def write_evaluation_report(out_dir: Path, meta: dict[str, Any], result: dict[st
     lines += ["## Skipped files", ""]
     lines += [f"- `{s['path']}`: {s['reason']}" for s in result["skipped"]] or ["None."]
     return write_text(out_dir / "evaluation.md", "\n".join([*lines, ""]))
+
+
+def shift_table(result: dict[str, Any]) -> list[str]:
+    """Markdown table of the shift benchmark: macro F1 (accuracy) per shift and severity, then the means."""
+    cells = result["cells"]
+    levels = max((c["level"] for c in cells), default=0)
+    lines = ["| shift | simulated by training | " + " | ".join(f"sev {i}" for i in range(1, levels + 1))
+             + " | mean |", "|---|---|" + "---|" * (levels + 1)]
+    for name, info in result["summary"]["per_shift"].items():
+        by_level = {c["level"]: c for c in cells if c["shift"] == name}
+        row = [f"{100 * by_level[i]['macro_f1']:.0f} ({100 * by_level[i]['accuracy']:.0f})" if i in by_level else "–"
+               for i in range(1, levels + 1)]
+        lines.append(f"| {name} | {info['simulated_by'] or 'no (held out)'} | " + " | ".join(row)
+                     + f" | **{100 * info['macro_f1']:.1f}** |")
+    return lines
+
+
+def shift_section(result: dict[str, Any], figure: str | None = None) -> list[str]:
+    """The shift benchmark for a report: what was done, the headline means, the table, saliency, the figure."""
+    s, clean = result["summary"], result["clean"]
+    lines = ["## Robustness to source shift", "",
+             f"{result['images']} {result['split']} images of `{result['data']}`, each shifted before the model's own "
+             f"preprocessing{' (with test-time augmentation)' if result.get('tta') else ''}"
+             f"{'; quick mode' if result.get('quick') else ''}. Cells: macro F1 % (accuracy %).", "",
+             f"- clean: macro F1 {_pct(clean['macro_f1'])}, accuracy {_pct(clean['accuracy'])}",
+             f"- **mean under shift: macro F1 {_pct(s['mean_macro_f1'])}**, accuracy {_pct(s['mean_accuracy'])} "
+             f"(relative to clean: {_pct(s['relative_macro_f1'])})",
+             f"- held-out shifts only ({', '.join(s['held_out_shifts']) or 'none'}): macro F1 "
+             f"{_pct(s['held_out_macro_f1'])}; worst shift: {s['worst_shift']}", ""]
+    lines += [*shift_table(result), ""]
+    sal = result.get("saliency")
+    if sal:
+        lines += [f"Saliency (Grad-CAM on the clean images): {_pct(sal['central_mass'])} of the mass in the central "
+                  f"region (uniform map {_pct(sal['uniform_central'])}), {_pct(sal['corner_mass'])} in the corners "
+                  f"(uniform {_pct(sal['uniform_corner'])}); per class: "
+                  + ", ".join(f"{c} {_pct(v)}" for c, v in sal["per_class_central"].items()) + ".", ""]
+    if figure:
+        lines += [f"![shift benchmark]({figure})", ""]
+    return lines
+
+
+def plot_shifts(result: dict[str, Any], path: Path) -> Path:
+    """Macro F1 against severity, one line per shift (dashed: held out from training augmentation)."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    cmap = plt.get_cmap("tab20")
+    for i, (name, info) in enumerate(result["summary"]["per_shift"].items()):
+        cells = sorted((c for c in result["cells"] if c["shift"] == name), key=lambda c: c["level"])
+        ax.plot([0] + [c["level"] for c in cells], [result["clean"]["macro_f1"]] + [c["macro_f1"] for c in cells],
+                marker="o", ms=3, color=cmap(i % 20), ls="-" if info["simulated_by"] else "--", label=name)
+    ax.axhline(result["summary"]["mean_macro_f1"], color="k", lw=1, ls=":", label="mean under shift")
+    ax.set(xlabel="severity (0 = clean)", ylabel="macro F1", ylim=(0, 1.02),
+           title=f"shift benchmark: {result.get('model') or 'model'} ({result['split']})")
+    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    return save_figure(fig, path)
