@@ -96,9 +96,14 @@ def load_bundle(run_dir: str | Path, device: str | torch.device = "cpu") -> Bund
     meta = read_meta(run_dir)
     if not (run_dir / WEIGHTS).is_file():
         raise BundleError(f"{run_dir} has no {WEIGHTS}")
-    model = build_model(
-        meta["arch"], num_classes=len(meta["classes"]), in_channels=1, members=meta["members"], **meta["arch_args"]
-    )
-    model.load_state_dict(load_file(str(run_dir / WEIGHTS), device=str(device)))
+    try:
+        model = build_model(
+            meta["arch"], num_classes=len(meta["classes"]), in_channels=1, members=meta["members"],
+            **meta["arch_args"],
+        )
+        model.load_state_dict(load_file(str(run_dir / WEIGHTS), device=str(device)))
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BundleError(f"{run_dir}: weights do not match the architecture in {META} ({first})") from exc
     model.to(device).eval()
     return Bundle(model=model, meta=meta, path=run_dir)
