@@ -21,6 +21,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/mypy src/lungxray
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

@@ -1,6 +1,67 @@
-"""lungxray: train, evaluate, ensemble and serve from-scratch CNNs for chest X-ray classification."""
+"""lungxray: train, evaluate, ensemble and serve from-scratch CNNs for chest X-ray classification.
+
+The public API (see `lungxray.api`)::
+
+    import lungxray
+    model = lungxray.load("runs/reference")            # a bundle folder
+    model.predict(["a.png", "b.dcm"])                  # labels, probabilities, uncertainty, refer flags
+    run = lungxray.train("configs/smoke.yaml", out="runs/mine", epochs=3)
+    lungxray.evaluate("runs/mine", data="other-hospital/")
+
+Importing the package is cheap: torch is imported on the first call that needs it.
+"""
 
 from __future__ import annotations
 
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
-__all__ = ["__version__"]
+
+from lungxray.api import Evaluation, Model, Run, evaluate, load, train
+
+if TYPE_CHECKING:
+    from lungxray.imageio import ImageDecodeError
+    from lungxray.predict import Predictions
+
+__all__ = [
+    "Evaluation",
+    "ImageDecodeError",
+    "Model",
+    "Predictions",
+    "Run",
+    "__version__",
+    "evaluate",
+    "load",
+    "train",
+]
+
+_LAZY = {"ImageDecodeError": "lungxray.imageio", "Predictions": "lungxray.predict"}
+
+
+def __getattr__(name: str) -> Any:
+    """Public names whose modules import torch (or PIL) load on first access, keeping `import lungxray` light."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lungxray' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """`lungxray.train` stays the API function after the submodule lungxray/train.py is imported.
+
+    Python binds every imported submodule as an attribute of its package, which would replace the function with
+    the module as soon as training code is loaded. The submodule itself stays importable as usual
+    (`from lungxray.train import fit`).
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and callable(self.__dict__.get(name)):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -88,7 +88,7 @@ def resolve_params(preset: str | None = None, **overrides: float | bool) -> Augm
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise ValueError(f"unknown augmentation parameter(s) {unknown}; valid: {sorted(names)}")
-    return dataclasses.replace(base, **overrides)
+    return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]
 
 
 def _xy_matrices(p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,9 @@
-"""Training checkpoints as plain tensors (safetensors) + JSON, written atomically every epoch.
+"""Training checkpoints as plain tensors (safetensors) with their JSON state inside, written atomically every epoch.
 
-A checkpoint holds the model, the best weights so far, the optimizer, the training state and every random
-generator (numpy for sampling, torch for dropout, the augmenter's own), so a run killed at any point resumes
-exactly where its last epoch ended. Nothing is pickled.
+A checkpoint holds the model, the best weights so far, the optimizer, the training state, every random
+generator (numpy for sampling, torch for dropout, the augmenter's own) and the member plan (bootstrap indices),
+so a run killed at any point resumes exactly where its last epoch ended. It is one file, so the tensors and the
+state can never be from different epochs. Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -14,13 +15,20 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lungxray.augment import Augmenter
-from lungxray.files import atomic_write, write_json
+from lungxray.ensemble import MemberPlan
+from lungxray.files import atomic_write
 
 CHECKPOINT_TENSORS = "checkpoint.safetensors"
-CHECKPOINT_JSON = "checkpoint.json"
+CHECKPOINT_JSON = "checkpoint.json"  # written by earlier versions beside the tensors; only ever removed
+CHECKPOINT_FORMAT = 2
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from (unreadable, other format, other data or model)."""
 
 
 def _flat_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -55,24 +63,61 @@ def save_checkpoint(
     train_state: Any,
     rng: np.random.Generator,
     augmenter: Augmenter,
+    plan: MemberPlan | None = None,
 ) -> None:
-    """Write the tensors first, then the JSON that points at them: the JSON's epoch is the resumable one."""
+    """One file, renamed into place: a SIGKILL at any moment leaves either the previous or the new checkpoint.
+
+    Tensors (weights, best weights, optimizer moments, torch/augmenter generators, the member plan) are the
+    safetensors payload; everything else (training state, optimizer scalars, numpy generator) is JSON in the
+    same file's metadata, so the two can never come from different epochs.
+    """
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tensors |= {f"best.{k}": v.contiguous().cpu() for k, v in best_state.items()}
     opt_tensors, opt_meta = _flat_optimizer(optimizer)
     tensors |= opt_tensors
     tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
     tensors |= {f"rng.augment.{k}": v.cpu() for k, v in augmenter.state_dict().items()}
-    atomic_write(run_dir / CHECKPOINT_TENSORS, lambda tmp: save_file(tensors, str(tmp)))
-    write_json(run_dir / CHECKPOINT_JSON, {
+    if plan is not None:  # the bootstrap samples: a resumed run must train each member on the same images
+        tensors["plan.train_index"] = torch.as_tensor(np.ascontiguousarray(plan.train_index, dtype=np.int64))
+        tensors["plan.val_mask"] = torch.as_tensor(np.ascontiguousarray(plan.val_mask, dtype=np.uint8))
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "epoch": int(train_state.epoch),
         "state": dataclasses.asdict(train_state),
         "optimizer": opt_meta,
         "numpy_rng": rng.bit_generator.state,
-    })
+    }
+    text = json.dumps(meta, default=_jsonable)  # Infinity/NaN kept (best_monitor starts at inf)
+    atomic_write(run_dir / CHECKPOINT_TENSORS, lambda tmp: save_file(tensors, str(tmp), metadata={"checkpoint": text}))
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable in a checkpoint: {type(obj).__name__}")
 
 
 def has_checkpoint(run_dir: Path) -> bool:
-    return (run_dir / CHECKPOINT_JSON).is_file() and (run_dir / CHECKPOINT_TENSORS).is_file()
+    return (run_dir / CHECKPOINT_TENSORS).is_file()
+
+
+def checkpoint_epoch(run_dir: Path) -> int | None:
+    """The last completed epoch recorded in run_dir's checkpoint, or None when there is no readable one."""
+    try:
+        return int(_read_meta(run_dir / CHECKPOINT_TENSORS)["epoch"])
+    except (OSError, CheckpointError, KeyError, ValueError):
+        return None
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            header = fh.metadata() or {}
+        return json.loads(header["checkpoint"])
+    except (KeyError, json.JSONDecodeError, SafetensorError) as exc:
+        raise CheckpointError(f"{path}: not a lungxray checkpoint ({type(exc).__name__}: {exc})") from exc
 
 
 def load_checkpoint(
@@ -81,21 +126,56 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     augmenter: Augmenter,
     state_cls: type,
+    plan: MemberPlan | None = None,
 ) -> tuple[Any, dict[str, torch.Tensor], np.random.Generator]:
-    """Restore model, optimizer and generators in place; return (train state, best weights, numpy rng)."""
-    meta = json.loads((run_dir / CHECKPOINT_JSON).read_text())
+    """Restore model, optimizer and generators in place; return (train state, best weights, numpy rng).
+
+    With `plan`, refuse a checkpoint written for a different member plan (the data or the seed changed).
+    """
+    path = run_dir / CHECKPOINT_TENSORS
+    meta = _read_meta(path)
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        found = meta.get("format")
+        raise CheckpointError(f"{path}: checkpoint format {found}, this lungxray reads {CHECKPOINT_FORMAT}")
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except SafetensorError as exc:
+        raise CheckpointError(f"{path}: not a lungxray checkpoint ({exc})") from exc
+    if plan is not None and "plan.train_index" in tensors:
+        same = np.array_equal(tensors["plan.train_index"].numpy(), plan.train_index) and np.array_equal(
+            tensors["plan.val_mask"].numpy().astype(bool), plan.val_mask
+        )
+        if not same:
+            raise CheckpointError(
+                f"{path}: written for other training samples than this data and config give (did the data folder "
+                "change since the run started?); start a new run"
+            )
     device = next(model.parameters()).device
-    tensors = load_file(str(run_dir / CHECKPOINT_TENSORS), device=str(device))
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    best = {k[5:]: v.clone() for k, v in tensors.items() if k.startswith("best.")}
+    try:
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: does not match the model of this run's config.yaml") from exc
+    best = {k[5:]: v.to(device) for k, v in tensors.items() if k.startswith("best.")}
     _restore_optimizer(optimizer, tensors, meta["optimizer"])
-    torch.set_rng_state(tensors["rng.torch"].cpu())
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
     augmenter.load_state_dict({k[12:]: v for k, v in tensors.items() if k.startswith("rng.augment.")})
     rng = np.random.default_rng()
     rng.bit_generator.state = meta["numpy_rng"]
     return state_cls(**meta["state"]), best, rng
 
 
+def remove_stale_temp_files(run_dir: Path) -> list[Path]:
+    """Delete temporary files that a killed process left mid-write (`.<name>.<random>.tmp`, see files.py)."""
+    stale = [p for p in run_dir.glob(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def remove_checkpoint(run_dir: Path) -> None:
+    """Once the bundle is complete: the checkpoint, a checkpoint.json of older versions, and stale temporary files."""
     for name in (CHECKPOINT_JSON, CHECKPOINT_TENSORS):
         (run_dir / name).unlink(missing_ok=True)
+    remove_stale_temp_files(run_dir)

@@ -23,21 +23,18 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from lungxray.config import load_config
-    from lungxray.pipeline import find_data, train_run
+    from lungxray.api import parse_overrides, train
 
     if args.resume:
-        run_dir = Path(args.resume)
-        config: str | Path = run_dir / "config.yaml"
-        if not Path(config).is_file():
-            raise FileNotFoundError(f"{run_dir}: nothing to resume (no config.yaml)")
-        overrides: list[str] = []
+        if args.overrides:
+            raise ValueError("--set cannot be combined with --resume: a resumed run keeps its config.yaml")
+        result = train(data=args.data, out=args.resume, device=args.device, resume=True)
     else:
-        config, overrides = args.config, args.overrides
-        run_dir = Path(args.out) if args.out else Path("runs") / load_config(config, overrides).name
-    data = find_data(args.data)
-    result = train_run(config, data, run_dir, overrides, device=args.device, resume=bool(args.resume))
-    print(summary(result.metrics, result.run_dir))
+        result = train(args.config, args.data, args.out, device=args.device, **parse_overrides(args.overrides))
+    from lungxray.distributed import context
+
+    if context().is_main:  # under torchrun every rank returns the metrics; one prints them
+        print(summary(result.metrics, result.run_dir))
     return 0
 
 
@@ -69,15 +66,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from lungxray.pipeline import evaluate_run
-    from lungxray.report import _iv
+    from lungxray.api import evaluate
 
-    result = evaluate_run(args.run_dir, args.data, args.out, device=args.device)
-    iv = result["overall"]["intervals"]
-    print(f"{result['images']} images: accuracy {_iv(iv['accuracy'])}, macro F1 {_iv(iv['macro_f1'])}")
-    for source, scores in result["sources"].items():
-        print(f"  {source}: accuracy {_iv(scores['intervals']['accuracy'])}")
-    print(f"report: {Path(args.out or Path(args.run_dir) / 'evaluation') / 'evaluation.md'}")
+    print(evaluate(args.run_dir, args.data, args.out, device=args.device))
     return 0
 
 
@@ -87,17 +78,28 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("paths", nargs="+")
     p.add_argument("--csv", help="write the rows to this CSV (default: print CSV to stdout)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--engine", choices=("torch", "onnx"), default="torch",
+                   help="onnx: ONNX Runtime on RUN_DIR/model.onnx (exported on first use, parity-checked)")
+    p.add_argument("--cam", metavar="DIR", help="also write a Grad-CAM overlay DIR/<image stem>_cam.png per image")
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from lungxray.predict import Predictor, expand_paths, predict_files
+    from lungxray.api import load
+    from lungxray.predict import expand_paths
     from lungxray.report import write_rows_csv
 
-    predictor = Predictor.load(args.run_dir, args.device)
     paths = expand_paths(args.paths)
     if not paths:
         raise FileNotFoundError("no image files found in " + ", ".join(args.paths))
-    rows = predict_files(predictor, paths)
+    model = load(args.run_dir, args.device, engine=args.engine)
+    order = {str(p): i for i, p in enumerate(paths)}
+    rows = sorted(model.predict(paths, on_error="skip").to_rows(), key=lambda r: order[r["path"]])  # input order
+    if args.cam:
+        from lungxray.gradcam import write_cams
+
+        cams = write_cams(model.predictor, [Path(r["path"]) for r in rows if not r["error"]], args.cam)
+        for row in rows:
+            row["cam"] = str(cams.get(row["path"], ""))
     if args.csv:
         write_rows_csv(Path(args.csv), rows)
     else:
@@ -113,11 +115,160 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed == len(rows) else 0
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a model to ONNX (whole ensemble, calibrated) and check its parity")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True, help="ONNX file to write, e.g. model.onnx")
+    p.add_argument("--opset", type=int, default=17)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from lungxray.export import PARITY_TOLERANCE, export_checked
+
+    out, diff = export_checked(args.run_dir, args.out, args.opset)
+    print(f"wrote {out}; ONNX Runtime vs PyTorch: max |probability difference| {diff:.2e} "
+          f"(tolerance {PARITY_TOLERANCE:g})")
+    return 0
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a trained model over HTTP (web page at /, API at /predict)")
+    p.add_argument("run_dir")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port (0 picks a free one)")
+    p.add_argument("--workers-threads", type=int, default=4, metavar="N",
+                   help="threads that decode and run inference")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="model copies that run requests in parallel (PyTorch threads are split among them)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload")
+    p.add_argument("--device", default="cpu")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from lungxray.serve import run_server
+
+    run_server(args.run_dir, args.host, args.port, args.workers_threads, args.max_upload_mb, args.device,
+               args.replicas)
+    return 0
+
+
+def _add_study(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("study", help="run a list of experiments with cross-validation and paired statistics")
+    p.add_argument("study", help="study YAML, e.g. configs/study.yaml")
+    p.add_argument("--data", help="dataset folder (default as for train)")
+    p.add_argument("--out", default="runs/study", help="study folder (re-running resumes it)")
+    p.add_argument("--quick", action="store_true", help="tiny settings (for tests): same code, meaningless numbers")
+    p.add_argument("--jobs", type=int, default=1, help="experiments trained in parallel processes")
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from lungxray.pipeline import find_data
+    from lungxray.study import run_study
+
+    report = run_study(args.study, find_data(args.data), args.out, quick=args.quick, jobs=args.jobs)
+    print(f"study report: {report}")
+    return 0
+
+
+def _add_robustness(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("robustness", help="shift benchmark: scores under graded acquisition shifts, saliency check")
+    p.add_argument("run_dir")
+    p.add_argument("--data", help="labelled folder (default: the one the run was trained on)")
+    p.add_argument("--split", choices=("test", "validation"), default="test",
+                   help="test/ (report) or the run's validation images (to compare variants on)")
+    p.add_argument("--quick", action="store_true", help="six shifts at three severities (for tests)")
+    p.add_argument("--shift", dest="shifts", action="append", metavar="NAME", help="only these shifts (repeatable)")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation (gamma and zoom views)")
+    p.add_argument("--no-saliency", dest="saliency", action="store_false", help="skip the Grad-CAM check")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="output folder (default RUN_DIR/robustness)")
+    p.add_argument("--device", default="cpu")
+
+
+def _cmd_robustness(args: argparse.Namespace) -> int:
+    from lungxray.bundle import read_meta
+    from lungxray.pipeline import find_data
+    from lungxray.report import shift_table
+    from lungxray.robustness import run_benchmark, write_benchmark
+
+    data = find_data(args.data or read_meta(args.run_dir).get("data", {}).get("root"))
+    result = run_benchmark(args.run_dir, data, quick=args.quick, split=args.split, tta=args.tta,
+                           saliency=args.saliency, seed=args.seed, shifts=args.shifts, device=args.device)
+    out_dir = write_benchmark(result, args.run_dir, args.out)
+    s, clean = result["summary"], result["clean"]
+    print("\n".join(shift_table(result)))
+    print(f"clean macro F1 {clean['macro_f1']:.3f} (accuracy {clean['accuracy']:.3f}); mean under shift: "
+          f"macro F1 {s['mean_macro_f1']:.3f}, accuracy {s['mean_accuracy']:.3f}; held-out shifts: macro F1 "
+          f"{s['held_out_macro_f1'] if s['held_out_macro_f1'] is not None else float('nan'):.3f}")
+    sal = result["saliency"]
+    if sal and sal["central_mass"] is not None:
+        print(f"saliency: {sal['central_mass']:.2f} of Grad-CAM mass central (uniform {sal['uniform_central']:.2f}),"
+              f" {sal['corner_mass']:.2f} in corners (uniform {sal['uniform_corner']:.2f})")
+    print(f"report: {out_dir / 'robustness.md'}")
+    return 0
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="time training steps or predictions on images already in memory")
+    kinds = p.add_subparsers(dest="bench_command", required=True)
+    t = kinds.add_parser("train", help="training images per second (augment, forward, backward, optimizer)")
+    t.add_argument("--arch", default="seed_cnn", help="registered model name")
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--steps", type=int, default=30, help="timed steps (after the warm-up)")
+    t.add_argument("--warmup", type=int, default=5, help="untimed steps first (kernel set-up, compilation)")
+    t.add_argument("--members", type=int, default=1, help="packed ensemble members")
+    t.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    t.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), help="default: train.precision")
+    t.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: train.channels_last")
+    t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: train.compile")
+    t.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all cores)")
+    t.add_argument("--image-size", type=int, default=256)
+    t.add_argument("--no-peak", dest="peak", action="store_false", help="skip the peak matmul FLOP/s measurement")
+    t.add_argument("--json", action="store_true", help="print one JSON object")
+    r = kinds.add_parser("predict", help="inference latency (batch 1) and throughput, PyTorch and ONNX Runtime")
+    r.add_argument("run_dir", nargs="?", help="a trained bundle (default: an untrained one of --arch)")
+    r.add_argument("--arch", default="compact_cnn", help="architecture when no RUN_DIR is given")
+    r.add_argument("--members", type=int, default=1, help="members when no RUN_DIR is given")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--runs", type=int, default=100, help="batch-1 predictions timed")
+    r.add_argument("--batch-size", type=int, default=64, help="batch for the throughput figure")
+    r.add_argument("--engine", dest="engines", action="append", choices=("torch", "onnx"),
+                   help="engine to time (repeatable; default both)")
+    r.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all cores)")
+    r.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from lungxray import bench
+
+    if args.bench_command == "train":
+        result = bench.bench_train(
+            args.arch, args.batch_size, args.steps, args.warmup, args.members, args.device, args.precision,
+            args.channels_last, args.compile, args.threads, args.image_size, with_peak=args.peak,
+        )
+        print(json.dumps(result, indent=2) if args.json else bench.format_train(result))
+        return 0
+    if args.runs < 1 or args.batch_size < 1:
+        raise ValueError("--runs and --batch-size must be at least 1")
+    result = bench.bench_predict(args.run_dir, args.arch, args.members, args.device, args.runs, args.batch_size,
+                                 tuple(args.engines or ("torch", "onnx")), args.threads)
+    print(json.dumps(result, indent=2) if args.json else bench.format_predict(result))
+    return 0
+
+
 COMMANDS = {
     "train": (_add_train, _cmd_train),
     "evaluate": (_add_evaluate, _cmd_evaluate),
     "predict": (_add_predict, _cmd_predict),
+    "export": (_add_export, _cmd_export),
+    "serve": (_add_serve, _cmd_serve),
+    "study": (_add_study, _cmd_study),
 }
+COMMANDS["robustness"] = (_add_robustness, _cmd_robustness)
+COMMANDS["bench"] = (_add_bench, _cmd_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,10 +292,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command][1](args)
-    except (ConfigError, BundleError, ImageDecodeError, FileNotFoundError, ValueError, RuntimeError) as exc:
+    except (ConfigError, BundleError, ImageDecodeError, OSError, ValueError, RuntimeError) as exc:
         if args.verbose:
             raise
-        print(f"lungxray {args.command}: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split())  # one line, even for multi-line library messages
+        print(f"lungxray {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lungxray {args.command}: interrupted", file=sys.stderr)

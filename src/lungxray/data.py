@@ -137,9 +137,15 @@ def _walk(root: Path, skipped: list[Skipped]) -> list[Path]:
             path = Path(entry.path)
             if _is_junk(entry.name):
                 logger.debug("ignoring %s", path)
-            elif entry.is_dir():
+                continue
+            try:  # a link to itself (ELOOP) or an unreadable entry raises here instead of returning False
+                is_dir, is_file = entry.is_dir(), entry.is_file()
+            except OSError as exc:
+                skipped.append(Skipped(path.relative_to(root).as_posix(), f"cannot read: {exc.strerror or exc}"))
+                continue
+            if is_dir:
                 visit(path, (*ancestors, real))
-            elif entry.is_file():
+            elif is_file:
                 files.append(path)
             else:
                 kind = "broken symbolic link" if entry.is_symlink() else "not a regular file"

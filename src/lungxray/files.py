@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Call `write(tmp_path)` and then rename the temporary file onto `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lungxray import __version__, metrics
+from lungxray import __version__, distributed, metrics
 from lungxray.augment import Augmenter
 from lungxray.bundle import Bundle, git_commit, save_bundle
 from lungxray.checkpoint import remove_checkpoint
@@ -164,13 +164,16 @@ def train_run(
     write_text(run_dir / "config.yaml", cfg.to_yaml())  # first, so `--resume` can rebuild the run
     write_json(run_dir / RUN_INFO, {"data": str(Path(data).resolve()), "complete": False})
     dev = resolve_device(device)
+    ctx = distributed.setup(dev)  # joins the torchrun job, if any (one GPU per local rank)
+    dev = ctx.device
     seed_everything(cfg.seed, cfg.train.deterministic)
-    threads = set_threads(cfg.train.threads)
+    threads = set_threads(cfg.train.threads or ctx.threads)
     amp_dtype = resolve_precision(dev, cfg.train.precision)
     log.info("device %s, %s, %d threads", dev, str(amp_dtype).replace("torch.", ""), threads)
 
     t0 = time.perf_counter()
-    ds = load_dataset(data, size=cfg.data.image_size)
+    with distributed.main_first():  # under torchrun rank 0 decodes and caches, the other ranks read the cache
+        ds = load_dataset(data, size=cfg.data.image_size)
     load_seconds = time.perf_counter() - t0
     duplicates = find_duplicates(ds)
     dup_summary = summarize_duplicates(duplicates)
@@ -182,21 +185,24 @@ def train_run(
 
     arch_args = {"image_size": cfg.data.image_size, **cfg.model.args}  # seed_cnn's dense layer depends on it
     model = build_model(cfg.model.arch, num_classes=len(ds.classes), members=ens.members, **arch_args)
-    model = model.to(dev, memory_format=torch.channels_last)
+    model = model.to(dev, memory_format=torch.channels_last)  # type: ignore[call-overload]
     preset = ens.augment_preset if ens.members > 1 and ens.augment_preset else None
     augmenter = Augmenter(cfg.augment.params(preset), seed=cfg.seed + 1, device=dev)
     pool_images = torch.as_tensor(images[pool], device=dev)
     pool_labels = torch.as_tensor(ds.labels[pool], device=dev)
+    # Under torchrun with LUNGXRAY_DISTRIBUTE=members each rank trains its share of the members (else: all).
+    local_plan, local_model, ks = distributed.local_share(plan, model, augmenter, ens.packed or ens.members == 1)
     if ens.packed or ens.members == 1:
         state = fit(
-            model, pool_images, pool_labels, plan, cfg.train, augmenter,
-            seed=cfg.seed, amp_dtype=amp_dtype, run_dir=run_dir, resume=resume,
+            local_model, pool_images, pool_labels, local_plan, cfg.train, augmenter,
+            seed=cfg.seed, amp_dtype=amp_dtype, run_dir=distributed.checkpoint_dir(run_dir), resume=resume,
             photometric=make_photometric(cfg.augment.photometric, seed=cfg.seed + 2, device=dev),
         )
+        state = distributed.collect_members(local_model, model, state, ks)  # rank 0 stacks all members
     else:
         def build() -> torch.nn.Module:
             net = build_model(cfg.model.arch, num_classes=len(ds.classes), members=1, **arch_args)
-            return net.to(dev, memory_format=torch.channels_last)
+            return net.to(dev, memory_format=torch.channels_last)  # type: ignore[call-overload]
 
         def make_augmenter(k: int) -> Augmenter:
             return Augmenter(cfg.augment.params(preset), seed=cfg.seed + 1 + 1000 * k, device=dev)
@@ -207,6 +213,8 @@ def train_run(
             make_photometric=lambda k: make_photometric(cfg.augment.photometric, cfg.seed + 2 + 1000 * k, dev),
         )
         model.load_state_dict(stack_members(member_states))
+    if not ctx.is_main:  # rank 0 calibrates, scores and writes the bundle; the others return its metrics
+        return RunResult(run_dir=run_dir, config=cfg, metrics=distributed.share_from_main(None))
 
     meta: dict[str, Any] = {
         "name": cfg.name, "classes": ds.classes, "arch": cfg.model.arch, "arch_args": arch_args,
@@ -258,8 +266,10 @@ def train_run(
     write_report(run_dir, cfg, meta, results, state.history)
     remove_checkpoint(run_dir)
     shutil.rmtree(run_dir / "members", ignore_errors=True)  # sequential members' resume files
+    shutil.rmtree(run_dir / distributed.RANKS_DIR, ignore_errors=True)  # members-over-ranks checkpoints
     write_json(run_dir / RUN_INFO, {"data": str(Path(data).resolve()), "complete": True})
-    return RunResult(run_dir=run_dir, config=cfg, metrics=results, history=state.history)
+    return RunResult(run_dir=run_dir, config=cfg, metrics=distributed.share_from_main(results),
+                     history=state.history)
 
 
 def read_run_info(run_dir: str | Path) -> dict[str, Any]:
@@ -273,12 +283,14 @@ def read_run_info(run_dir: str | Path) -> dict[str, Any]:
 
 def find_data(explicit: str | Path | None = None) -> Path:
     """--data, then $LUNGXRAY_DATA, then data/covid19-dataset, then ../shared/data/covid19-dataset."""
-    candidates = [explicit, os.environ.get("LUNGXRAY_DATA"), "data/covid19-dataset", "../shared/data/covid19-dataset"]
-    for c in candidates:
-        if c and Path(c).is_dir():
+    for given, what in ((explicit, "data folder"), (os.environ.get("LUNGXRAY_DATA"), "LUNGXRAY_DATA folder")):
+        if given:  # asked for by name: never fall back to another dataset when it is missing
+            if not Path(given).is_dir():
+                raise FileNotFoundError(f"{what} not found: {given}")
+            return Path(given)
+    for c in ("data/covid19-dataset", "../shared/data/covid19-dataset"):
+        if Path(c).is_dir():
             return Path(c)
-    if explicit:
-        raise FileNotFoundError(f"data folder not found: {explicit}")
     raise FileNotFoundError(
         "no dataset found: pass --data DIR or set LUNGXRAY_DATA (looked in data/covid19-dataset and "
         "../shared/data/covid19-dataset)"
@@ -290,14 +302,15 @@ def evaluate_run(run_dir: str | Path, data: str | Path, out: str | Path | None =
     """Score a bundle on a labelled folder (its test/ split when it has one, else every image).
 
     Folders whose names map to no class of the model are skipped and listed; with several top-level sources
-    (DATA/source/class/...) each source is also scored on its own.
+    (DATA/source/class/...) each source is also scored on its own. When some sources have a test/ split and
+    others only class folders, the latter are scored whole (never another source's train/ images).
     """
     predictor = Predictor.load(run_dir, device)
     meta, classes = predictor.meta, predictor.classes
     contract = meta["input"]
     ds = load_dataset(data, size=contract["size"], classes=classes)
-    idx = np.flatnonzero(ds.splits == "test")
-    idx = idx if len(idx) else np.arange(len(ds))
+    idx = np.flatnonzero(np.isin(ds.splits, ["test", "all"]))  # "all": a source without split folders
+    idx = idx if (ds.splits == "test").any() else np.arange(len(ds))
     if len(idx) == 0:
         raise ValueError(f"{data}: no readable images of the classes {', '.join(classes)}")
     images = prepare(ds.images[idx], contract.get("standardize", "none"), contract.get("crop_border", 0.0))

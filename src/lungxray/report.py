@@ -13,10 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 
 from lungxray.config import RunConfig
 from lungxray.files import atomic_write, write_text
@@ -34,9 +32,14 @@ def write_rows_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
     return write_text(path, buf.getvalue())
 
 
-def save_figure(fig: plt.Figure, path: Path) -> Path:
+def subplots(*args: Any, figsize: tuple[float, float] | None = None, **kwargs: Any) -> tuple[Figure, Any]:
+    """A figure without pyplot: no global backend switch, so a notebook keeps its inline plots."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*args, **kwargs)
+
+
+def save_figure(fig: Figure, path: Path) -> Path:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
-    plt.close(fig)
     return path
 
 
@@ -48,7 +51,7 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> Path:
     runs: dict[int, list[dict[str, Any]]] = {}
     for h in history:
         runs.setdefault(int(h.get("member", 0)), []).append(h)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    fig, axes = subplots(1, 3, figsize=(13, 3.4))
     twin = axes[2].twinx()
     for k, run in runs.items():
         epochs = [h["epoch"] for h in run]
@@ -69,7 +72,7 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> Path:
 
 def plot_confusion(confusion: list[list[int]], classes: Sequence[str], path: Path, title: str) -> Path:
     cm = np.asarray(confusion)
-    fig, ax = plt.subplots(figsize=(3.8, 3.4))
+    fig, ax = subplots(figsize=(3.8, 3.4))
     ax.imshow(cm, cmap="Blues")
     for i in range(cm.shape[0]):
         for j in range(cm.shape[1]):
@@ -81,7 +84,7 @@ def plot_confusion(confusion: list[list[int]], classes: Sequence[str], path: Pat
 
 
 def plot_reliability(reliability: dict[str, list[float]], path: Path, title: str) -> Path:
-    fig, ax = plt.subplots(figsize=(3.8, 3.4))
+    fig, ax = subplots(figsize=(3.8, 3.4))
     counts = np.asarray(reliability["counts"])
     used = counts > 0
     centres = np.asarray(reliability["centers" if "centers" in reliability else "centres"])[used]
@@ -94,7 +97,7 @@ def plot_reliability(reliability: dict[str, list[float]], path: Path, title: str
 def plot_cam_gallery(overlays: Sequence[np.ndarray], titles: Sequence[str], path: Path, cols: int = 6) -> Path:
     """A grid of Grad-CAM overlays (uint8 RGB) with their labels, for spotting shortcut learning at a glance."""
     rows = max(1, -(-len(overlays) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.55 * rows), squeeze=False)
+    fig, axes = subplots(rows, cols, figsize=(2.2 * cols, 2.55 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, image, title in zip(axes.ravel(), overlays, titles, strict=False):
@@ -150,7 +153,7 @@ def metrics_section(scores: dict[str, Any], classes: Sequence[str], title: str) 
     lines += ["", f"Calibration: ECE {scores['ece_uncalibrated']:.3f} before temperature scaling, "
               f"{scores['ece_calibrated']:.3f} after.",
               f"Referral: {_pct(ref.get('referral_rate'))} of images referred; accuracy on the accepted "
-              f"{_pct(ref.get('accuracy_accepted'))} (all images: {_pct(m['accuracy'])}).",
+              f"{_pct(ref.get('accuracy'))} (all images: {_pct(m['accuracy'])}).",
               f"Mean uncertainty: correct {scores.get('mean_uncertainty_correct') or 0:.3f}, "
               f"wrong {scores.get('mean_uncertainty_wrong') or 0:.3f}.", ""]
     return lines
@@ -259,8 +262,8 @@ def shift_section(result: dict[str, Any], figure: str | None = None) -> list[str
 
 def plot_shifts(result: dict[str, Any], path: Path) -> Path:
     """Macro F1 against severity, one line per shift (dashed: held out from training augmentation)."""
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    cmap = plt.get_cmap("tab20")
+    fig, ax = subplots(figsize=(7.5, 4.2))
+    cmap = matplotlib.colormaps["tab20"]
     for i, (name, info) in enumerate(result["summary"]["per_shift"].items()):
         cells = sorted((c for c in result["cells"] if c["shift"] == name), key=lambda c: c["level"])
         ax.plot([0] + [c["level"] for c in cells], [result["clean"]["macro_f1"]] + [c["macro_f1"] for c in cells],
@@ -268,5 +271,5 @@ def plot_shifts(result: dict[str, Any], path: Path) -> Path:
     ax.axhline(result["summary"]["mean_macro_f1"], color="k", lw=1, ls=":", label="mean under shift")
     ax.set(xlabel="severity (0 = clean)", ylabel="macro F1", ylim=(0, 1.02),
            title=f"shift benchmark: {result.get('model') or 'model'} ({result['split']})")
-    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return save_figure(fig, path)

@@ -81,7 +81,7 @@ def load_study(path: str | Path, quick: bool = False) -> Study:
 
 
 def _tasks(study: Study, out: Path) -> list[dict[str, Any]]:
-    tasks = []
+    tasks: list[dict[str, Any]] = []
     for exp in study.experiments:
         overrides = {k: v for k, v in exp.overrides.items() if not k.startswith("_")}
         tasks.append({"run_dir": str(out / exp.name / "final"), "config": exp.config, "overrides": overrides,

@@ -7,14 +7,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
 from lungxray.bundle import git_commit
 from lungxray.files import write_text
-from lungxray.report import save_figure, write_rows_csv
+from lungxray.report import save_figure, subplots, write_rows_csv
 
 
 def _pct(x: float | None) -> str:
@@ -27,7 +22,7 @@ def _ci(row: dict[str, Any], key: str) -> str:
 
 def plot_means(rows: list[dict[str, Any]], path: Path) -> Path:
     """Estimated accuracy (CV/OOB) and test accuracy per row, each with its 95% interval."""
-    fig, ax = plt.subplots(figsize=(8, 0.38 * len(rows) + 1.2))
+    fig, ax = subplots(figsize=(8, 0.38 * len(rows) + 1.2))
     ys = range(len(rows))[::-1]
     for offset, prefix, color, label in ((0.15, "cv_accuracy", "tab:blue", "CV / out-of-bag"),
                                          (-0.15, "test_accuracy", "tab:orange", "test")):
@@ -46,7 +41,7 @@ def plot_curves(out: Path, rows: list[dict[str, Any]], path: Path) -> Path:
     """Validation loss per epoch of each row's final run, one small panel per row."""
     cols = 4
     n = len(rows)
-    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(13, 2.3 * ((n + cols - 1) // cols)),
+    fig, axes = subplots((n + cols - 1) // cols, cols, figsize=(13, 2.3 * ((n + cols - 1) // cols)),
                              squeeze=False)
     for ax, row in zip(axes.flat, rows, strict=False):
         history = json.loads((out / row["name"] / "final" / "history.json").read_text())
