@@ -173,7 +173,7 @@ def test_load_dataset_skips_corrupt_files_and_caches(
     assert ds.paths == ["test/Covid/c3.png", "train/Covid/c1.png", "train/Covid/c2.png", "train/Normal/n1.png"]
     assert list(ds.labels) == [0, 0, 0, 1] and list(ds.splits) == ["test", "train", "train", "train"]
     reasons = {s.path: s.reason for s in ds.skipped}
-    assert reasons["train/Covid/broken.png"].startswith("train/Covid/broken.png: ")
+    assert reasons["train/Covid/broken.png"].startswith("not a recognised image format")  # path not repeated
     assert "0 bytes" in reasons["test/Normal/empty.jpg"]
     assert "broken.png" in caplog.text and "empty.jpg" in caplog.text
     assert [p.name for p in cache.iterdir()] == [f"{ds.fingerprint}.npz"]  # no temporary file left behind

@@ -53,6 +53,13 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
         pid, key = name.split(".", 1)
         state.setdefault(int(pid), {})[key] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    # Saved tensors are contiguous; a channels_last parameter needs its moments in the same layout, or the fused
+    # optimizers (which walk raw memory) silently pair each weight with another weight's moments.
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    optimizer.state[param][key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def save_checkpoint(

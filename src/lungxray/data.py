@@ -309,8 +309,9 @@ def _decode_all(records: list[Record], rels: list[str], size: int, workers: int)
     skipped = []
     for i, r in enumerate(results):
         if isinstance(r, str):
-            logger.warning("skipping unreadable image %s: %s", records[i].path, r)
-            skipped.append({"path": rels[i], "reason": r})
+            reason = r.removeprefix(f"{rels[i]}: ")  # the error names the file; the path is its own field
+            logger.warning("skipping unreadable image %s: %s", records[i].path, reason)
+            skipped.append({"path": rels[i], "reason": reason})
     images = np.stack([results[i] for i in ok]) if ok else np.zeros((0, size, size), np.uint8)
     return {
         "images": images,
