@@ -27,7 +27,9 @@ class ConfigError(ValueError):
 class DataConfig:
     image_size: int = 256
     val_fraction: float = 0.2  # carved from train/ (stratified, seeded) when no ensemble bootstrap gives OOB images
-    standardize: Literal["none", "equalize", "clahe"] = "none"  # per-image intensity standardisation (source shift)
+    # per-image standardisation against source shift: none, equalize, clahe, lungs (crop to the lung field),
+    # lungs+equalize, lungs+clahe (preprocess.STANDARDIZE_METHODS)
+    standardize: Literal["none", "equalize", "clahe", "lungs", "lungs+equalize", "lungs+clahe"] = "none"
     crop_border: float = 0.0  # fraction cut from each edge before resizing (hides borders/markers)
 
 

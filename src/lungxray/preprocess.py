@@ -2,15 +2,18 @@
 
 Decoded images (uint8, S x S) pass through the same steps in training, prediction, export tests and the server:
 an optional border crop (hides film edges, rulers and burned-in text that identify the source hospital) and an
-optional intensity standardisation (so a different detector's contrast curve looks alike).
+optional standardisation: "lungs" (crop to the lung field, found without any model, so every hospital's framing
+looks alike) and/or an intensity method (so a different detector's contrast curve looks alike), joined by "+"
+as in "lungs+clahe".
 """
 
 from __future__ import annotations
 
 import numpy as np
+import scipy.ndimage as ndi
 from PIL import Image
 
-STANDARDIZE_METHODS = ("none", "equalize", "clahe")
+STANDARDIZE_METHODS = ("none", "equalize", "clahe", "lungs", "lungs+equalize", "lungs+clahe")
 
 
 def equalize(image: np.ndarray) -> np.ndarray:
@@ -66,6 +69,51 @@ def crop_border(image: np.ndarray, fraction: float) -> np.ndarray:
     return np.asarray(inner.resize((w, h), Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
+def lung_field_box(image: np.ndarray, margin: float = 0.08) -> tuple[int, int, int, int] | None:
+    """(top, bottom, left, right) of the lung field with a margin, or None when no plausible pair of lungs shows.
+
+    Classical, model-free: the lungs are the large dark regions of the histogram-equalised, smoothed image that
+    lie away from the edges (a 6% band is ignored: film borders, background air) near the chest's centre. The
+    box is made symmetric about the vertical midline, so a lung hidden by consolidation still gets its side.
+    """
+    h, w = image.shape
+    smooth = ndi.gaussian_filter(equalize(image).astype(np.float32), 3.0 * h / 256)
+    dark = smooth < np.percentile(smooth, 35)
+    b = max(1, round(0.06 * h))
+    dark[:b] = dark[-b:] = False
+    dark[:, :b] = dark[:, -b:] = False
+    k = max(3, round(7 * h / 256))
+    dark = ndi.binary_opening(dark, np.ones((k, k), dtype=bool))
+    labels, n = ndi.label(dark)
+    if n == 0:
+        return None
+    index = np.arange(1, n + 1)
+    sizes = ndi.sum(dark, labels, index)
+    centres = ndi.center_of_mass(dark, labels, index)
+    lungs = sorted(((size, i) for size, i, (cy, cx) in zip(sizes, index, centres, strict=True)
+                    if size > 0.015 * h * w and 0.15 * h < cy < 0.8 * h and 0.12 * w < cx < 0.88 * w), reverse=True)
+    if not lungs:
+        return None
+    ys, xs = np.nonzero(np.isin(labels, [i for _, i in lungs[:2]]))
+    top, bottom = int(ys.min()), int(ys.max())
+    left, right = min(int(xs.min()), w - 1 - int(xs.max())), max(int(xs.max()), w - 1 - int(xs.min()))
+    if right - left < 0.45 * w or bottom - top < 0.3 * h:
+        return None
+    my, mx = round(margin * (bottom - top)), round(margin * (right - left))
+    return max(0, top - my), min(h, bottom + my + 1), max(0, left - mx), min(w, right + mx + 1)
+
+
+def crop_lungs(image: np.ndarray, fallback: float = 0.08) -> np.ndarray:
+    """The lung field (see `lung_field_box`) resized to the image size; a fixed border crop when none is found."""
+    box = lung_field_box(image)
+    if box is None:
+        return crop_border(image, fallback)
+    top, bottom, left, right = box
+    h, w = image.shape
+    inner = Image.fromarray(np.ascontiguousarray(image[top:bottom, left:right]))
+    return np.asarray(inner.resize((w, h), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+
 def prepare(images: np.ndarray, standardize: str = "none", border: float = 0.0) -> np.ndarray:
     """Apply the contract's preprocessing to uint8 images of shape (N, S, S) or (S, S)."""
     if standardize not in STANDARDIZE_METHODS:
@@ -74,6 +122,14 @@ def prepare(images: np.ndarray, standardize: str = "none", border: float = 0.0) 
         return images
     single = images.ndim == 2
     batch = images[None] if single else images
-    fn = {"none": lambda x: x, "equalize": equalize, "clahe": clahe}[standardize]
-    out = np.stack([fn(crop_border(img, border)) for img in batch])
+    steps = [{"lungs": crop_lungs, "equalize": equalize, "clahe": clahe}[name]
+             for name in standardize.split("+") if name != "none"]
+
+    def one(img: np.ndarray) -> np.ndarray:
+        img = crop_border(img, border)
+        for step in steps:
+            img = step(img)
+        return img
+
+    out = np.stack([one(img) for img in batch])
     return out[0] if single else out

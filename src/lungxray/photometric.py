@@ -1,0 +1,259 @@
+"""Photometric augmentation: the acquisition differences between hospitals, drawn per sample, batched.
+
+Why: in small chest X-ray sets each class often comes from its own hospitals, so a network can separate the
+classes by contrast curve, sharpness, noise or compression instead of by the lungs (DeGrave et al., 2021).
+Randomising those properties during training makes them useless as a class cue. Geometry (rotation, shift,
+zoom) is augment.py's job; this module runs after it, on the same normalised float batch.
+
+Per sample, in [0, 1] intensity space (the batch is un-normalised with the input contract's mean/std and
+normalised back at the end), in this order:
+
+* gamma ``x ** g``, g log-uniform in [1/gamma, gamma] (film and detector characteristic curves);
+* window/level ``(x - 0.5) * c + 0.5 + b``, c log-uniform in [1/contrast, contrast], b ~ U(-brightness, brightness);
+* detail ``x + a * (x - blur_sigma(x))``: a < 0 blurs (a = -1 is a full Gaussian blur), a > 0 sharpens
+  (unsharp masking): the modulation transfer function of different detectors and post-processing;
+* additive Gaussian noise (quantum and electronic noise);
+* JPEG round trip at quality q: 8x8 block DCT, the IJG luminance table scaled for q, rounding (re-compressed
+  publication figures and PACS exports).
+
+Each step fires with its own probability; parameters are drawn on the CPU from the augmenter's own seeded
+generator (never the global RNG), so a seed gives the same augmentations on any device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lungxray.runtime import INPUT_MEAN, INPUT_STD
+
+__all__ = ["PRESETS", "PhotometricAugmenter", "PhotometricParams", "jpeg_roundtrip", "make_photometric"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PhotometricParams:
+    """Ranges and probabilities of the photometric steps; the zero/one values disable a step."""
+
+    gamma: float = 1.0  # g log-uniform in [1/gamma, gamma]
+    contrast: float = 1.0  # c log-uniform in [1/contrast, contrast]
+    brightness: float = 0.0  # b ~ U(-brightness, brightness), in [0, 1] intensity units
+    p_curve: float = 1.0  # probability that gamma / window-level change a sample at all
+    detail: tuple[float, float] = (0.0, 0.0)  # a ~ U(lo, hi); lo >= -1 (full blur), hi > 0 sharpens
+    sigma: tuple[float, float] = (0.5, 1.5)  # Gaussian sigma (pixels) of the detail step
+    p_detail: float = 0.0
+    noise: float = 0.0  # noise std ~ U(0, noise), [0, 1] intensity units
+    p_noise: float = 0.0
+    jpeg_quality: tuple[float, float] = (50.0, 95.0)  # q ~ U(lo, hi)
+    p_jpeg: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.gamma < 1 or self.contrast < 1:
+            raise ValueError("gamma and contrast are ranges [1/x, x]: they must be >= 1")
+        if not self.detail[0] >= -1.0 or self.detail[0] > self.detail[1]:
+            raise ValueError(f"detail must be (lo, hi) with -1 <= lo <= hi, got {self.detail}")
+        if not 0 < self.sigma[0] <= self.sigma[1] <= 8:
+            raise ValueError(f"sigma must be (lo, hi) with 0 < lo <= hi <= 8, got {self.sigma}")
+        if not 1 <= self.jpeg_quality[0] <= self.jpeg_quality[1] <= 100:
+            raise ValueError(f"jpeg_quality must be (lo, hi) within 1..100, got {self.jpeg_quality}")
+        for name in ("brightness", "noise", "p_curve", "p_detail", "p_noise", "p_jpeg"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+
+    def is_identity(self) -> bool:
+        curve = self.p_curve > 0 and (self.gamma > 1 or self.contrast > 1 or self.brightness > 0)
+        detail = self.p_detail > 0 and self.detail != (0.0, 0.0)
+        return not (curve or detail or (self.p_noise > 0 and self.noise > 0) or self.p_jpeg > 0)
+
+
+PRESETS: dict[str, PhotometricParams] = {
+    "none": PhotometricParams(),
+    # Differences between modern digital detectors of one kind: mild curves, some softening, light noise.
+    "light": PhotometricParams(
+        gamma=1.25, contrast=1.2, brightness=0.05, p_curve=0.8, detail=(-0.5, 0.5), sigma=(0.5, 1.5),
+        p_detail=0.5, noise=0.02, p_noise=0.4, jpeg_quality=(50, 95), p_jpeg=0.3,
+    ),
+    # Film scans, phone photos of monitors, publication figures: strong curves, blur, noise, heavy JPEG.
+    "strong": PhotometricParams(
+        gamma=1.8, contrast=1.5, brightness=0.1, p_curve=0.9, detail=(-1.0, 1.0), sigma=(0.5, 2.5),
+        p_detail=0.7, noise=0.05, p_noise=0.5, jpeg_quality=(15, 90), p_jpeg=0.5,
+    ),
+}
+
+# IJG standard luminance quantisation table (JPEG Annex K), the base of every libjpeg quality setting.
+_JPEG_LUMA = torch.tensor([
+    [16, 11, 10, 16, 24, 40, 51, 61], [12, 12, 14, 19, 26, 58, 60, 55], [14, 13, 16, 24, 40, 57, 69, 56],
+    [14, 17, 22, 29, 51, 87, 80, 62], [18, 22, 37, 56, 68, 109, 103, 77], [24, 35, 55, 64, 81, 104, 113, 92],
+    [49, 64, 78, 87, 103, 121, 120, 101], [72, 92, 95, 98, 112, 100, 103, 99],
+], dtype=torch.float32)
+
+
+def _dct_matrix(n: int = 8) -> torch.Tensor:
+    """Orthonormal DCT-II matrix D: coefficients = D @ block @ D.T."""
+    k, i = torch.arange(n).view(-1, 1).double(), torch.arange(n).view(1, -1).double()
+    d = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
+    d[0] /= math.sqrt(2.0)
+    return d.float()
+
+
+def jpeg_tables(quality: torch.Tensor) -> torch.Tensor:
+    """Quality (N,) in 1..100 -> quantisation tables (N, 8, 8), libjpeg's scaling with baseline clipping."""
+    q = quality.clamp(1, 100)
+    scale = torch.where(q < 50, 5000.0 / q, 200.0 - 2.0 * q)
+    tables = torch.floor((_JPEG_LUMA.to(q.device) * scale.view(-1, 1, 1) + 50.0) / 100.0)
+    return tables.clamp(1, 255)
+
+
+def jpeg_roundtrip(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
+    """Lossy JPEG luminance round trip of [0, 1] images (N, C, H, W), one quality per sample (N,).
+
+    Close to a real encoder's pixel error (no chroma, no entropy coding, which is lossless); edges are padded by
+    replication to whole 8x8 blocks as encoders do. The block DCT is a pixel-unshuffle and one (64 x 64) matrix
+    product with the 2-D basis (and back with its transpose): on a CPU far faster than batched 8x8 products.
+    """
+    n, c, h, w = x.shape
+    ph, pw = -h % 8, -w % 8
+    y = F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
+    hh, ww = y.shape[-2:]
+    d = _dct_matrix().to(x.device, torch.float32)
+    basis = torch.kron(d, d)  # (64, 64): coefficient (u, v) of a flattened block b is basis[8u+v] @ b
+    blocks = F.pixel_unshuffle(y.float().reshape(n * c, 1, hh, ww) * 255.0 - 128.0, 8)  # (N*C, 64, bh, bw)
+    coef = torch.einsum("kp,bphw->bkhw", basis, blocks)
+    table = jpeg_tables(quality.to(x.device, torch.float32)).repeat_interleave(c, 0).view(n * c, 64, 1, 1)
+    coef = torch.round(coef / table) * table
+    out = F.pixel_shuffle(torch.einsum("kp,bkhw->bphw", basis, coef), 8).view(n, c, hh, ww)
+    return ((out + 128.0) / 255.0)[..., :h, :w].clamp(0, 1).to(x.dtype)
+
+
+def _blur_matrices(sigma: torch.Tensor, size: int, device: torch.device) -> torch.Tensor:
+    """(N, size, size) row-stochastic Gaussian smoothing matrices with replicate ("nearest") edges."""
+    radius = max(1, min(math.ceil(3.0 * float(sigma.max())), size - 1))
+    t = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
+    s = sigma.to(device, torch.float32).clamp_min(1e-3).view(-1, 1)
+    k = torch.exp(-0.5 * (t / s) ** 2)
+    k = k / k.sum(1, keepdim=True)  # (N, 2r+1)
+    cols = (torch.arange(size, device=device).view(-1, 1) + t.long().view(1, -1)).clamp(0, size - 1)  # (S, 2r+1)
+    m = torch.zeros(len(sigma), size, size, device=device)
+    m.scatter_add_(2, cols.expand(len(sigma), -1, -1), k.view(-1, 1, 2 * radius + 1).expand(-1, size, -1))
+    return m
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur of (N, C, H, W) with one sigma (pixels) per sample, replicate edges.
+
+    Written as two batched matrix products (rows, then columns) with banded smoothing matrices: one call for
+    any mix of sigmas, which grouped 1-D convolutions on a CPU do several times slower.
+    """
+    n, c, h, w = x.shape
+    mh = _blur_matrices(sigma, h, x.device).repeat_interleave(c, 0)  # (N*C, H, H)
+    mw = mh if w == h else _blur_matrices(sigma, w, x.device).repeat_interleave(c, 0)
+    y = torch.bmm(torch.bmm(mh, x.float().reshape(n * c, h, w)), mw.transpose(1, 2))
+    return y.view(n, c, h, w).to(x.dtype)
+
+
+def _log_uniform(u: torch.Tensor, limit: float) -> torch.Tensor:
+    return torch.exp((2.0 * u - 1.0) * math.log(limit))
+
+
+class PhotometricAugmenter:
+    """Random photometric changes of normalised float batches (N, C, H, W); owns its seeded generator.
+
+    `set_epoch(e)` reseeds the generator from (seed, e), so that a training run resumed after epoch e draws
+    exactly what an uninterrupted run would, without the checkpoint having to store this generator.
+    """
+
+    def __init__(self, params: PhotometricParams, seed: int = 0, device: str | torch.device = "cpu",
+                 mean: float = INPUT_MEAN, std: float = INPUT_STD) -> None:
+        self.params, self.seed = params, int(seed)
+        self.device = torch.device(device)
+        self.mean, self.std = float(mean), float(std)
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(self.seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed from (seed, epoch): draws depend only on them, never on how many batches came before."""
+        state = np.random.SeedSequence([self.seed, int(epoch)]).generate_state(2, dtype=np.uint32)
+        self.generator.manual_seed(int(state[0]) << 32 | int(state[1]))
+
+    def sample(self, n: int) -> dict[str, torch.Tensor]:
+        """Per-sample parameters (CPU, float32), a fixed number of draws per call; disabled steps are identity."""
+        pr = self.params
+        u = torch.rand((n, 11), generator=self.generator, dtype=torch.float64)
+        curve = u[:, 0] < pr.p_curve
+        one = torch.ones(n, dtype=torch.float64)
+        out = {
+            "gamma": torch.where(curve, _log_uniform(u[:, 1], pr.gamma), one),
+            "contrast": torch.where(curve, _log_uniform(u[:, 2], pr.contrast), one),
+            "brightness": torch.where(curve, (2 * u[:, 3] - 1) * pr.brightness, 0 * one),
+            "detail": torch.where(u[:, 4] < pr.p_detail, pr.detail[0] + u[:, 5] * (pr.detail[1] - pr.detail[0]),
+                                  0 * one),
+            "sigma": pr.sigma[0] + u[:, 6] * (pr.sigma[1] - pr.sigma[0]),
+            "noise": torch.where(u[:, 7] < pr.p_noise, u[:, 8] * pr.noise, 0 * one),
+            "jpeg": torch.where(  # quality 0 = no JPEG round trip
+                u[:, 9] < pr.p_jpeg, pr.jpeg_quality[0] + u[:, 10] * (pr.jpeg_quality[1] - pr.jpeg_quality[0]), 0 * one
+            ),
+        }
+        return {k: v.float() for k, v in out.items()}
+
+    def apply(self, x: torch.Tensor, p: dict[str, torch.Tensor], noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Transform a normalised batch with parameters from `sample`; `noise` is a unit normal field like x."""
+        if x.ndim != 4 or not x.is_floating_point():
+            raise TypeError(f"expected a float (N, C, H, W) tensor, got {tuple(x.shape)} {x.dtype}")
+        n = x.shape[0]
+        if p["gamma"].shape != (n,):
+            raise ValueError(f"parameters are for {tuple(p['gamma'].shape)} samples, batch has {n}")
+        q = {k: v.to(x.device, torch.float32).view(n, 1, 1, 1) for k, v in p.items()}
+        y = (x.float() * self.std).add_(self.mean).clamp_(1e-6, 1)  # [0, 1] intensities; in place = fewer passes
+        y.pow_(q["gamma"]).sub_(0.5).mul_(q["contrast"]).add_(0.5 + q["brightness"]).clamp_(0, 1)
+        use_detail = p["detail"] != 0
+        if bool(use_detail.any()):  # only the selected samples are blurred: the costliest step
+            sel = use_detail.nonzero().squeeze(1).to(x.device)
+            ys = y[sel]
+            ys = (ys + q["detail"][sel] * (ys - gaussian_blur(ys, p["sigma"].to(x.device)[sel]))).clamp(0, 1)
+            y = y.index_copy(0, sel, ys)
+        if noise is not None and bool((p["noise"] > 0).any()):
+            y = (y + q["noise"] * noise.to(x.device, torch.float32)).clamp(0, 1)
+        use_jpeg = p["jpeg"] > 0
+        if bool(use_jpeg.any()):
+            sel = use_jpeg.nonzero().squeeze(1).to(x.device)
+            y = y.index_copy(0, sel, jpeg_roundtrip(y[sel], p["jpeg"].to(x.device)[sel]))
+        return ((y - self.mean) / self.std).to(x.dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Sample and apply; identity params return `x` itself without drawing random numbers."""
+        if self.params.is_identity():
+            return x
+        p = self.sample(x.shape[0])
+        noise = None
+        if bool((p["noise"] > 0).any()):
+            noise = torch.randn(x.shape, generator=self.generator, dtype=torch.float32)
+        return self.apply(x, p, noise)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"].to("cpu", torch.uint8))
+
+
+def resolve_photometric(preset: str, **overrides: object) -> PhotometricParams:
+    """A named preset with optional field overrides; an unknown name is a one-line ValueError."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown photometric preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[preset], **overrides)  # type: ignore[arg-type]
+
+
+def make_photometric(preset: str, seed: int = 0, device: str | torch.device = "cpu") -> PhotometricAugmenter | None:
+    """The augmenter for a config's `augment.photometric`, or None for "none" (training skips the step)."""
+    params = resolve_photometric(preset)
+    if params.is_identity():
+        return None
+    log.info("photometric augmentation %r: %s", preset, params)
+    return PhotometricAugmenter(params, seed=seed, device=device)
