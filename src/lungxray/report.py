@@ -225,7 +225,7 @@ def shift_table(result: dict[str, Any]) -> list[str]:
     """Markdown table of the shift benchmark: macro F1 (accuracy) per shift and severity, then the means."""
     cells = result["cells"]
     levels = max((c["level"] for c in cells), default=0)
-    lines = ["| shift | simulated by training | " + " | ".join(f"sev {i}" for i in range(1, levels + 1))
+    lines = ["| shift | simulated by augmentation | " + " | ".join(f"sev {i}" for i in range(1, levels + 1))
              + " | mean |", "|---|---|" + "---|" * (levels + 1)]
     for name, info in result["summary"]["per_shift"].items():
         by_level = {c["level"]: c for c in cells if c["shift"] == name}
