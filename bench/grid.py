@@ -1,11 +1,13 @@
 """Training-speed grid: every model x {fp32 NCHW, bf16 NCHW, bf16 channels_last, + torch.compile}, as Markdown.
 
 Each cell is one `lungxray bench train --json` in a fresh process (so compilation caches and thread pools never
-leak between cells), timed through the real training step. The machine's peak (large matmul, fp32 and bf16) is
-measured once first; `--keras-python` also runs bench/keras_seed.py (the seed's Keras stack) in that interpreter.
-The CPU is shared, so each cell reports the median and the best step and the load average it ran under.
+leak between cells), timed through the real training step; with `--rounds N` the cells are run N times
+interleaved and the median of their medians is reported (the best step is the best of all rounds). The
+machine's peak (large matmul, fp32 and bf16) is measured once first; `--keras-python` also runs
+bench/keras_seed.py (the seed's Keras stack) in that interpreter. The CPU is shared, so each cell reports the
+median and the best step and the load average range it ran under.
 
-    .venv/bin/python bench/grid.py --out docs/bench_grid.md --keras-python /tmp/tfvenv/bin/python
+    .venv/bin/python bench/grid.py --rounds 3 --out grid.md --keras-python /tmp/tfvenv/bin/python
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +63,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per cell")
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved repetitions; the median is reported")
     ap.add_argument("--keras-python", help="interpreter with TensorFlow (a throwaway venv) for the Keras row")
     ap.add_argument("--out", type=Path, help="also write the Markdown here")
     args = ap.parse_args()
@@ -81,19 +85,27 @@ def main() -> None:
                else f"| seed CNN, Keras | 1 | fp32 | error: {r['error']} | | | | |")
         lines.append(row)
         print(row, flush=True)
-    for arch in args.models:
-        for k in args.members:
-            for variant in args.variants:
-                r = run_cell(arch, variant, k, args)
-                if "error" in r:
-                    row = f"| {arch} | {k} | {variant} | error: {r['error']} | | | | |"
-                else:
-                    frac = r["achieved_gflops"] * 1e9 / peaks["bf16" if r["dtype"] == "bf16" else "fp32"]
-                    row = (f"| {arch} | {k} | {variant} | {r['images_per_second']:.1f} | "
-                           f"{r['images_per_second_best']:.1f} | {r['achieved_gflops']:.0f} | {100 * frac:.0f}% | "
-                           f"{r['load_average']} |")
-                lines.append(row)
-                print(row, flush=True)
+    cells = [(arch, k, v) for arch in args.models for k in args.members for v in args.variants]
+    runs: dict[tuple, list[dict]] = {c: [] for c in cells}
+    for _ in range(args.rounds):  # interleaved, so a burst of load hits every cell alike
+        for cell in cells:
+            arch, k, variant = cell
+            runs[cell].append(run_cell(arch, variant, k, args))
+    for (arch, k, variant), results in runs.items():
+        good = [r for r in results if "error" not in r]
+        if not good:
+            row = f"| {arch} | {k} | {variant} | error: {results[0]['error']} | | | | |"
+        else:
+            rate = statistics.median(r["images_per_second"] for r in good)
+            best = max(r["images_per_second_best"] for r in good)
+            gflops = 3 * good[0]["forward_gflops_per_image"] * rate
+            frac = gflops * 1e9 / peaks["bf16" if good[0]["dtype"] == "bf16" else "fp32"]
+            loads = "-".join(f"{x:.1f}" for x in sorted({min(r["load_average"] for r in good),
+                                                        max(r["load_average"] for r in good)}))
+            row = (f"| {arch} | {k} | {variant} | {rate:.1f} | {best:.1f} | {gflops:.0f} | {100 * frac:.0f}% | "
+                   f"{loads} |")
+        lines.append(row)
+        print(row, flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("\n".join(lines) + "\n")
