@@ -92,6 +92,17 @@ def test_validation_split_and_tta(trained_run: Path, tiny_dataset: Path) -> None
         run_benchmark(trained_run, tiny_dataset, split="train")
 
 
+def test_validation_of_bootstrap_members_is_out_of_bag(trained_ensemble: Path, tiny_dataset: Path) -> None:
+    """Each image scored only by the members that never trained on it: the run's own out-of-bag figures."""
+    metrics = json.loads((trained_ensemble / "metrics.json").read_text())
+    assert metrics["validation_kind"] == "out-of-bag"
+    result = run_benchmark(trained_ensemble, tiny_dataset, split="validation", shifts=["blur"], saliency=False)
+    assert result["out_of_bag"] and result["images"] == metrics["validation"]["metrics"]["n"]
+    assert result["clean"]["accuracy"] == pytest.approx(metrics["validation"]["metrics"]["accuracy"])
+    tta = run_benchmark(trained_ensemble, tiny_dataset, split="validation", shifts=["blur"], saliency=False, tta=True)
+    assert tta["images"] == result["images"]
+
+
 def test_cli_writes_files_and_one_report_section(trained_run: Path, tiny_dataset: Path, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"

@@ -190,11 +190,13 @@ def _prepare(images: np.ndarray, contract: dict[str, Any]) -> np.ndarray:
 
 def benchmark_images(
     run_dir: str | Path, data: str | Path, split: str = "test", device: str = "cpu"
-) -> tuple[Any, np.ndarray, np.ndarray, list[str]]:
-    """(predictor, decoded uint8 images, labels, paths) of the chosen split, decoded at the bundle's size.
+) -> tuple[Any, np.ndarray, np.ndarray, list[str], np.ndarray | None]:
+    """(predictor, decoded uint8 images, labels, paths, member weights) of a split, decoded at the bundle's size.
 
-    split: "test" (the test/ folder, or every image when there is none) or "validation" (the run's holdout /
-    images no member trained on, read from plan.json): the one to compare variants on.
+    split: "test" (the test/ folder, or every image when there is none; weights None = every member) or
+    "validation", the one to compare variants on: the run's holdout, or for bootstrap members their out-of-bag
+    images, with weights (N, K) True where member k did not train on image n (read from plan.json), so that each
+    image is scored only by the members that never saw it, as the run's own validation figures are.
     """
     from lungxray.data import load_dataset
     from lungxray.predict import Predictor
@@ -209,27 +211,37 @@ def benchmark_images(
         if not plan_file.is_file():
             raise FileNotFoundError(f"{run_dir}: no plan.json, so the validation images are unknown")
         plan = json.loads(plan_file.read_text())
-        held = np.asarray(plan["val_mask"], dtype=bool).all(axis=0)  # validation for every member
-        wanted = {p for p, h in zip(plan["pool_paths"], held, strict=True) if h}  # type: ignore[arg-type]
-        idx = np.asarray([i for i, p in enumerate(ds.paths) if p in wanted], dtype=np.int64)
-        if len(idx) != len(wanted):
-            raise ValueError(f"{data}: {len(wanted) - len(idx)} validation images of the run are missing")
+        mask = np.asarray(plan["val_mask"], dtype=bool)  # (K, pool)
+        held = {p: mask[:, j] for j, p in enumerate(plan["pool_paths"]) if mask[:, j].any()}
+        idx = np.asarray([i for i, p in enumerate(ds.paths) if p in held], dtype=np.int64)
+        if len(idx) != len(held):
+            raise ValueError(f"{data}: {len(held) - len(idx)} validation images of the run are missing")
+        weights = np.stack([held[ds.paths[i]] for i in idx]) if len(idx) else None
     else:
         raise ValueError(f"split must be 'test' or 'validation', got {split!r}")
     if len(idx) == 0:
         raise ValueError(f"{data}: no images to benchmark in split {split!r}")
-    return predictor, ds.images[idx], ds.labels[idx], [ds.paths[i] for i in idx]
+    weights = weights if split == "validation" and weights is not None and not weights.all() else None
+    return predictor, ds.images[idx], ds.labels[idx], [ds.paths[i] for i in idx], weights
 
 
-def _score(logits: np.ndarray, labels: np.ndarray, meta: dict[str, Any], reference: np.ndarray | None) -> dict:
+def _score(logits: np.ndarray, labels: np.ndarray, meta: dict[str, Any], reference: np.ndarray | None,
+           weights: np.ndarray | None = None) -> dict:
+    """Accuracy, macro F1, recall; `weights` (N, K) restricts each image to its out-of-bag members."""
+    from lungxray.ensemble import out_of_bag_probs
     from lungxray.predict import make_predictions
 
-    pred = make_predictions(logits, meta)
-    m = metrics.classification_metrics(labels, pred.probs, pred.classes)
-    predicted = pred.probs.argmax(1)
+    classes = list(meta["classes"])
+    if weights is None:
+        probs = make_predictions(logits, meta).probs
+    else:  # TTA views are stacked as extra members: view-major, so the mask repeats
+        mask = np.tile(weights, (1, logits.shape[1] // weights.shape[1]))
+        probs, _ = out_of_bag_probs(metrics.softmax(logits), mask.T)
+    m = metrics.classification_metrics(labels, probs, classes)
+    predicted = probs.argmax(1)
     out = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
            "recall": {c: v["recall"] for c, v in m["per_class"].items()},
-           "predicted": np.bincount(predicted, minlength=len(pred.classes)).tolist()}
+           "predicted": np.bincount(predicted, minlength=len(classes)).tolist()}
     if reference is None:
         out["labels"] = predicted.tolist()
     else:  # how many decisions the shift alone changed (ImageNet-P's flip rate)
@@ -302,7 +314,7 @@ def run_benchmark(
     saliency: bool = True, seed: int = 0, shifts: Sequence[str] | None = None, device: str = "cpu",
 ) -> dict[str, Any]:
     """Score a bundle under every (shift, severity) on `split` of `data`; returns a JSON-ready result."""
-    predictor, images, labels, _ = benchmark_images(run_dir, data, split, device)
+    predictor, images, labels, _, weights = benchmark_images(run_dir, data, split, device)
     meta, contract = predictor.meta, predictor.meta["input"]
     chosen = dict(QUICK) if quick else {n: tuple(range(1, len(s.severities) + 1)) for n, s in SHIFTS.items()}
     if shifts:
@@ -314,13 +326,13 @@ def run_benchmark(
     def logits_of(raw: np.ndarray) -> np.ndarray:
         return tta_logits(predictor, raw, contract) if tta else predictor.member_logits(_prepare(raw, contract))
 
-    clean = _score(logits_of(images), labels, meta, None)
+    clean = _score(logits_of(images), labels, meta, None, weights)
     reference = np.asarray(clean.pop("labels"))
     cells = []
     for name, levels in chosen.items():
         shift = SHIFTS[name]
         for level in levels:
-            scores = _score(logits_of(apply_shift(images, name, level, seed)), labels, meta, reference)
+            scores = _score(logits_of(apply_shift(images, name, level, seed)), labels, meta, reference, weights)
             cells.append({"shift": name, "level": level, "severity": shift.severities[level - 1],
                           "simulated_by": shift.simulated_by, **scores})
             log.info("%-13s level %d: accuracy %.3f  macro F1 %.3f  flips %.3f", name, level,
@@ -330,8 +342,8 @@ def run_benchmark(
              summary["mean_macro_f1"], summary["held_out_macro_f1"] or float("nan"))
     return {
         "run": str(run_dir), "model": meta.get("name"), "data": str(data), "split": split, "images": len(labels),
-        "quick": quick, "tta": tta, "seed": seed, "contract": {k: contract.get(k) for k in
-                                                              ("size", "standardize", "crop_border")},
+        "quick": quick, "tta": tta, "seed": seed, "out_of_bag": weights is not None,
+        "contract": {k: contract.get(k) for k in ("size", "standardize", "crop_border")},
         "classes": predictor.classes, "clean": clean, "cells": cells, "summary": summary,
         "shifts": {n: {"severities": list(SHIFTS[n].severities), "simulated_by": SHIFTS[n].simulated_by,
                        "description": SHIFTS[n].description} for n in chosen},
