@@ -53,6 +53,18 @@ def test_none_is_identity_and_skipped() -> None:
         PhotometricParams(gamma=0.5)
 
 
+def test_curves_preset_only_remaps_grey_levels() -> None:
+    """`curves` keeps the order of grey levels in every sample (no blur, noise or JPEG), yet changes them."""
+    x = normalize(xray_batch(8)).unsqueeze(1)
+    y = PhotometricAugmenter(PRESETS["curves"], seed=1)(x)
+    changed = 0
+    for xi, yi in zip(x.flatten(1), y.flatten(1), strict=True):
+        order = torch.argsort(xi, stable=True)
+        assert (torch.diff(yi[order]) >= -1e-5).all()  # monotone non-decreasing in the input
+        changed += int(not torch.allclose(xi, yi, atol=1e-3))
+    assert changed >= 4
+
+
 def test_all_identity_parameters_change_nothing() -> None:
     x = normalize(xray_batch()).unsqueeze(1)
     y = PhotometricAugmenter(PRESETS["strong"]).apply(x, identity_params(4))

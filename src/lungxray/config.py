@@ -50,7 +50,7 @@ class AugmentConfig:
     shear_range: float | None = None
     zoom_range: float | None = None
     horizontal_flip: bool | None = None
-    photometric: str = "none"  # photometric preset (photometric.PRESETS: none, light, strong), after the geometry
+    photometric: str = "none"  # preset of photometric.PRESETS (none, light, curves, strong), after the geometry
 
     def params(self, preset: str | None = None) -> AugmentParams:
         overrides = {

@@ -80,6 +80,9 @@ PRESETS: dict[str, PhotometricParams] = {
         gamma=1.25, contrast=1.2, brightness=0.05, p_curve=0.8, detail=(-0.5, 0.5), sigma=(0.5, 1.5),
         p_detail=0.5, noise=0.02, p_noise=0.4, jpeg_quality=(50, 95), p_jpeg=0.3,
     ),
+    # Only the grey-level curve (gamma, window/level), as strong as `strong`: the contrast shortcut of this
+    # dataset without blurring or burying the fine opacities that separate viral pneumonia from normal.
+    "curves": PhotometricParams(gamma=1.8, contrast=1.5, brightness=0.1, p_curve=0.9),
     # Film scans, phone photos of monitors, publication figures: strong curves, blur, noise, heavy JPEG.
     "strong": PhotometricParams(
         gamma=1.8, contrast=1.5, brightness=0.1, p_curve=0.9, detail=(-1.0, 1.0), sigma=(0.5, 2.5),
