@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import io
 import re
-import struct
 import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+from filegen import dicom_bytes, png_claiming
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from pydicom.dataset import Dataset as DicomDataset
-from pydicom.dataset import FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import JPEGLSLossless
 
 from lungxray.imageio import (
     IMAGE_SUFFIXES,
@@ -49,37 +46,8 @@ def _jpeg_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def _png_with_size(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims width x height 1-bit pixels (the data is one compressed row)."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * (1 + (width + 7) // 8))
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
-
-
-def _dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", **extra: object) -> Path:
-    """A minimal uncompressed 16-bit DICOM file; ``extra`` sets further elements (window, rescale...)."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = DicomDataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    frames = pixels.shape[0] if pixels.ndim == 3 else 1
-    if frames > 1:
-        ds.NumberOfFrames = frames
-    ds.Rows, ds.Columns = pixels.shape[-2:]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = pixels.astype("<u2").tobytes()
-    for key, value in extra.items():
-        setattr(ds, key, value)
-    ds.save_as(path, enforce_file_format=True)
+def _dicom_file(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", **extra: object) -> Path:
+    path.write_bytes(dicom_bytes(pixels, photometric, **extra))
     return path
 
 
@@ -170,8 +138,8 @@ def test_32bit_int_and_float_modes() -> None:
 
 def test_dicom_monochrome1_is_monochrome2_inverted(tmp_path: Path) -> None:
     pixels = np.tile(np.arange(0, 4096, 64, dtype=np.uint16), (8, 1))
-    mono2 = read_grayscale(_dicom(tmp_path / "m2.dcm", pixels, "MONOCHROME2"))
-    mono1 = read_grayscale(_dicom(tmp_path / "m1.dcm", pixels, "MONOCHROME1"))
+    mono2 = read_grayscale(_dicom_file(tmp_path / "m2.dcm", pixels, "MONOCHROME2"))
+    mono1 = read_grayscale(_dicom_file(tmp_path / "m1.dcm", pixels, "MONOCHROME1"))
     assert mono2.shape == (8, 64)
     assert mono2[0, 0] == 0.0 and mono2[0, -1] == 1.0  # no window: min-max
     np.testing.assert_allclose(mono1, 1.0 - mono2, atol=1e-6)
@@ -180,28 +148,29 @@ def test_dicom_monochrome1_is_monochrome2_inverted(tmp_path: Path) -> None:
 def test_dicom_rescale_and_window_are_honoured(tmp_path: Path) -> None:
     pixels = np.tile(np.arange(0, 1001, 10, dtype=np.uint16), (4, 1))  # stored 0..1000
     # modality values -1000..1000; the window covers exactly that range, so the output is a 0..1 ramp
-    path = _dicom(tmp_path / "w.dcm", pixels, RescaleSlope=2, RescaleIntercept=-1000, WindowCenter=0, WindowWidth=2000)
+    path = _dicom_file(tmp_path / "w.dcm", pixels, RescaleSlope=2, RescaleIntercept=-1000, WindowCenter=0,
+                       WindowWidth=2000)
     gray = read_grayscale(path)
     np.testing.assert_allclose(gray[0], pixels[0] / 1000.0, atol=2e-3)
-    narrow = read_grayscale(_dicom(tmp_path / "n.dcm", pixels, WindowCenter=250, WindowWidth=100))
+    narrow = read_grayscale(_dicom_file(tmp_path / "n.dcm", pixels, WindowCenter=250, WindowWidth=100))
     assert narrow[0, 0] == 0.0 and narrow[0, -1] == 1.0 and 0.4 < narrow[0, 25] < 0.6  # stored 250 -> mid
 
 
 def test_dicom_without_suffix_is_detected_by_magic(tmp_path: Path) -> None:
-    path = _dicom(tmp_path / "IM0001.dcm", np.arange(16, dtype=np.uint16).reshape(4, 4))
+    path = _dicom_file(tmp_path / "IM0001.dcm", np.arange(16, dtype=np.uint16).reshape(4, 4))
     renamed = path.rename(tmp_path / "IM0001")
     assert read_grayscale(renamed).shape == (4, 4)
     assert read_grayscale(renamed.read_bytes()).shape == (4, 4)
 
 
 def test_multiframe_dicom_is_refused(tmp_path: Path) -> None:
-    path = _dicom(tmp_path / "cine.dcm", np.zeros((3, 4, 4), np.uint16))
+    path = _dicom_file(tmp_path / "cine.dcm", np.zeros((3, 4, 4), np.uint16))
     with pytest.raises(ImageDecodeError, match=r"cine\.dcm: multi-frame DICOM \(3 frames\)"):
         read_grayscale(path)
 
 
 def test_undecodable_transfer_syntax_is_refused(tmp_path: Path) -> None:
-    path = _dicom(tmp_path / "ls.dcm", np.zeros((4, 4), np.uint16))
+    path = _dicom_file(tmp_path / "ls.dcm", np.zeros((4, 4), np.uint16))
     ds = pydicom.dcmread(path)
     ds.file_meta.TransferSyntaxUID = JPEGLSLossless
     ds.PixelData = encapsulate([b"\xff\xd8\xff\xf7 not really JPEG-LS \xff\xd9"])
@@ -251,8 +220,8 @@ def _bad_files(tmp_path: Path) -> dict[str, bytes]:
         "truncated.jpg": jpeg[: len(jpeg) // 2],
         "text.png": b"this is not an image\n",
         "random.jpg": np.random.default_rng(1).integers(0, 256, 4000, dtype=np.uint8).tobytes(),
-        "bomb.png": _png_with_size(20000, 20000),
-        "over_limit.png": _png_with_size(8000, 8000),  # 64 M pixels: below PIL's limit, above ours
+        "bomb.png": png_claiming(20000, 20000),
+        "over_limit.png": png_claiming(8000, 8000),  # 64 M pixels: below PIL's limit, above ours
         "fake.dcm": b"\x00" * 200,
     }
 
@@ -274,7 +243,7 @@ def test_bomb_is_refused_from_the_header_without_warnings() -> None:
         warnings.simplefilter("always")
         for side in (8000, 10000, 20000):  # below, inside and above PIL's warning band
             with pytest.raises(ImageDecodeError, match="more than the limit"):
-                read_grayscale(_png_with_size(side, side))
+                read_grayscale(png_claiming(side, side))
     assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
 
 

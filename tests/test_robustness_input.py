@@ -19,19 +19,15 @@ import logging
 import os
 import re
 import shutil
-import struct
 import subprocess
 import sys
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from filegen import dicom_bytes, png_claiming
 from PIL import Image
-from pydicom.dataset import Dataset as DicomDataset
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from lungxray.cli import main
 from lungxray.data import load_dataset
@@ -52,37 +48,6 @@ def encode(img: Image.Image, fmt: str, **kwargs: object) -> bytes:
 def gradient(h: int = 48, w: int = 64) -> np.ndarray:
     """Dark left, bright right: orientation survives every conversion."""
     return np.tile(np.linspace(10, 245, w), (h, 1)).astype(np.uint8)
-
-
-def dicom_bytes(pixels: np.ndarray, photometric: str = "MONOCHROME2", with_pixels: bool = True) -> bytes:
-    """A minimal uncompressed 16-bit (12 stored) DICOM file."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = DicomDataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    if with_pixels:
-        ds.PixelData = pixels.astype("<u2").tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A few hundred bytes whose header declares width x height 1-bit pixels."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * (1 + (width + 7) // 8))
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
 
 
 def readable_corpus() -> dict[str, bytes]:

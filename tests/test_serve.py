@@ -5,10 +5,8 @@ from __future__ import annotations
 import base64
 import io
 import socket
-import struct
 import threading
 import time
-import zlib
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,10 +18,8 @@ import numpy as np
 import pytest
 from conftest import synthetic_xray
 from fastapi import FastAPI
+from filegen import dicom_bytes, png_claiming
 from PIL import Image
-from pydicom.dataset import Dataset as DicomDataset
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from lungxray import cli
 from lungxray.predict import Predictor
@@ -67,33 +63,7 @@ def _jpeg(pixels: np.ndarray) -> bytes:
 
 
 def _dicom(pixels: np.ndarray) -> bytes:
-    """A minimal uncompressed 16-bit DICOM Part 10 file (preamble + DICM), written with pydicom."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = DicomDataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = (pixels.astype(np.uint16) * 16).astype("<u2").tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def _png_claiming(width: int, height: int) -> bytes:
-    """A ~100-byte PNG whose header declares width x height 1-bit pixels (a decompression-bomb header)."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * (1 + (width + 7) // 8))
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+    return dicom_bytes(pixels.astype(np.uint16) * 16)
 
 
 def _xray(label: int = 0, seed: int = 1, size: int = 96) -> np.ndarray:
@@ -176,7 +146,7 @@ def _bad_uploads() -> dict[str, tuple[dict[str, Any], int, str]]:
         "30 MB upload": ({"files": {"file": ("big.png", big, "image/png")}}, 413, "limit"),
         "30 MB chunked": ({"content": chunked(), "headers": {"content-type": "multipart/form-data; boundary=b"}},
                           413, "limit"),
-        "20000x20000 png": ({"files": {"file": ("bomb.png", _png_claiming(20000, 20000), "image/png")}}, 413,
+        "20000x20000 png": ({"files": {"file": ("bomb.png", png_claiming(20000, 20000), "image/png")}}, 413,
                             "pixels"),
         "missing field": ({"files": {"image": ("x.png", _png(_xray()), "image/png")}}, 422, "'file'"),
         "no body": ({}, 422, "'file'"),
