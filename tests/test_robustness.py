@@ -99,6 +99,12 @@ def test_validation_of_bootstrap_members_is_out_of_bag(trained_ensemble: Path, t
     result = run_benchmark(trained_ensemble, tiny_dataset, split="validation", shifts=["blur"], saliency=False)
     assert result["out_of_bag"] and result["images"] == metrics["validation"]["metrics"]["n"]
     assert result["clean"]["accuracy"] == pytest.approx(metrics["validation"]["metrics"]["accuracy"])
+    levels = run_benchmark(trained_ensemble, tiny_dataset, split="validation", shifts=["blur", "invert"],
+                           saliency=False, levels=[1, 5])
+    assert [(c["shift"], c["level"]) for c in levels["cells"]] == [("blur", 1), ("blur", 5), ("invert", 1)]
+    assert levels["levels"] == [1, 5]
+    with pytest.raises(ValueError, match=r"levels must lie in 1\.\.5"):
+        run_benchmark(trained_ensemble, tiny_dataset, shifts=["blur"], saliency=False, levels=[0])
     tta = run_benchmark(trained_ensemble, tiny_dataset, split="validation", shifts=["blur"], saliency=False, tta=True)
     assert tta["images"] == result["images"]
 

@@ -184,6 +184,7 @@ def _add_robustness(sub: argparse._SubParsersAction) -> None:
                    help="test/ (report) or the run's validation images (to compare variants on)")
     p.add_argument("--quick", action="store_true", help="six shifts at three severities (for tests)")
     p.add_argument("--shift", dest="shifts", action="append", metavar="NAME", help="only these shifts (repeatable)")
+    p.add_argument("--levels", type=int, nargs="+", metavar="L", help="only these severities 1-5 (e.g. 1 3 5)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation (gamma and zoom views)")
     p.add_argument("--no-saliency", dest="saliency", action="store_false", help="skip the Grad-CAM check")
     p.add_argument("--seed", type=int, default=0)
@@ -199,7 +200,8 @@ def _cmd_robustness(args: argparse.Namespace) -> int:
 
     data = find_data(args.data or read_meta(args.run_dir).get("data", {}).get("root"))
     result = run_benchmark(args.run_dir, data, quick=args.quick, split=args.split, tta=args.tta,
-                           saliency=args.saliency, seed=args.seed, shifts=args.shifts, device=args.device)
+                           saliency=args.saliency, seed=args.seed, shifts=args.shifts, device=args.device,
+                           levels=args.levels)
     out_dir = write_benchmark(result, args.run_dir, args.out)
     s, clean = result["summary"], result["clean"]
     print("\n".join(shift_table(result)))
