@@ -37,10 +37,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         result = train(data=args.data, out=args.resume, device=args.device, resume=True)
     else:
         result = train(args.config, args.data, args.out, device=args.device, **parse_overrides(args.overrides))
-    from lungxray.distributed import context
+    from lungxray.distributed import context, shutdown
 
     if context().is_main:  # under torchrun every rank returns the metrics; one prints them
         print(summary(result.metrics, result.run_dir))
+    # Leave the process group together (barrier, then destroy) while every rank is still fully alive: tearing
+    # gloo down from atexit, after a peer may already have exited, occasionally aborted a rank (SIGABRT).
+    shutdown()
     return 0
 
 
