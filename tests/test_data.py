@@ -14,16 +14,14 @@ from PIL import Image
 from lungxray import imageio
 from lungxray.data import (
     CANONICAL_ORDER,
-    Duplicate,
     canonical_label,
-    find_duplicates,
     index_folder,
     load_dataset,
     order_classes,
     stratified_kfold,
     stratified_split,
-    summarize_duplicates,
 )
+from lungxray.duplicates import Duplicate, find_duplicates, summarize_duplicates
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "covid19-dataset"
 

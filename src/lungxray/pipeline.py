@@ -23,14 +23,8 @@ from lungxray.augment import Augmenter
 from lungxray.bundle import Bundle, git_commit, save_bundle
 from lungxray.checkpoint import remove_checkpoint
 from lungxray.config import RunConfig, load_config
-from lungxray.data import (
-    Dataset,
-    find_duplicates,
-    load_dataset,
-    stratified_kfold,
-    stratified_split,
-    summarize_duplicates,
-)
+from lungxray.data import Dataset, load_dataset, stratified_kfold, stratified_split
+from lungxray.duplicates import find_duplicates, summarize_duplicates
 from lungxray.ensemble import MemberPlan, out_of_bag_probs, plan_members
 from lungxray.files import write_json, write_text
 from lungxray.gradcam import saliency_summary
