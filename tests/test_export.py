@@ -14,7 +14,20 @@ import pytest
 
 from lungxray.bundle import read_meta, update_meta
 from lungxray.cli import main
-from lungxray.export import ONNX_NAME, OnnxPredictor, ParityError, export_onnx, parity_check
+from lungxray.export import (
+    INT8_MAX_PROB_DIFF,
+    INT8_MIN_LABEL_AGREEMENT,
+    ONNX_NAME,
+    AgreementError,
+    OnnxPredictor,
+    ParityError,
+    export_int8,
+    export_onnx,
+    int8_images,
+    parity_check,
+    quantization_info,
+    quantize_int8,
+)
 from lungxray.predict import Predictor, expand_paths
 
 TOL = 1e-4
@@ -58,6 +71,11 @@ def test_graph_contract(runs: dict[str, Path], exported: dict[str, Path]) -> Non
     assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [1, 64, 64]
     assert [o.name for o in model.graph.output] == ["probs", "member_probs"]
     assert model.opset_import[0].version == 17
+    # every member reads the same image: the packed stem is exported as one dense 1-channel conv, no Expand
+    first_conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    producer = {out: n.op_type for n in model.graph.node for out in n.output}
+    assert producer[first_conv.input[0]] == "Mul"  # the normalisation's last step, not an Expand to K channels
+    assert {a.name: a.i for a in first_conv.attribute}.get("group", 1) == 1
     props = {p.key: p.value for p in model.metadata_props}
     meta = read_meta(runs["ensemble"])
     assert props["lungxray.classes"] == '["covid", "normal", "pneumonia"]'
@@ -124,3 +142,64 @@ def test_dynamo_exporter_also_matches(trained_run: Path, tmp_path: Path) -> None
     predictor = Predictor.load(trained_run)
     images = np.random.default_rng(1).integers(0, 256, (5, 64, 64), dtype=np.uint8)
     assert parity_check(predictor, path, images) < TOL
+
+
+@pytest.fixture(scope="module")
+def int8_ensemble(trained_ensemble: Path, tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("int8") / "model.int8.onnx"
+    assert main(["export", str(trained_ensemble), "--out", str(out), "--quantize", "int8",
+                 "--data", str(tiny_dataset)]) == 0
+    return out
+
+
+def test_int8_agrees_with_fp32_on_real_images(trained_ensemble: Path, tiny_dataset: Path,
+                                              int8_ensemble: Path) -> None:
+    info = quantization_info(int8_ensemble)
+    assert info is not None and info["nodes"]  # the smoke model's 32- and 64-channel convs
+    agree = info["agreement"]
+    assert agree["images"] == 18  # the test split; calibration used the training split
+    assert agree["max_prob_diff"] <= INT8_MAX_PROB_DIFF and agree["label_agreement"] >= INT8_MIN_LABEL_AGREEMENT
+    assert "QuantizeLinear" in {n.op_type for n in onnx.load(str(int8_ensemble)).graph.node}
+    # the same figures, recomputed independently through the engine on the test images
+    fp32 = OnnxPredictor.load(shutil.copytree(trained_ensemble, int8_ensemble.parent / "run"))
+    int8 = OnnxPredictor.load(trained_ensemble, onnx_path=int8_ensemble)
+    images = _test_images(fp32, tiny_dataset)
+    a, b = fp32.predict_images(images), int8.predict_images(images)
+    assert np.abs(a.probs - b.probs).max() <= INT8_MAX_PROB_DIFF
+    assert np.mean(a.probs.argmax(1) == b.probs.argmax(1)) >= INT8_MIN_LABEL_AGREEMENT
+
+
+def test_int8_export_prints_agreement(trained_ensemble: Path, tiny_dataset: Path, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "q.onnx"
+    assert main(["export", str(trained_ensemble), "--out", str(out), "--quantize", "int8",
+                 "--data", str(tiny_dataset)]) == 0
+    printed = capsys.readouterr().out
+    found = re.search(r"int8 vs fp32 on 18 images: max \|probability difference\| (\S+), same label on (\S+)%", printed)
+    assert found and float(found.group(1)) <= INT8_MAX_PROB_DIFF and float(found.group(2)) >= 98
+
+
+def test_int8_beyond_the_limits_is_refused(trained_ensemble: Path, tiny_dataset: Path, exported: dict[str, Path],
+                                           tmp_path: Path) -> None:
+    calibration, check = int8_images(Predictor.load(trained_ensemble), tiny_dataset)
+    with pytest.raises(AgreementError, match="disagrees with fp32"):
+        quantize_int8(exported["ensemble"], tmp_path / "q.onnx", calibration, check, max_prob_diff=0.0)
+    assert list(tmp_path.iterdir()) == []  # nothing written, no temporary file left
+
+
+def test_bench_times_an_int8_export(trained_ensemble: Path, int8_ensemble: Path,
+                                    capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", "predict", str(trained_ensemble), "--engine", "onnx", "--onnx", str(int8_ensemble),
+                 "--runs", "3", "--batch-size", "4"]) == 0
+    assert re.search(r"onnx int8 +batch 1: p50", capsys.readouterr().out)
+
+
+def test_an_export_of_another_bundle_is_refused(trained_run: Path, int8_ensemble: Path) -> None:
+    with pytest.raises(RuntimeError, match="export it again"):
+        OnnxPredictor.load(trained_run, onnx_path=int8_ensemble)
+
+
+def test_export_int8_returns_parity_and_agreement(trained_run: Path, tiny_dataset: Path, tmp_path: Path) -> None:
+    path, parity, agree = export_int8(trained_run, tmp_path / "single.int8.onnx", tiny_dataset)
+    assert path.is_file() and parity < TOL
+    assert agree.images == 18 and agree.label_agreement >= INT8_MIN_LABEL_AGREEMENT

@@ -261,11 +261,15 @@ def bench_predict(
     batch_size: int = 64,
     engines: tuple[str, ...] = ("torch", "onnx"),
     threads: int = 0,
+    onnx_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """Per-request inference cost after decoding: batch-1 latency p50/p99 and batch throughput, per engine.
 
     Without `run_dir` an untrained bundle of `arch` is made in a temporary folder (weights do not change the
     cost); with one, `model.onnx` is exported into it on first use, as `lungxray predict --engine onnx` does.
+    `onnx_path` times another export of the same bundle instead, e.g. an int8 one (`lungxray export --quantize`).
+    `threads` applies to both engines; 0 keeps each one's default (all cores for PyTorch, `export.ONNX_THREADS`
+    for ONNX Runtime).
     """
     from lungxray.predict import Predictor
 
@@ -277,9 +281,10 @@ def bench_predict(
             if engine == "torch":
                 predictor = Predictor.load(folder, device)
             elif engine == "onnx":
-                from lungxray.export import OnnxPredictor
+                from lungxray.export import ONNX_THREADS, OnnxPredictor, quantization_info
 
-                predictor = OnnxPredictor.load(folder, device)
+                predictor = OnnxPredictor.load(folder, device, onnx_path=onnx_path, threads=threads or ONNX_THREADS)
+                quant = quantization_info(onnx_path) if onnx_path is not None else None
             else:
                 raise ValueError(f"unknown engine {engine!r}; choose torch or onnx")
             size = int(predictor.meta["input"]["size"])
@@ -294,6 +299,9 @@ def bench_predict(
                 "batch": batch_size,
                 "images_per_second": batch_size / float(np.median(big)),
             }
+            if engine == "onnx":
+                result["engines"][engine]["model"] = str(onnx_path or folder / "model.onnx")
+                result["engines"][engine]["quantization"] = quant
         meta = predictor.meta
         result.update(arch=meta["arch"], members=int(meta["members"]), image_size=int(meta["input"]["size"]),
                       device=device, runs=runs, **machine_info(device))
@@ -359,7 +367,8 @@ def format_predict(r: dict[str, Any]) -> str:
     """One line per engine of a `bench_predict` result."""
     head = f"{r['arch']} x{r['members']}  {r['image_size']}px  {r['device']}  load average {r['load_average']}"
     rows = [
-        f"  {name:<6} batch 1: p50 {e['latency_ms_p50']:.2f} ms  p99 {e['latency_ms_p99']:.2f} ms   "
+        f"  {name + (' int8' if e.get('quantization') else ''):<11} batch 1: p50 {e['latency_ms_p50']:.2f} ms  "
+        f"p99 {e['latency_ms_p99']:.2f} ms   "
         f"batch {e['batch']}: {e['images_per_second']:.0f} img/s"
         for name, e in r["engines"].items()
     ]

@@ -129,11 +129,25 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir")
     p.add_argument("--out", required=True, help="ONNX file to write, e.g. model.onnx")
     p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--quantize", choices=("int8",),
+                   help="opt-in int8 model: faster on CPU, approximate (agreement with fp32 checked and printed)")
+    p.add_argument("--data", help="with --quantize: dataset folder whose train/ images calibrate it and whose test/ "
+                                  "images check it (default: the bundle's training data)")
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from lungxray.export import PARITY_TOLERANCE, export_checked
+    from lungxray.export import PARITY_TOLERANCE, export_checked, export_int8
 
+    if args.quantize:
+        from lungxray.bundle import read_meta
+        from lungxray.pipeline import find_data
+
+        data = find_data(args.data or read_meta(args.run_dir).get("data", {}).get("root"))
+        out, parity, agree = export_int8(args.run_dir, args.out, data, args.opset)
+        print(f"wrote {out} (int8); fp32 export vs PyTorch: max |probability difference| {parity:.2e}; int8 vs fp32 "
+              f"on {agree.images} images: max |probability difference| {agree.max_prob_diff:.3g}, same label on "
+              f"{100 * agree.label_agreement:.1f}%")
+        return 0
     out, diff = export_checked(args.run_dir, args.out, args.opset)
     print(f"wrote {out}; ONNX Runtime vs PyTorch: max |probability difference| {diff:.2e} "
           f"(tolerance {PARITY_TOLERANCE:g})")
@@ -246,7 +260,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--batch-size", type=int, default=64, help="batch for the throughput figure")
     r.add_argument("--engine", dest="engines", action="append", choices=("torch", "onnx"),
                    help="engine to time (repeatable; default both)")
-    r.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all cores)")
+    r.add_argument("--threads", type=int, default=0,
+                   help="CPU threads (0 = each engine's default: all cores for torch, 1 for onnx)")
+    r.add_argument("--onnx", metavar="FILE", help="onnx engine: time this export of RUN_DIR (e.g. an int8 one) "
+                                                 "instead of RUN_DIR/model.onnx")
     r.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -265,7 +282,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.runs < 1 or args.batch_size < 1:
         raise ValueError("--runs and --batch-size must be at least 1")
     result = bench.bench_predict(args.run_dir, args.arch, args.members, args.device, args.runs, args.batch_size,
-                                 tuple(args.engines or ("torch", "onnx")), args.threads)
+                                 tuple(args.engines or ("torch", "onnx")), args.threads, args.onnx)
     print(json.dumps(result, indent=2) if args.json else bench.format_predict(result))
     return 0
 

@@ -5,9 +5,12 @@ Graph contract (written into the ONNX file's metadata too):
 - input `image`: float32 (N, 1, S, S), raw pixel values 0..255 of images already decoded and preprocessed under
   the bundle's contract (`Predictor.preprocess`: resize to S, optional border crop and standardisation). Float
   rather than uint8 so that any runtime or framework can feed it without a cast; the batch axis is dynamic.
-- inside: x / 255, (x - mean) / std, replication to the K members, the packed network, softmax per member, the
-  mean over members, log, / temperature, softmax.
+- inside: x / 255, (x - mean) / std, the packed network (its stem reads the one input channel for all K members,
+  `_shared_input_stem`), softmax per member, the mean over members, log, / temperature, softmax.
 - outputs `probs` (N, C) calibrated ensemble probabilities, `member_probs` (N, K, C) uncalibrated member ones.
+
+An opt-in int8 variant (`quantize_int8`, `lungxray export --quantize int8`) keeps this contract; it is written only
+when it agrees with the fp32 graph on real images within set limits, and records that agreement in its metadata.
 
 The TorchScript exporter is used by default: on torch 2.13 it exports these models in under a second at the
 requested opset with a parity of ~1e-7, whereas the torch.export-based exporter (`dynamo=True`) takes 5-10 s per
@@ -16,15 +19,17 @@ model here and only emits opset >= 18 (its down-conversion to 17 fails on Reduce
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
 import logging
 import os
+import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -32,17 +37,25 @@ from torch import Tensor, nn
 
 from lungxray.bundle import WEIGHTS, load_bundle, read_meta
 from lungxray.files import atomic_write
+from lungxray.models import PackedNet
 from lungxray.predict import Predictor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ONNX_NAME", "OnnxPredictor", "ParityError", "ensure_onnx", "export_checked", "export_onnx", "parity_check"]
+__all__ = ["ONNX_NAME", "Agreement", "AgreementError", "OnnxPredictor", "ParityError", "agreement", "ensure_onnx",
+           "export_checked", "export_int8", "export_onnx", "parity_check", "quantization_info", "quantize_int8"]
 
 ONNX_NAME = "model.onnx"
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("probs", "member_probs")
 PARITY_TOLERANCE = 1e-4
 _FINGERPRINT_KEY = "lungxray.bundle_fingerprint"
+_QUANT_KEY = "lungxray.quantization"
+ONNX_THREADS = 1  # intra-op threads of the onnx engine; see `_session`
+INT8_MIN_GROUP_CHANNELS = 32
+INT8_CALIBRATION_IMAGES = 64
+INT8_MAX_PROB_DIFF = 0.05  # limits an int8 file must meet against fp32 before it is written
+INT8_MIN_LABEL_AGREEMENT = 0.98
 
 
 class ParityError(RuntimeError):
@@ -50,19 +63,69 @@ class ParityError(RuntimeError):
 
 
 class _Deployable(nn.Module):
-    """The bundle's model plus everything `Predictor.predict_images` does around it, as one traceable module."""
+    """The bundle's model plus everything `Predictor.predict_images` does around it, as one traceable module.
 
-    def __init__(self, model: nn.Module, members: int, mean: float, std: float, temperature: float) -> None:
+    With `shared_stem` (see `_shared_input_stem`) the model is a copy whose first convolution reads the one input
+    channel directly instead of K identical copies of it.
+    """
+
+    def __init__(self, model: nn.Module, members: int, mean: float, std: float, temperature: float,
+                 shared_stem: bool = False) -> None:
         super().__init__()
-        self.model, self.members = model, members
+        self.model, self.members, self.shared_stem = model, members, shared_stem
         self.mean, self.std, self.temperature = float(mean), float(std), float(temperature)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # (N, 1, S, S) pixels 0..255
         z = (x * (1.0 / 255.0) - self.mean) * (1.0 / self.std)  # same expression as runtime.normalize
-        logits = self.model(z.expand(-1, self.members, -1, -1))  # (N, K, C)
+        if self.shared_stem:
+            net = cast(PackedNet, self.model)
+            logits = net.head(net.features(z))  # (N, K, C)
+        else:
+            logits = self.model(z.expand(-1, self.members, -1, -1))  # (N, K, C)
         member_probs = logits.softmax(-1)
         mean = member_probs.mean(1).clamp_min(1e-12)  # (N, C)
         return (mean.log() / self.temperature).softmax(-1), member_probs
+
+
+def _shared_input_stem(model: nn.Module, members: int, size: int) -> nn.Module | None:
+    """A copy of `model` whose first convolution is dense over one input channel, or None where that is not exact.
+
+    Every member sees the same image, so the packed stem `Conv2d(K, K*C, groups=K)` applied to K copies of it
+    equals `Conv2d(1, K*C)` applied once, with the very same weight tensor (K*C, 1, kh, kw). ONNX Runtime runs
+    the dense form ~5x faster (its NCHWc kernels take a 1-channel dense conv directly, whereas the grouped one
+    goes through a layout reorder and one small GEMM per member) and the Expand of the input disappears: ~1.2 ms
+    of ~14 ms for the 10-member reference. Only done where the first convolution reads the model's input itself
+    and the copy reproduces the original on a probe image (else the generic graph is exported).
+    """
+    if not isinstance(model, PackedNet) or model.in_channels != 1:
+        return None
+    probe = torch.linspace(-2.0, 2.0, size * size).reshape(1, 1, size, size)
+    replicated = probe.expand(-1, members, -1, -1)
+    first: list[tuple[nn.Conv2d, bool]] = []
+
+    def spy(module: nn.Module, args: tuple[Any, ...]) -> None:
+        if not first and isinstance(module, nn.Conv2d):
+            first.append((module, args[0] is replicated))
+
+    hooks = [m.register_forward_pre_hook(spy) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            expected = model(replicated)
+    finally:
+        for h in hooks:
+            h.remove()
+    if not first or not first[0][1] or first[0][0].groups != members or first[0][0].weight.shape[1] != 1:
+        return None
+    name = next(n for n, m in model.named_modules() if m is first[0][0])
+    dense = copy.deepcopy(model)
+    conv = dense.get_submodule(name)
+    conv.groups, conv.in_channels = 1, 1  # type: ignore[assignment]  # same weight, now (K*C, 1 input channel)
+    try:
+        with torch.no_grad():
+            got = dense.head(dense.features(probe))
+    except RuntimeError:  # another layer also reads the K-channel input
+        return None
+    return dense if got.shape == expected.shape and torch.allclose(got, expected, atol=1e-5) else None
 
 
 def bundle_fingerprint(run_dir: str | Path, meta: dict[str, Any] | None = None) -> str:
@@ -137,7 +200,9 @@ def export_checked(run_dir: str | Path, out_path: str | Path, opset: int = 17, *
     meta, model = bundle.meta, bundle.model.float().eval()
     size = int(meta["input"]["size"])
     contract, temperature = meta["input"], float(meta.get("temperature", 1.0))
-    module = _Deployable(model, bundle.members, contract["mean"], contract["std"], temperature)
+    dense = _shared_input_stem(model, bundle.members, size)
+    module = _Deployable(model if dense is None else dense, bundle.members, contract["mean"], contract["std"],
+                         temperature, shared_stem=dense is not None)
     example = torch.full((2, 1, size, size), 128.0)
     data = _with_metadata(_to_onnx_bytes(module.eval(), example, opset, dynamo), meta,
                           bundle_fingerprint(run_dir, meta))
@@ -173,7 +238,21 @@ def parity_images(size: int, n: int = 8, seed: int = 0) -> np.ndarray:
     return np.stack(fixed + noise)[:n].astype(np.uint8)
 
 
-def _session(path: str | Path, device: str = "cpu") -> Any:
+def _session(path: str | Path, device: str = "cpu", threads: int = ONNX_THREADS) -> Any:
+    """An ONNX Runtime session set up for batch-1 latency on a CPU that other processes share.
+
+    Chosen by measurement (10-member reference, 2 shared cores, load 5-8; docs/performance.md "Inference"):
+
+    - Intra-op threads do not spin (`session.intra_op.allow_spinning=0`). ONNX Runtime's pool busy-waits between
+      operators by default, and on a busy machine the spinning thread takes the core the working one needs:
+      20-24 ms median with spinning, 13-16 ms without, under load 5.
+    - One intra-op thread by default (`threads`, 0 = one per core as ONNX Runtime would choose). Under load 5-8,
+      a second thread never lowered the median (13.0 against 13.6 ms, 19.0 against 22.8 ms) and made the p99
+      worse; it only helps on an idle machine. A server already spreads concurrent requests over the cores.
+    - Full graph optimisation (the default, stated to keep it so): its NCHWc layout pass is what makes the
+      convolutions fast; the `extended` level, without it, took 20 ms instead of 14 ms on one thread.
+    - Sequential execution: the graph is a chain, the parallel executor would only add scheduling.
+    """
     import onnxruntime as ort
 
     providers = ["CPUExecutionProvider"]
@@ -182,8 +261,13 @@ def _session(path: str | Path, device: str = "cpu") -> Any:
             raise RuntimeError("the onnx engine has no CUDA provider here (onnxruntime CPU build); "
                                "use --device cpu or --engine torch")
         providers.insert(0, "CUDAExecutionProvider")
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.intra_op_num_threads = max(int(threads), 0)
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     try:
-        return ort.InferenceSession(str(path), providers=providers)
+        return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types
         raise RuntimeError(f"{path}: cannot load the ONNX model ({str(exc).splitlines()[0]})") from exc
 
@@ -242,12 +326,168 @@ class OnnxPredictor(Predictor):
     session: Any = None
 
     @classmethod
-    def load(cls, run_dir: str | Path, device: str = "cpu") -> OnnxPredictor:
-        path = ensure_onnx(run_dir)
-        return cls(load_bundle(run_dir, "cpu"), torch.device("cpu"), session=_session(path, device))
+    def load(cls, run_dir: str | Path, device: str = "cpu", *, onnx_path: str | Path | None = None,
+             threads: int = ONNX_THREADS) -> OnnxPredictor:
+        """The bundle at `run_dir` run by ONNX Runtime from RUN/model.onnx, or from `onnx_path` (an exported or
+        int8 file of this very bundle: one exported before the bundle changed is refused)."""
+        if onnx_path is None:
+            path = ensure_onnx(run_dir)
+        else:
+            path = Path(onnx_path)
+            found = _session(path).get_modelmeta().custom_metadata_map.get(_FINGERPRINT_KEY)
+            if found != bundle_fingerprint(run_dir):
+                raise RuntimeError(f"{path} was not exported from {run_dir} as it is now; export it again")
+        return cls(load_bundle(run_dir, "cpu"), torch.device("cpu"), session=_session(path, device, threads))
 
     def member_logits(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         if len(images) == 0:
             return np.zeros((0, self.bundle.members, len(self.classes)), np.float64)
         _, member = _run_session(self.session, images, batch_size)
         return np.log(np.maximum(member.astype(np.float64), 1e-300))
+
+
+# ------------------------------------------------------------------------------------ opt-in int8 quantization
+@dataclass(frozen=True)
+class Agreement:
+    """How closely an approximate model follows the fp32 one on real images."""
+
+    images: int
+    max_prob_diff: float  # max |calibrated probability difference| over images and classes
+    label_agreement: float  # fraction of images with the same predicted label
+
+
+class AgreementError(RuntimeError):
+    """The quantized model strays from the fp32 one by more than the limits."""
+
+
+def agreement(reference: str | Path, candidate: str | Path, images: np.ndarray) -> Agreement:
+    """Compare the `probs` output of two ONNX files on uint8 (N, S, S) images."""
+    ref, _ = _run_session(_session(reference), images)
+    got, _ = _run_session(_session(candidate), images)
+    return Agreement(len(images), float(np.abs(got - ref).max()), float((got.argmax(1) == ref.argmax(1)).mean()))
+
+
+def int8_images(predictor: Predictor, data: str | Path, calibration: int = INT8_CALIBRATION_IMAGES,
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(calibration, check) images preprocessed under the bundle's contract, from a dataset folder.
+
+    Calibration images are an evenly spaced sample of DATA/train (of DATA itself when it has no train/ folder);
+    the agreement check runs on DATA/test when present, else on the training images not used for calibration.
+    """
+    from lungxray.predict import expand_paths
+
+    root = Path(data)
+    train_dir = root / "train" if (root / "train").is_dir() else root
+    paths = expand_paths([train_dir])
+    if not paths:
+        raise ValueError(f"no images under {train_dir} to calibrate the int8 model on")
+    chosen = set(np.linspace(0, len(paths) - 1, min(calibration, len(paths))).round().astype(int).tolist())
+    check_paths = expand_paths([root / "test"]) if train_dir != root and (root / "test").is_dir() else []
+    check_paths = check_paths or [q for i, q in enumerate(paths) if i not in chosen]
+    if not check_paths:
+        raise ValueError(f"no images under {root} left to check the int8 model on")
+
+    def load(ps: list[Path]) -> np.ndarray:
+        return np.stack([predictor.preprocess(q) for q in ps])
+
+    return load([paths[i] for i in sorted(chosen)]), load(check_paths)
+
+
+def _int8_nodes(model: Any) -> list[str]:
+    """Conv nodes worth quantizing: those with >= INT8_MIN_GROUP_CHANNELS input channels per group.
+
+    ONNX Runtime's int8 convolution (QLinearConv, VNNI) ran the 10-member reference's wide layers ~2.5x faster
+    than fp32, but grouped layers with few channels per group 3-6x *slower* (16 channels: 6.4 ms against 2.4 ms;
+    the 1-channel stem 5.4 ms against 1.0 ms), so quantizing every Conv made the whole model slower than fp32.
+    """
+    shapes = {t.name: list(t.dims) for t in model.graph.initializer}
+    return [n.name for n in model.graph.node
+            if n.op_type == "Conv" and len(shapes.get(n.input[1], [])) == 4
+            and shapes[n.input[1]][1] >= INT8_MIN_GROUP_CHANNELS]
+
+
+def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: np.ndarray, check: np.ndarray, *,
+                  max_prob_diff: float = INT8_MAX_PROB_DIFF,
+                  min_label_agreement: float = INT8_MIN_LABEL_AGREEMENT) -> tuple[Path, Agreement]:
+    """Static int8 quantization (QDQ, per-channel weights, min/max calibration) of an exported fp32 model.
+
+    Only the wide convolutions are quantized (`_int8_nodes`); normalisation, the stem, softmax and the ensemble
+    mean stay fp32. The file lands only when its agreement with the fp32 model on `check` is within the limits
+    (`AgreementError` otherwise); the agreement is also written into its metadata.
+    """
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(range(0, len(calibration), 8))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            start = next(self.batches, None)
+            return None if start is None else {INPUT_NAME: calibration[start : start + 8, None].astype(np.float32)}
+
+    fp32_path, out = Path(fp32_path), Path(out_path)
+    source = onnx.load(str(fp32_path))
+    result: Agreement | None = None
+
+    def write(tmp: Path) -> None:
+        nonlocal result
+        with tempfile.TemporaryDirectory(prefix="lungxray-int8-") as work:
+            folded = Path(work) / "folded.onnx"  # BatchNorm folded into the convs, shapes inferred
+            quant_pre_process(str(fp32_path), str(folded))
+            nodes = _int8_nodes(onnx.load(str(folded)))
+            if not nodes:
+                raise AgreementError(f"{fp32_path}: no convolution with >= {INT8_MIN_GROUP_CHANNELS} input "
+                                     f"channels per group, int8 would not be faster")
+            quantize_static(str(folded), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            op_types_to_quantize=["Conv"], nodes_to_quantize=nodes,
+                            calibrate_method=CalibrationMethod.MinMax)
+        result = agreement(fp32_path, tmp, check)
+        if not (result.max_prob_diff <= max_prob_diff and result.label_agreement >= min_label_agreement):
+            raise AgreementError(
+                f"int8 model disagrees with fp32 on {result.images} images: max |probability difference| "
+                f"{result.max_prob_diff:.3g} (limit {max_prob_diff:g}), same label on "
+                f"{100 * result.label_agreement:.1f}% (limit {100 * min_label_agreement:g}%)")
+        model = onnx.load(str(tmp))
+        del model.metadata_props[:]
+        model.metadata_props.extend(source.metadata_props)
+        entry = model.metadata_props.add()
+        entry.key = _QUANT_KEY
+        entry.value = json.dumps({"scheme": "int8 static, QDQ, per-channel weights, min/max calibration",
+                                  "nodes": nodes, "calibration_images": len(calibration),
+                                  "agreement": asdict(result)})
+        onnx.save(model, str(tmp))
+
+    path = atomic_write(out, write)
+    assert result is not None
+    return path, result
+
+
+def export_int8(run_dir: str | Path, out_path: str | Path, data: str | Path, opset: int = 17,
+                ) -> tuple[Path, float, Agreement]:
+    """Export the bundle (parity-checked fp32), then quantize it with calibration images from `data`.
+
+    Returns the int8 file, the fp32 parity figure and the int8 model's agreement with the fp32 one.
+    """
+    predictor = Predictor(load_bundle(run_dir, "cpu"))
+    calibration, check = int8_images(predictor, data)
+    with tempfile.TemporaryDirectory(prefix="lungxray-export-") as work:
+        fp32, diff = export_checked(run_dir, Path(work) / ONNX_NAME, opset)
+        path, result = quantize_int8(fp32, out_path, calibration, check)
+    log.info("int8 %s: max |probability difference| %.3g against fp32 on %d images, same label on %.1f%%",
+             path, result.max_prob_diff, result.images, 100 * result.label_agreement)
+    return path, float(diff or 0.0), result
+
+
+def quantization_info(path: str | Path) -> dict[str, Any] | None:
+    """What `quantize_int8` wrote into a file's metadata (None for an fp32 export)."""
+    found = _session(path).get_modelmeta().custom_metadata_map.get(_QUANT_KEY)
+    return json.loads(found) if found else None
