@@ -251,3 +251,51 @@ def test_build_args_rebuild_and_input_checks() -> None:
         model(torch.randn(1, 1, SIZE, SIZE))
     with pytest.raises(ValueError, match="image_size"):
         model(torch.randn(1, 2, 2 * SIZE, 2 * SIZE))
+
+
+def _seed_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, micro_batch: int) -> dict[str, torch.Tensor]:
+    """One fp32 SGD step of a seed net (fixed dropout draw); returns the gradients, the weights are updated."""
+    model.micro_batch = micro_batch
+    model.train()
+    torch.manual_seed(123)  # the same dropout mask for both runs
+    logits = model(x)  # (B, K, C)
+    loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    return grads
+
+
+@pytest.mark.parametrize("members", [1, 2])
+def test_seed_micro_batch_same_gradient_and_update(members: int) -> None:
+    """Slicing the conv blocks into micro-batches must not change the training step (no BatchNorm: exact math).
+
+    Batch 7 in slices of 3 (3 + 3 + 1) also covers an uneven last slice; a wrong concatenation order, a
+    dropped slice or a per-slice mean would all change the gradient far beyond the tolerance.
+    """
+    torch.manual_seed(1)
+    x, y = torch.randn(7, members, SIZE, SIZE), torch.randint(0, 3, (7, members))
+    whole, sliced = make("seed_cnn", members, width=8), make("seed_cnn", members, width=8)
+    calls: list[int] = []
+    sliced.blocks[0].register_forward_hook(lambda _m, inp, _out: calls.append(inp[0].shape[0]))
+    g_whole = _seed_step(whole, x, y, micro_batch=0)
+    g_sliced = _seed_step(sliced, x, y, micro_batch=3)
+    assert calls == [3, 3, 1]  # the slicing did happen
+    for name, g in g_whole.items():
+        assert g.abs().max() > 0, name
+        torch.testing.assert_close(g_sliced[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    for (name, p), q in zip(whole.named_parameters(), sliced.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_seed_micro_batch_only_when_training_without_bn() -> None:
+    """Evaluation (export, Grad-CAM) and BatchNorm models run the whole batch at once."""
+    cases = [("seed_cnn", False, [5]), ("seed_cnn_bn", True, [5]), ("seed_cnn", True, [2, 2, 1])]
+    for name, training, expected in cases:
+        model = make(name, width=8).train(training)
+        model.micro_batch = 2
+        calls: list[int] = []
+        model.blocks[0].register_forward_hook(lambda _m, inp, _out, calls=calls: calls.append(inp[0].shape[0]))
+        model(torch.randn(5, 1, SIZE, SIZE))
+        assert calls == expected, name

@@ -284,7 +284,22 @@ class GapNet(PackedNet):
 # ------------------------------------------------------------------------------------------------ models
 @register_model("seed_cnn", "The seed's Keras CNN: 3x (3x3 valid conv, 2x2 max-pool), flatten, dense 128, dropout.")
 class SeedCNN(PackedNet):
-    """The seed's design; its flatten fixes the dense layer's size (and so the input size) at build time."""
+    """The seed's design; its flatten fixes the dense layer's size (and so the input size) at build time.
+
+    `micro_batch` (a speed setting, not part of the architecture, so not a build argument): in training mode the
+    conv blocks run on slices of this many images and the feature maps are concatenated before the dense head.
+    A step of this network is dominated by memory traffic around the first block (a 32x254x254 map per image:
+    conv output, max-pool and its int64 indices, the zero-filled pool gradient); on a slice, each map is still in
+    cache when the next operator reads it, forward and backward (autograd runs each slice's branch depth-first),
+    while the dense head, its 14.7 M-weight cast and its large GEMMs still run once on the whole batch. Without
+    BatchNorm every image's features are independent of the others, so outputs and gradients are those of the
+    whole batch (up to summation order); with BatchNorm (`seed_cnn_bn`) it would change the batch statistics,
+    so it is off there. Measured 1.15-1.3x per training step at batch 32 on the 2-core development CPU (slices
+    of 4: 1.18x, 8: 1.26-1.28x, 16: 1.09x; docs/performance.md). Evaluation, export and Grad-CAM run unsliced.
+    Set `model.micro_batch = 0` to turn it off.
+    """
+
+    micro_batch: int = 8
 
     def __init__(
         self,
@@ -306,6 +321,7 @@ class SeedCNN(PackedNet):
         if size < 1:
             raise ValueError(f"seed_cnn: image_size={image_size} is too small for three conv+pool stages")
         self.blocks = nn.Sequential(*blocks)
+        self.batch_norm = batch_norm
         self.feature_channels, self.feature_size = cin, size
         self.fc1 = PackedLinear(cin * size * size, hidden, members)
         self.dropout = nn.Dropout(dropout)
@@ -313,6 +329,9 @@ class SeedCNN(PackedNet):
         _init_packed(self, members)
 
     def features(self, x: Tensor) -> Tensor:
+        m = self.micro_batch
+        if self.training and not self.batch_norm and 0 < m < x.shape[0] and not torch.compiler.is_compiling():
+            return torch.cat([self.blocks(part) for part in x.split(m)])  # see the class docstring
         return self.blocks(x)  # (B, K*4w, s, s)
 
     def head(self, f: Tensor) -> Tensor:
