@@ -14,21 +14,17 @@ import pytest
 
 from lungxray.bundle import read_meta, update_meta
 from lungxray.cli import main
-from lungxray.export import (
+from lungxray.export import ONNX_NAME, OnnxPredictor, ParityError, export_onnx, parity_check
+from lungxray.predict import Predictor, expand_paths
+from lungxray.quantize import (
     INT8_MAX_PROB_DIFF,
     INT8_MIN_LABEL_AGREEMENT,
-    ONNX_NAME,
     AgreementError,
-    OnnxPredictor,
-    ParityError,
     export_int8,
-    export_onnx,
     int8_images,
-    parity_check,
     quantization_info,
     quantize_int8,
 )
-from lungxray.predict import Predictor, expand_paths
 
 TOL = 1e-4
 

@@ -281,7 +281,8 @@ def bench_predict(
             if engine == "torch":
                 predictor = Predictor.load(folder, device)
             elif engine == "onnx":
-                from lungxray.export import ONNX_THREADS, OnnxPredictor, quantization_info
+                from lungxray.export import ONNX_THREADS, OnnxPredictor
+                from lungxray.quantize import quantization_info
 
                 predictor = OnnxPredictor.load(folder, device, onnx_path=onnx_path, threads=threads or ONNX_THREADS)
                 quant = quantization_info(onnx_path) if onnx_path is not None else None

@@ -136,7 +136,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from lungxray.export import PARITY_TOLERANCE, export_checked, export_int8
+    from lungxray.export import PARITY_TOLERANCE, export_checked
+    from lungxray.quantize import export_int8
 
     if args.quantize:
         from lungxray.bundle import read_meta
