@@ -173,6 +173,16 @@ def test_int8_export_prints_agreement(trained_ensemble: Path, tiny_dataset: Path
     printed = capsys.readouterr().out
     found = re.search(r"int8 vs fp32 on 18 images: max \|probability difference\| (\S+), same label on (\S+)%", printed)
     assert found and float(found.group(1)) <= INT8_MAX_PROB_DIFF and float(found.group(2)) >= 98
+    # the int8 file is usable wherever a model is: `predict --onnx`, same CSV shape, labels as the torch engine's
+    images = [str(p) for p in expand_paths([tiny_dataset / "test"])]
+    csvs = {}
+    for name, extra in (("torch", []), ("int8", ["--onnx", str(out)])):
+        csvs[name] = tmp_path / f"{name}.csv"
+        assert main(["predict", str(trained_ensemble), *images, "--csv", str(csvs[name]), *extra]) == 0
+    torch_rows, int8_rows = (list(csv.DictReader(csvs[n].open())) for n in ("torch", "int8"))
+    assert [r["path"] for r in int8_rows] == [r["path"] for r in torch_rows]
+    same = np.mean([a["label"] == b["label"] for a, b in zip(torch_rows, int8_rows, strict=True)])
+    assert same >= INT8_MIN_LABEL_AGREEMENT
 
 
 def test_int8_beyond_the_limits_is_refused(trained_ensemble: Path, tiny_dataset: Path, exported: dict[str, Path],

@@ -147,10 +147,12 @@ class Model:
         return _table(f"lungxray model {meta.get('name', '')}", [("", [v for _, v in rows])], [k for k, _ in rows])
 
 
-def load(run_dir: str | os.PathLike[str], device: str = "cpu", *, engine: Literal["torch", "onnx"] = "torch") -> Model:
+def load(run_dir: str | os.PathLike[str], device: str = "cpu", *, engine: Literal["torch", "onnx"] = "torch",
+         onnx: str | os.PathLike[str] | None = None) -> Model:
     """Load a trained model from its bundle folder (what `train` or `lungxray train` wrote).
 
-    `device` is cpu, cuda or auto; `engine="onnx"` scores with ONNX Runtime (same results, exported on first use).
+    `device` is cpu, cuda or auto; `engine="onnx"` scores with ONNX Runtime (same results, exported on first use);
+    `onnx="model.int8.onnx"` runs that export of this bundle (e.g. `lungxray export --quantize int8`) instead.
 
     >>> model = lungxray.load("runs/reference")
     >>> model.predict(["a.png", "b.png"])
@@ -158,7 +160,8 @@ def load(run_dir: str | os.PathLike[str], device: str = "cpu", *, engine: Litera
     from lungxray.predict import load_predictor
     from lungxray.runtime import resolve_device
 
-    return Model(load_predictor(Path(run_dir), str(resolve_device(device)), engine))
+    onnx_path = None if onnx is None else Path(onnx)
+    return Model(load_predictor(Path(run_dir), str(resolve_device(device)), engine, onnx_path))
 
 
 def _is_single(images: object) -> bool:

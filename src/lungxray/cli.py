@@ -89,6 +89,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--engine", choices=("torch", "onnx"), default="torch",
                    help="onnx: ONNX Runtime on RUN_DIR/model.onnx (exported on first use, parity-checked)")
+    p.add_argument("--onnx", metavar="FILE", help="run this ONNX export of RUN_DIR (e.g. an int8 one) in ONNX Runtime")
     p.add_argument("--cam", metavar="DIR", help="also write a Grad-CAM overlay DIR/<image stem>_cam.png per image")
 
 
@@ -100,7 +101,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     paths = expand_paths(args.paths)
     if not paths:
         raise FileNotFoundError("no image files found in " + ", ".join(args.paths))
-    model = load(args.run_dir, args.device, engine=args.engine)
+    model = load(args.run_dir, args.device, engine=args.engine, onnx=args.onnx)
     order = {str(p): i for i, p in enumerate(paths)}
     rows = sorted(model.predict(paths, on_error="skip").to_rows(), key=lambda r: order[r["path"]])  # input order
     if args.cam:
