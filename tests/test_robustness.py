@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -211,3 +213,18 @@ def test_lung_field_crop_keeps_the_lungs_and_drops_the_edges() -> None:
     np.testing.assert_array_equal(both[0], prepare(cropped, "clahe"))
     with pytest.raises(ValueError, match="unknown standardisation"):
         prepare(img, "lungs+gamma")
+
+
+def test_shift_compare_script_prints_both_runs(trained_run: Path, tiny_dataset: Path, tmp_path: Path) -> None:
+    """bench/shift_compare.py (the README's before/after table) on two real benchmark results."""
+    files = []
+    for name, tta in (("before", False), ("after", True)):
+        result = run_benchmark(trained_run, tiny_dataset, shifts=["blur", "invert"], saliency=False, tta=tta)
+        files.append(tmp_path / f"{name}.json")
+        files[-1].write_text(json.dumps(result))
+    script = Path(__file__).parents[1] / "bench" / "shift_compare.py"
+    out = subprocess.run([sys.executable, str(script), *map(str, files)], capture_output=True, text=True, check=True)
+    rows = {line.split(" | ")[0].strip("| "): line for line in out.stdout.splitlines() if line.startswith("| ")}
+    assert rows["blur"].count("→") == 6 and rows["invert"].count("–") == 4  # 5 severities + mean; invert has one
+    before, after = (json.loads(f.read_text())["summary"]["mean_macro_f1"] for f in files)
+    assert f"**{before:.3f}** | **{after:.3f}**" in rows["**mean under shift (macro F1)**"]
