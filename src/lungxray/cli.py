@@ -136,16 +136,21 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                                   "images check it (default: the bundle's training data)")
 
 
+def _run_data(args: argparse.Namespace) -> Path:
+    """`--data`, else the folder the run in `args.run_dir` was trained on (recorded in its meta.json)."""
+    from lungxray.bundle import read_meta
+    from lungxray.pipeline import find_data
+
+    return find_data(args.data or read_meta(args.run_dir).get("data", {}).get("root"))
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from lungxray.export import PARITY_TOLERANCE, export_checked
-    from lungxray.quantize import export_int8
 
     if args.quantize:
-        from lungxray.bundle import read_meta
-        from lungxray.pipeline import find_data
+        from lungxray.quantize import export_int8
 
-        data = find_data(args.data or read_meta(args.run_dir).get("data", {}).get("root"))
-        out, parity, agree = export_int8(args.run_dir, args.out, data, args.opset)
+        out, parity, agree = export_int8(args.run_dir, args.out, _run_data(args), args.opset)
         print(f"wrote {out} (int8); fp32 export vs PyTorch: max |probability difference| {parity:.2e}; int8 vs fp32 "
               f"on {agree.images} images: max |probability difference| {agree.max_prob_diff:.3g}, same label on "
               f"{100 * agree.label_agreement:.1f}%")
@@ -212,13 +217,10 @@ def _add_robustness(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_robustness(args: argparse.Namespace) -> int:
-    from lungxray.bundle import read_meta
-    from lungxray.pipeline import find_data
     from lungxray.report import shift_table
     from lungxray.robustness import run_benchmark, write_benchmark
 
-    data = find_data(args.data or read_meta(args.run_dir).get("data", {}).get("root"))
-    result = run_benchmark(args.run_dir, data, quick=args.quick, split=args.split, tta=args.tta,
+    result = run_benchmark(args.run_dir, _run_data(args), quick=args.quick, split=args.split, tta=args.tta,
                            saliency=args.saliency, seed=args.seed, shifts=args.shifts, device=args.device,
                            levels=args.levels)
     out_dir = write_benchmark(result, args.run_dir, args.out)

@@ -203,6 +203,7 @@ def benchmark_images(
 
     predictor = Predictor.load(run_dir, device)
     ds = load_dataset(data, size=int(predictor.meta["input"]["size"]), classes=predictor.classes)
+    weights: np.ndarray | None = None
     if split == "test":
         idx = np.flatnonzero(ds.splits == "test")
         idx = idx if len(idx) else np.arange(len(ds))
@@ -216,12 +217,13 @@ def benchmark_images(
         idx = np.asarray([i for i, p in enumerate(ds.paths) if p in held], dtype=np.int64)
         if len(idx) != len(held):
             raise ValueError(f"{data}: {len(held) - len(idx)} validation images of the run are missing")
-        weights = np.stack([held[ds.paths[i]] for i in idx]) if len(idx) else None
+        if len(idx):
+            weights = np.stack([held[ds.paths[i]] for i in idx])
+            weights = None if weights.all() else weights  # a single holdout: every member scores every image
     else:
         raise ValueError(f"split must be 'test' or 'validation', got {split!r}")
     if len(idx) == 0:
         raise ValueError(f"{data}: no images to benchmark in split {split!r}")
-    weights = weights if split == "validation" and weights is not None and not weights.all() else None
     return predictor, ds.images[idx], ds.labels[idx], [ds.paths[i] for i in idx], weights
 
 
