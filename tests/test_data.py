@@ -88,6 +88,25 @@ def test_layouts(tmp_path: Path) -> None:
     assert records[0].path == both / "hospA/test/Normal/b.png" and not skipped
 
 
+def test_index_looks_through_image_containers_and_skips_masks(tmp_path: Path) -> None:
+    """The COVID-19 Radiography Database layout: CLASS/images/*.png beside CLASS/masks/*.png, plus classes the
+    model does not know (Lung_Opacity), optionally under a source folder."""
+    root = _tree(tmp_path / "radiography", [
+        "COVID/images/COVID-1.png", "COVID/masks/COVID-1.png",
+        "Normal/images/Normal-1.png", "Normal/masks/Normal-1.png",
+        "Viral Pneumonia/images/Viral Pneumonia-1.png", "Lung_Opacity/images/Lung_Opacity-1.png",
+        "train/images/stray.png",
+    ])
+    records, skipped = index_folder(root, classes=["covid", "normal", "pneumonia"])
+    assert _layout(records) == [("covid", "all", ""), ("normal", "all", ""), ("pneumonia", "all", "")]
+    reasons = {s.path: s.reason for s in skipped}
+    assert "mask" in reasons["COVID/masks/COVID-1.png"] and "mask" in reasons["Normal/masks/Normal-1.png"]
+    assert "maps to no class" in reasons["Lung_Opacity/images/Lung_Opacity-1.png"]
+    assert reasons["train/images/stray.png"] == "not inside a class folder"
+    sourced = _tree(tmp_path / "ext", ["siteA/test/COVID/images/a.png", "siteB/Normal/IMG/b.png"])
+    assert _layout(index_folder(sourced)[0]) == [("covid", "test", "siteA"), ("normal", "all", "siteB")]
+
+
 def test_junk_non_images_and_loose_files(tmp_path: Path) -> None:
     root = _tree(tmp_path, ["Covid/a.png", "Tuberculosis/t.png", "loose.png", "train/loose.png"])
     for junk in ["Covid/.DS_Store", "Covid/Thumbs.db", "Covid/desktop.ini", "Covid/.hidden.png", ".git/config"]:

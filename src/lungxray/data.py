@@ -47,16 +47,23 @@ _ALIASES = {
     "normal": "normal",
 }
 _JUNK_FILES = {".ds_store", "thumbs.db", "desktop.ini"}
+# Folders that hold a class's files without naming a class: `COVID/images/x.png` is a covid image (the layout of the
+# COVID-19 Radiography Database and others). Their segmentation masks are not X-rays and are never indexed.
+_CONTAINER_FOLDERS = {"images", "image", "imgs", "img", "png", "jpg", "jpeg", "dicom", "dcm", "files", "data"}
+_MASK_FOLDERS = {"masks", "mask", "lung masks", "lung mask", "segmentations", "segmentation"}
 
 
 # ------------------------------------------------------------------------------------------------- labels
 
 
+def _folder_key(name: str) -> str:
+    return re.sub(r"[\s_\-]+", " ", name.strip().lower())
+
+
 def canonical_label(folder_name: str) -> str:
     """Folder name -> class name. Known aliases map to ``covid``/``normal``/``pneumonia``; ``bacterial
     pneumonia`` deliberately does not (the reference class is viral). Other names are kept, lower-cased."""
-    name = folder_name.strip().lower()
-    return _ALIASES.get(re.sub(r"[\s_\-]+", " ", name), name)
+    return _ALIASES.get(_folder_key(folder_name), folder_name.strip().lower())
 
 
 def order_classes(labels: Iterable[str]) -> list[str]:
@@ -150,8 +157,22 @@ def _walk(root: Path, skipped: list[Skipped]) -> list[Path]:
     return files
 
 
+def _class_folder_index(folders: Sequence[str]) -> int | None:
+    """Index of the folder that names the class: the innermost one that is neither a split level nor a plain
+    container such as `images/`; None when there is none (a file at the top or directly in `train/`)."""
+    for i in range(len(folders) - 1, -1, -1):
+        key = _folder_key(folders[i])
+        if key in SPLIT_NAMES:
+            return None
+        if key not in _CONTAINER_FOLDERS:
+            return i
+    return None
+
+
 def index_folder(root: str | Path, classes: Sequence[str] | None = None) -> tuple[list[Record], list[Skipped]]:
-    """Find every image under ``root``: class = parent folder, split = any ``train``/``val``/``test`` level.
+    """Find every image under ``root``: class = parent folder (looking through plain containers such as
+    ``images/``; ``masks/`` folders are skipped), split = any ``train``/``val``/``test`` level above it, source =
+    the top-level folder when it is above the class folder and not a split.
 
     ``classes`` (a trained model's classes) turns images of other classes into skips instead of records.
     """
@@ -172,16 +193,20 @@ def index_folder(root: str | Path, classes: Sequence[str] | None = None) -> tupl
             else:
                 logger.debug("ignoring %s (not an image)", rel)
             continue
-        if not folders or folders[-1].lower() in SPLIT_NAMES:
+        if any(_folder_key(f) in _MASK_FOLDERS for f in folders):
+            skipped.append(Skipped(rel.as_posix(), "in a segmentation-mask folder, not an X-ray"))
+            continue
+        at = _class_folder_index(folders)
+        if at is None:
             skipped.append(Skipped(rel.as_posix(), "not inside a class folder"))
             continue
-        label = canonical_label(folders[-1])
+        label = canonical_label(folders[at])
         if wanted is not None and label not in wanted:
-            reason = f"folder '{folders[-1]}' maps to no class of the model: {', '.join(wanted)}"
+            reason = f"folder '{folders[at]}' maps to no class of the model: {', '.join(wanted)}"
             skipped.append(Skipped(rel.as_posix(), reason))
             continue
-        splits = [SPLIT_NAMES[p.lower()] for p in folders[:-1] if p.lower() in SPLIT_NAMES]
-        source = folders[0] if len(folders) > 1 and folders[0].lower() not in SPLIT_NAMES else ""
+        splits = [SPLIT_NAMES[p.lower()] for p in folders[:at] if p.lower() in SPLIT_NAMES]
+        source = folders[0] if at > 0 and folders[0].lower() not in SPLIT_NAMES else ""
         records.append(Record(path, label, splits[-1] if splits else "all", source))
     records.sort(key=lambda r: r.path.relative_to(root).as_posix())
     if not records:
