@@ -17,11 +17,13 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lungxray.fused_stem import fused_stem, use_fused_stem
 
 __all__ = ["PackedLinear", "PackedNet", "build_model", "count_flops", "extract_member", "list_models", "model_info",
            "register_model", "stack_members"]  # fmt: skip
@@ -281,6 +283,15 @@ class GapNet(PackedNet):
         return self.fc(self.dropout(z))
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    """Forward hooks on `module`, its children or globally: they must see the modules run as written."""
+    from torch.nn.modules import module as mod
+
+    if mod._global_forward_hooks or mod._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
 # ------------------------------------------------------------------------------------------------ models
 @register_model("seed_cnn", "The seed's Keras CNN: 3x (3x3 valid conv, 2x2 max-pool), flatten, dense 128, dropout.")
 class SeedCNN(PackedNet):
@@ -297,9 +308,18 @@ class SeedCNN(PackedNet):
     so it is off there. Measured 1.15-1.3x per training step at batch 32 on the 2-core development CPU (slices
     of 4: 1.18x, 8: 1.26-1.28x, 16: 1.09x; docs/performance.md). Evaluation, export and Grad-CAM run unsliced.
     Set `model.micro_batch = 0` to turn it off.
+
+    `fused` (also a speed setting): in training mode without BatchNorm, on CPU, the first block (conv 3x3 -> 2x2
+    max-pool -> ReLU) runs as one C kernel (`lungxray.fused_stem`: no full-resolution map, no pool indices, no
+    zero-filled gradient; fp32 accumulation, bf16 output under bf16 autocast), the same function up to rounding
+    with the same parameters. It is skipped, and the modules run as written, in evaluation (export, Grad-CAM,
+    prediction), under tracing / ONNX export / torch.compile, when a forward hook sits on the first block, when
+    the kernel cannot be built, and under `LUNGXRAY_FUSED=0`. Measured 1.6-1.8x per training step at batch 32 on
+    the 2-core development CPU (docs/performance.md, "Fused first block"). Set `model.fused = False` to turn it off.
     """
 
     micro_batch: int = 8
+    fused: bool = True
 
     def __init__(
         self,
@@ -331,8 +351,29 @@ class SeedCNN(PackedNet):
     def features(self, x: Tensor) -> Tensor:
         m = self.micro_batch
         if self.training and not self.batch_norm and 0 < m < x.shape[0] and not torch.compiler.is_compiling():
-            return torch.cat([self.blocks(part) for part in x.split(m)])  # see the class docstring
-        return self.blocks(x)  # (B, K*4w, s, s)
+            return torch.cat([self._conv_blocks(part) for part in x.split(m)])  # see the class docstring
+        return self._conv_blocks(x)  # (B, K*4w, s, s)
+
+    def _conv_blocks(self, x: Tensor) -> Tensor:
+        if self._fused_first_block(x):  # see the class docstring
+            conv = cast(ConvBlock, self.blocks[0]).conv
+            x = fused_stem(x, conv.weight, cast(Tensor, conv.bias), conv.groups)
+            for block in list(self.blocks)[1:]:
+                x = block(x)
+            return x
+        return self.blocks(x)
+
+    def _fused_first_block(self, x: Tensor) -> bool:
+        """Training without BN, the kernel available for these tensors, and nobody hooked into the first block."""
+        if not (self.fused and self.training and not self.batch_norm):
+            return False
+        first = cast(ConvBlock, self.blocks[0])
+        if not use_fused_stem(first.conv, x) or _has_hooks(first):
+            return False
+        pool = first.pool
+        return bool(isinstance(pool, nn.MaxPool2d) and pool.kernel_size in (2, (2, 2)) and pool.stride in (2, (2, 2))
+                and pool.padding in (0, (0, 0)) and pool.dilation in (1, (1, 1)) and not pool.ceil_mode
+                and first.relu and not first.pool_first)
 
     def head(self, f: Tensor) -> Tensor:
         if f.shape[-1] != self.feature_size or f.shape[-2] != self.feature_size:

@@ -1,0 +1,236 @@
+/* Fused first block of seed_cnn: 3x3 valid conv (1 input channel per group) -> 2x2/2 max-pool -> ReLU.
+ *
+ * Plain C (GCC vector extensions, OpenMP), loaded by lungxray/fused_stem.py with ctypes; no torch headers.
+ * Shapes (all tensors contiguous, row-major, as the Python side prepares them):
+ *   x     fp32 (N, K, H, W)        input, member k's image in channel k
+ *   wt    fp32 (K, 9, C)           weights, tap-major (t = ky*3 + kx) so a tap's C channels are contiguous
+ *   bias  fp32 (K, C)
+ *   out   fp32 or bf16 (N, Ho, Wo, K*C)   pooled, biased, ReLU'd output, channels last; Ho = (H-2)/2
+ *   code  uint8 (N, Ho, Wo, K*C)   argmax of the 2x2 window (dy*2 + dx, first maximum wins as in PyTorch),
+ *                                  plus 4 where the ReLU clipped the output (out <= 0 or NaN: no gradient)
+ * The full-resolution conv output is never stored: each pooled value is the max of 4 conv values computed on
+ * the spot from the 4x4 input patch. Vectorised over 16 output channels at a time (one zmm with AVX-512).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define VL 16
+typedef float vf __attribute__((vector_size(VL * 4)));
+typedef int32_t vi __attribute__((vector_size(VL * 4)));
+typedef uint32_t vu __attribute__((vector_size(VL * 4)));
+typedef float vf_u __attribute__((vector_size(VL * 4), aligned(4)));      /* unaligned access */
+typedef uint16_t vh __attribute__((vector_size(VL * 2)));
+typedef uint16_t vh_u __attribute__((vector_size(VL * 2), aligned(2)));
+typedef uint8_t vb __attribute__((vector_size(VL)));
+typedef uint8_t vb_u __attribute__((vector_size(VL), aligned(1)));
+
+static inline vf vsel(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+
+/* n valid lanes (1..VL) from p; missing lanes are zero */
+static inline vf load_f32(const float *p, int n) {
+    if (n == VL) return *(const vf_u *)p;
+    vf v = {0};
+    memcpy(&v, p, (size_t)n * 4);
+    return v;
+}
+
+static inline vf load_bf16(const uint16_t *p, int n) {
+    vh h = {0};
+    if (n == VL) h = *(const vh_u *)p;
+    else memcpy(&h, p, (size_t)n * 2);
+    vu u = __builtin_convertvector(h, vu) << 16;
+    return (vf)u;
+}
+
+static inline vb load_u8(const uint8_t *p, int n) {
+    vb b = {0};
+    if (n == VL) b = *(const vb_u *)p;
+    else memcpy(&b, p, (size_t)n);
+    return b;
+}
+
+static inline void store_f32(float *p, vf v, int n) {
+    if (n == VL) *(vf_u *)p = v;
+    else memcpy(p, &v, (size_t)n * 4);
+}
+
+/* fp32 -> bf16, round to nearest even, NaN kept a (quiet) NaN: what PyTorch's conversion does */
+static inline void store_bf16(uint16_t *p, vf v, int n) {
+    vu u = (vu)v;
+    vu r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    vi nan = v != v;
+    r = (vu)(((vi)r & ~nan) | ((vi)((u >> 16) | 0x40u) & nan));
+    vh h = __builtin_convertvector(r, vh);
+    if (n == VL) *(vh_u *)p = h;
+    else memcpy(p, &h, (size_t)n * 2);
+}
+
+static inline void store_u8(uint8_t *p, vi v, int n) {
+    vb b = __builtin_convertvector(v, vb);
+    if (n == VL) *(vb_u *)p = b;
+    else memcpy(p, &b, (size_t)n);
+}
+
+static inline int clamp_threads(int nthreads) { return nthreads > 0 ? nthreads : 1; }
+
+/* ------------------------------------------------------------------------------------------------ forward */
+void seed_stem_forward(const float *x, const float *wt, const float *bias, void *out, uint8_t *code,
+                       int64_t N, int64_t K, int64_t C, int64_t H, int64_t W, int out_bf16, int nthreads) {
+    const int64_t Ho = (H - 2) / 2, Wo = (W - 2) / 2, KC = K * C;
+    const int64_t rows = N * Ho;  /* one task per output row (all members): it writes a contiguous block */
+#pragma omp parallel for schedule(static) num_threads(clamp_threads(nthreads))
+    for (int64_t task = 0; task < rows; task++) {
+      const int64_t i = task % Ho, n = task / Ho;
+      for (int64_t k = 0; k < K; k++) {
+        const float *xr = x + ((n * K + k) * H + 2 * i) * W;  /* the 4 input rows 2i..2i+3 */
+        const int64_t obase = ((n * Ho + i) * Wo) * KC + k * C;
+        for (int64_t c0 = 0; c0 < C; c0 += VL) {
+            const int nl = (int)(C - c0 < VL ? C - c0 : VL);
+            vf w[9];
+            for (int t = 0; t < 9; t++) w[t] = load_f32(wt + (k * 9 + t) * C + c0, nl);
+            const vf b = load_f32(bias + k * C + c0, nl);
+            for (int64_t j = 0; j < Wo; j++) {
+                const float *p0 = xr + 2 * j, *p1 = p0 + W, *p2 = p1 + W, *p3 = p2 + W;
+                const float *pr[4] = {p0, p1, p2, p3};
+                vf a[4];
+                for (int d = 0; d < 4; d++) {
+                    const int dy = d >> 1, dx = d & 1;
+                    vf s = w[0] * pr[dy][dx];
+                    s += w[1] * pr[dy][dx + 1];
+                    s += w[2] * pr[dy][dx + 2];
+                    s += w[3] * pr[dy + 1][dx];
+                    s += w[4] * pr[dy + 1][dx + 1];
+                    s += w[5] * pr[dy + 1][dx + 2];
+                    s += w[6] * pr[dy + 2][dx];
+                    s += w[7] * pr[dy + 2][dx + 1];
+                    s += w[8] * pr[dy + 2][dx + 2];
+                    a[d] = s;
+                }
+                vf m = a[0];
+                vi arg = {0};
+                for (int d = 1; d < 4; d++) {
+                    const vi take = (a[d] > m) | (a[d] != a[d]);  /* PyTorch: val > max || isnan(val) */
+                    m = vsel(take, a[d], m);
+                    arg = (arg & ~take) | (((vi){0} + d) & take);
+                }
+                m += b;
+                const vi pos = m > 0;  /* ReLU passes (and its gradient flows) where out > 0 */
+                m = vsel(pos, m, (vf){0});
+                arg |= ((vi){0} + 4) & ~pos;
+                const int64_t o = obase + j * KC + c0;
+                if (out_bf16) store_bf16((uint16_t *)out + o, m, nl);
+                else store_f32((float *)out + o, m, nl);
+                store_u8(code + o, arg, nl);
+            }
+        }
+      }
+    }
+}
+
+/* ----------------------------------------------------------------------------------------------- backward */
+/* g (N, Ho, Wo, K*C) fp32 or bf16, gradient of the block's output. dw (K, C, 9) and db (K, C) are overwritten. */
+void seed_stem_backward_weight(const float *x, const void *g, const uint8_t *code, float *dw, float *db,
+                               int64_t N, int64_t K, int64_t C, int64_t H, int64_t W, int g_bf16, int nthreads) {
+    const int64_t Ho = (H - 2) / 2, Wo = (W - 2) / 2, KC = K * C;
+    const int64_t rows = N * Ho, per = K * C * 10;  /* per thread: 9 taps + bias, (K, C, 10) doubles */
+    nthreads = clamp_threads(nthreads);
+    double *acc = calloc((size_t)(nthreads * per), sizeof(double));
+    if (!acc) return;
+#pragma omp parallel num_threads(nthreads)
+    {
+#ifdef _OPENMP
+        double *mine = acc + (int64_t)omp_get_thread_num() * per;
+#else
+        double *mine = acc;
+#endif
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < rows; task++) {
+          const int64_t i = task % Ho, n = task / Ho;
+          for (int64_t k = 0; k < K; k++) {
+            const float *xr = x + ((n * K + k) * H + 2 * i) * W;
+            const int64_t gbase = ((n * Ho + i) * Wo) * KC + k * C;
+            for (int64_t c0 = 0; c0 < C; c0 += VL) {
+                const int nl = (int)(C - c0 < VL ? C - c0 : VL);
+                vf s[9] = {{0}}, sb = {0};  /* this row's sums, added to the thread's doubles at the end */
+                for (int64_t j = 0; j < Wo; j++) {
+                    const int64_t o = gbase + j * KC + c0;
+                    const vf gv = g_bf16 ? load_bf16((const uint16_t *)g + o, nl) : load_f32((const float *)g + o, nl);
+                    const vi cv = __builtin_convertvector(load_u8(code + o, nl), vi);
+                    const float *p0 = xr + 2 * j, *p1 = p0 + W, *p2 = p1 + W, *p3 = p2 + W;
+                    const float *pr[4] = {p0, p1, p2, p3};
+                    sb += vsel(cv < 4, gv, (vf){0});
+                    for (int d = 0; d < 4; d++) {
+                        const int dy = d >> 1, dx = d & 1;
+                        const vf gd = vsel(cv == d, gv, (vf){0});  /* code d: passed the ReLU, argmax d */
+                        s[0] += gd * pr[dy][dx];
+                        s[1] += gd * pr[dy][dx + 1];
+                        s[2] += gd * pr[dy][dx + 2];
+                        s[3] += gd * pr[dy + 1][dx];
+                        s[4] += gd * pr[dy + 1][dx + 1];
+                        s[5] += gd * pr[dy + 1][dx + 2];
+                        s[6] += gd * pr[dy + 2][dx];
+                        s[7] += gd * pr[dy + 2][dx + 1];
+                        s[8] += gd * pr[dy + 2][dx + 2];
+                    }
+                }
+                for (int l = 0; l < nl; l++) {
+                    double *dst = mine + (k * C + c0 + l) * 10;
+                    for (int t = 0; t < 9; t++) dst[t] += s[t][l];
+                    dst[9] += sb[l];
+                }
+            }
+          }
+        }
+    }
+    for (int64_t q = 0; q < K * C; q++) {
+        for (int t = 0; t < 10; t++) {
+            double tot = 0.0;
+            for (int th = 0; th < nthreads; th++) tot += acc[th * per + q * 10 + t];
+            if (t < 9) dw[q * 9 + t] = (float)tot;
+            else db[q] = (float)tot;
+        }
+    }
+    free(acc);
+}
+
+/* dx (N, K, H, W) fp32, overwritten: the gradient scattered back through the argmax and the 3x3 taps.
+ * w is the (K, C, 9) weight (channel-major here). One task per image and member: rows of neighbouring pooled
+ * positions overlap in the input, so a task owns a whole plane. */
+void seed_stem_backward_input(const float *w, const void *g, const uint8_t *code, float *dx_out, int64_t N,
+                              int64_t K, int64_t C, int64_t H, int64_t W, int g_bf16, int nthreads) {
+    const int64_t Ho = (H - 2) / 2, Wo = (W - 2) / 2, KC = K * C;
+#pragma omp parallel for schedule(static) num_threads(clamp_threads(nthreads))
+    for (int64_t plane = 0; plane < N * K; plane++) {
+        const int64_t k = plane % K, n = plane / K;
+        float *d = dx_out + plane * H * W;
+        memset(d, 0, (size_t)(H * W) * sizeof(float));
+        for (int64_t i = 0; i < Ho; i++) {
+            for (int64_t j = 0; j < Wo; j++) {
+                const int64_t o = ((n * Ho + i) * Wo + j) * KC + k * C;
+                float patch[4][4] = {{0}};
+                for (int64_t c = 0; c < C; c++) {
+                    const int cd = code[o + c];
+                    if (cd >= 4) continue;
+                    float gv;
+                    if (g_bf16) {
+                        uint32_t u = (uint32_t)((const uint16_t *)g)[o + c] << 16;
+                        memcpy(&gv, &u, 4);
+                    } else {
+                        gv = ((const float *)g)[o + c];
+                    }
+                    const int dy = cd >> 1, dxo = cd & 1;
+                    const float *wc = w + (k * C + c) * 9;
+                    for (int ky = 0; ky < 3; ky++)
+                        for (int kx = 0; kx < 3; kx++) patch[dy + ky][dxo + kx] += gv * wc[ky * 3 + kx];
+                }
+                for (int py = 0; py < 4; py++)
+                    for (int px = 0; px < 4; px++) d[(2 * i + py) * W + 2 * j + px] += patch[py][px];
+            }
+        }
+    }
+}

@@ -1,0 +1,231 @@
+"""Fused first block of `seed_cnn` on CPU: 3x3 valid conv -> 2x2 max-pool -> ReLU in one small C kernel.
+
+The eager block is the most expensive part of a seed training step: oneDNN's convolution with a single input
+channel cannot use the matrix units, and the max-pool reads and writes a 32x254x254 map per image, stores int64
+indices and zero-fills a full-resolution gradient. The kernel (csrc/seed_stem.c) computes, per pooled output,
+the four conv values of its 2x2 window from the 4x4 input patch, keeps their maximum, adds the bias and applies
+the ReLU; it stores only the pooled output and a uint8 code (argmax 0-3, +4 where the ReLU clipped). Backward
+recomputes nothing: dW and db are sums of the output gradient times the input at the argmax offset.
+
+Same network, same parameters: the result equals `relu(max_pool2d(conv2d(x, w, b, groups=K), 2))` up to
+floating-point rounding (the kernel accumulates in fp32 even under bf16 autocast, where the eager conv runs in
+bf16). Under bf16 autocast the output is written in bf16, channels_last, as the next convolution wants it.
+
+The kernel is plain C, compiled at first use with the system gcc into `$LUNGXRAY_CACHE/kernels` (default
+~/.cache/lungxray/kernels), named by a hash of source, flags, compiler and CPU, and loaded with ctypes. Where it is
+unavailable (no gcc, not x86-64, a failed build, `LUNGXRAY_FUSED=0`) callers keep the eager path; one warning
+is logged. Nothing here is needed for correctness: every model runs without it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ENV_SWITCH", "fused_available", "fused_stem", "kernel_info", "use_fused_stem"]
+
+ENV_SWITCH = "LUNGXRAY_FUSED"  # "0" turns the kernel off
+SOURCE = Path(__file__).with_name("csrc") / "seed_stem.c"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {"lib": None, "tried": False, "reason": None, "compile_s": None, "path": None}
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("LUNGXRAY_CACHE") or Path.home() / ".cache" / "lungxray") / "kernels"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("gcc")
+
+
+def _cpu_id() -> str:
+    """The CPU's model and feature flags: -march=native code built on one machine may not run on another that
+    shares the cache directory (a network home)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:  # pragma: no cover - non-Linux
+        return platform.processor() or platform.machine()
+    wanted = ("model name", "flags")
+    return "\n".join(next((ln for ln in lines if ln.startswith(w)), "") for w in wanted)
+
+
+def _build(cc: str) -> Path:
+    """Compile (or find in the cache) the shared library; returns its path. Raises on failure."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30, check=True).stdout
+    source = SOURCE.read_bytes()
+    ident = "\0".join([*FLAGS, version, _cpu_id()]).encode()
+    key = hashlib.sha256(source + ident).hexdigest()[:16]
+    out = _cache_dir() / f"seed_stem-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp.so", dir=out.parent)
+    os.close(fd)
+    try:
+        t0 = time.perf_counter()
+        proc = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
+        _state["compile_s"] = time.perf_counter() - t0
+        os.replace(tmp, out)  # atomic: a concurrent process sees either no library or a whole one
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _load() -> ctypes.CDLL | None:
+    with _lock:
+        if _state["tried"]:
+            return _state["lib"]
+        _state["tried"] = True
+        reason = None
+        if os.environ.get(ENV_SWITCH, "1") == "0":
+            reason = f"{ENV_SWITCH}=0"
+        elif platform.machine().lower() not in ("x86_64", "amd64"):
+            reason = f"CPU is {platform.machine()}, not x86-64"
+        elif (cc := _compiler()) is None:
+            reason = "no gcc on PATH"
+        else:
+            try:
+                path = _build(cc)
+                lib = ctypes.CDLL(str(path))
+                i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+                lib.seed_stem_forward.argtypes = [ptr] * 5 + [i64] * 5 + [i32, i32]
+                lib.seed_stem_backward_weight.argtypes = [ptr] * 5 + [i64] * 5 + [i32, i32]
+                lib.seed_stem_backward_input.argtypes = [ptr] * 4 + [i64] * 5 + [i32, i32]
+                for fn in (lib.seed_stem_forward, lib.seed_stem_backward_weight, lib.seed_stem_backward_input):
+                    fn.restype = None
+                _state["lib"], _state["path"] = lib, str(path)
+            except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
+                reason = f"could not build/load {SOURCE.name}: {e}"
+        if reason is not None:
+            _state["reason"] = reason
+            if reason != f"{ENV_SWITCH}=0":
+                log.warning("fused seed_cnn first block unavailable (%s); using the eager path", reason)
+        return _state["lib"]
+
+
+def fused_available() -> bool:
+    """Whether the kernel is built and loaded (builds it on first call); False under LUNGXRAY_FUSED=0."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return False
+    return _load() is not None
+
+
+def kernel_info() -> dict[str, Any]:
+    """Where the library is, how long its compilation took in this process (None: found in the cache), or why
+    it is unavailable."""
+    if not fused_available():
+        reason = f"{ENV_SWITCH}=0" if os.environ.get(ENV_SWITCH, "1") == "0" else _state["reason"]
+        return {"available": False, "path": None, "compile_s": None, "reason": reason}
+    return {"available": True, "path": _state["path"], "compile_s": _state["compile_s"], "reason": None}
+
+
+def _ptr(t: Tensor) -> int:
+    return t.data_ptr()
+
+
+class _FusedStem(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, groups: int, out_bf16: bool) -> Tensor:
+        lib = _state["lib"]
+        n, _, h, w = x.shape
+        kc = weight.shape[0]
+        k, c = groups, kc // groups
+        ho, wo = (h - 2) // 2, (w - 2) // 2
+        x32 = x.detach().to(torch.float32).contiguous()
+        wt = weight.detach().to(torch.float32).reshape(k, c, 9).transpose(1, 2).contiguous()  # (K, 9, C)
+        b32 = bias.detach().to(torch.float32).contiguous()
+        out = torch.empty((n, ho, wo, kc), dtype=torch.bfloat16 if out_bf16 else torch.float32)
+        code = torch.empty((n, ho, wo, kc), dtype=torch.uint8)
+        lib.seed_stem_forward(_ptr(x32), _ptr(wt), _ptr(b32), _ptr(out), _ptr(code), n, k, c, h, w, int(out_bf16),
+                              torch.get_num_threads())
+        ctx.save_for_backward(x32, weight, code)
+        ctx.groups = groups
+        return out.permute(0, 3, 1, 2)  # (N, K*C, Ho, Wo), channels_last
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        lib = _state["lib"]
+        x32, weight, code = ctx.saved_tensors
+        n, _, h, w = x32.shape
+        kc = weight.shape[0]
+        k, c = ctx.groups, kc // ctx.groups
+        g_bf16 = grad.dtype == torch.bfloat16
+        g = grad if g_bf16 else grad.to(torch.float32)
+        g = g.permute(0, 2, 3, 1).contiguous()  # (N, Ho, Wo, K*C): free when grad is channels_last
+        threads = torch.get_num_threads()
+        dx = dw = db = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            dw32 = torch.empty((kc, 9), dtype=torch.float32)
+            db32 = torch.empty((kc,), dtype=torch.float32)
+            lib.seed_stem_backward_weight(_ptr(x32), _ptr(g), _ptr(code), _ptr(dw32), _ptr(db32), n, k, c, h, w,
+                                          int(g_bf16), threads)
+            dw = dw32.view(weight.shape).to(weight.dtype) if ctx.needs_input_grad[1] else None
+            db = db32.to(weight.dtype) if ctx.needs_input_grad[2] else None
+        if ctx.needs_input_grad[0]:
+            w32 = weight.detach().to(torch.float32).reshape(kc, 9).contiguous()
+            dx32 = torch.empty((n, k, h, w), dtype=torch.float32)
+            lib.seed_stem_backward_input(_ptr(w32), _ptr(g), _ptr(code), _ptr(dx32), n, k, c, h, w, int(g_bf16),
+                                         threads)
+            dx = dx32
+        return dx, dw, db, None, None
+
+
+def _tracing() -> bool:
+    """Under TorchScript tracing, ONNX export, torch.compile or torch.export: the graph must see plain ops."""
+    compiler = torch.compiler
+    if compiler.is_compiling() or (hasattr(compiler, "is_exporting") and compiler.is_exporting()):
+        return True
+    return bool(torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export())
+
+
+def use_fused_stem(conv: torch.nn.Module, x: Tensor) -> bool:
+    """Whether `fused_stem(x, conv.weight, conv.bias, conv.groups)` can replace conv -> 2x2 max-pool -> ReLU.
+
+    Needs: the kernel, a CPU tensor, a 3x3 valid stride-1 undilated conv with bias and one input channel per
+    group, an fp32 weight, fp32/bf16 input of at least 4x4, no tracing or export, and no autocast other than bf16.
+    """
+    if _tracing() or os.environ.get(ENV_SWITCH, "1") == "0":
+        return False
+    if not isinstance(conv, torch.nn.Conv2d) or conv.bias is None:
+        return False
+    w = conv.weight
+    if (x.device.type != "cpu" or w.device.type != "cpu" or w.dtype != torch.float32 or x.dim() != 4
+            or x.dtype not in (torch.float32, torch.bfloat16)):
+        return False
+    if (conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.padding != (0, 0) or conv.dilation != (1, 1)
+            or conv.padding_mode != "zeros" or w.shape[1] != 1 or x.shape[1] != conv.groups
+            or w.shape[0] % conv.groups or x.shape[-1] < 4 or x.shape[-2] < 4):
+        return False
+    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.bfloat16:
+        return False
+    return fused_available()
+
+
+def fused_stem(x: Tensor, weight: Tensor, bias: Tensor, groups: int) -> Tensor:
+    """relu(max_pool2d(conv2d(x, weight, bias, groups=groups), 2)) on CPU; (N, K, H, W) -> (N, K*C, Ho, Wo).
+
+    Check `use_fused_stem` first. The output is channels_last; bf16 under bf16 autocast, else fp32.
+    """
+    out_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    out: Tensor = _FusedStem.apply(x, weight, bias, groups, out_bf16)
+    return out

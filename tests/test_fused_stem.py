@@ -1,0 +1,213 @@
+"""lungxray.fused_stem: the C kernel for seed_cnn's first block equals the eager conv -> max-pool -> ReLU.
+
+The kernel-specific tests skip (with the reason) where the kernel cannot be built; the fallback tests run
+everywhere, also under LUNGXRAY_FUSED=0.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lungxray import fused_stem as fs
+from lungxray.models import build_model
+
+SIZE = 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def kernel() -> None:
+    if not fs.fused_available():
+        pytest.skip(f"fused kernel unavailable: {fs.kernel_info()['reason']}")
+
+
+def eager(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, groups: int) -> torch.Tensor:
+    return F.relu(F.max_pool2d(F.conv2d(x, w, b, groups=groups), 2))
+
+
+def _pair(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    a = [t.detach().clone().requires_grad_() for t in tensors]
+    b = [t.detach().clone().requires_grad_() for t in tensors]
+    return a, b
+
+
+def _run(fn: Callable[..., torch.Tensor], args: list[torch.Tensor], groups: int, g: torch.Tensor) -> torch.Tensor:
+    out = fn(*args, groups)
+    out.backward(g)
+    return out
+
+
+@pytest.mark.parametrize(("members", "cout", "h", "w"), [(1, 32, 17, 20), (2, 32, 33, 31), (2, 20, 9, 8),
+                                                         (3, 5, 4, 4)])
+def test_matches_eager_fp32(kernel: None, members: int, cout: int, h: int, w: int) -> None:
+    """Values and gradients (weight, bias, input) of random fp32 data, any channel count and odd sizes."""
+    torch.manual_seed(members * 100 + h)
+    x = torch.randn(3, members, h, w)
+    wt, b = torch.randn(members * cout, 1, 3, 3) * 0.4, torch.randn(members * cout) * 0.1
+    (xa, wa, ba), (xb, wb, bb) = _pair(x, wt, b)
+    g = torch.randn(3, members * cout, (h - 2) // 2, (w - 2) // 2)
+    ref = _run(eager, [xa, wa, ba], members, g)
+    out = _run(fs.fused_stem, [xb, wb, bb], members, g)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert (ref == 0).any() and (ref > 0).any()  # both sides of the ReLU are exercised
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for got, want in ((wb.grad, wa.grad), (bb.grad, ba.grad), (xb.grad, xa.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_ties_and_relu_boundary_exact(kernel: None) -> None:
+    """Integer data: the conv is exact, so ties in the 2x2 window (first maximum wins, as in PyTorch) and outputs
+    of exactly 0 (no gradient through the ReLU) must give bit-identical values and gradients."""
+    torch.manual_seed(0)
+    x = torch.randint(0, 3, (2, 2, 14, 13)).float()
+    x[:, :, :6, :6] = 1.0  # a flat patch: all four window values equal
+    wt = torch.randint(-1, 2, (2 * 16, 1, 3, 3)).float()
+    b = torch.randint(-2, 3, (2 * 16,)).float()
+    g = torch.randint(-3, 4, (2, 32, 6, 5)).float()
+    (xa, wa, ba), (xb, wb, bb) = _pair(x, wt, b)
+    ref = _run(eager, [xa, wa, ba], 2, g)
+    out = _run(fs.fused_stem, [xb, wb, bb], 2, g)
+    assert (ref == 0).sum() > 10
+    assert torch.equal(out, ref)
+    for got, want in ((wb.grad, wa.grad), (bb.grad, ba.grad), (xb.grad, xa.grad)):
+        assert torch.equal(got, want)
+
+
+def test_bf16_autocast_channels_last(kernel: None) -> None:
+    """Under bf16 autocast the output is bf16 and channels_last, like the eager block's; the kernel accumulates in
+    fp32, so it is at least as close to the fp32 result as the eager bf16 block."""
+    torch.manual_seed(1)
+    x = torch.randn(4, 2, 30, 30).contiguous(memory_format=torch.channels_last)
+    wt, b = torch.randn(64, 1, 3, 3) * 0.4, torch.randn(64) * 0.1
+    (xa, wa, ba), (xb, wb, bb), (xc, wc, bc) = *_pair(x, wt, b), _pair(x, wt, b)[0]
+    exact = eager(xc, wc, bc, 2)  # fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = eager(xa, wa, ba, 2)
+        out = fs.fused_stem(xb, wb, bb, 2)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    err_fused, err_eager = ((t.float() - exact).abs().max() for t in (out, ref))
+    assert err_fused <= err_eager + 1e-6 and err_fused <= 2**-8 * exact.abs().max()  # one bf16 rounding
+    g = torch.randn(out.shape).to(torch.bfloat16)
+    for t in (ref, out, exact):
+        t.backward(g.float() if t is exact else g)
+    assert wb.grad.dtype == torch.float32 and bb.grad.dtype == torch.float32
+    # the eager bf16 block rounds the conv before the max, so ties and argmax positions move; the kernel's do not
+    for got, bf16, want in ((wb.grad, wa.grad, wc.grad), (bb.grad, ba.grad, bc.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+        assert (got - want).abs().max() <= (bf16 - want).abs().max()
+
+
+def _seed_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+    torch.manual_seed(123)  # the same dropout mask for both runs
+    loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize(("members", "micro_batch"), [(1, 0), (2, 3)])
+def test_seed_cnn_training_step_same_with_and_without_kernel(kernel: None, monkeypatch: pytest.MonkeyPatch,
+                                                             members: int, micro_batch: int) -> None:
+    torch.manual_seed(2)
+    x, y = torch.randn(5, members, SIZE, SIZE), torch.randint(0, 3, (5, members))
+    torch.manual_seed(0)
+    model = build_model("seed_cnn", members=members, image_size=SIZE, width=8).train()
+    model.micro_batch = micro_batch
+    calls: list[int] = []
+    apply = fs._FusedStem.apply
+    monkeypatch.setattr(fs._FusedStem, "apply", lambda *a: calls.append(a[0].shape[0]) or apply(*a))
+    model.fused = True
+    loss_on, g_on = _seed_step(model, x, y)
+    assert calls == ([5] if micro_batch == 0 else [3, 2])  # the kernel ran, once per slice
+    model.fused = False
+    loss_off, g_off = _seed_step(model, x, y)
+    assert len(calls) == (1 if micro_batch == 0 else 2)  # and not a second time
+    assert abs(loss_on - loss_off) <= 1e-5 * abs(loss_off)
+    for name, g in g_off.items():
+        assert g.abs().max() > 0, name
+        torch.testing.assert_close(g_on[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.trace
+def test_kernel_only_where_the_graph_must_not_see_it(kernel: None) -> None:
+    """Evaluation, BatchNorm models, hooks on the first block and tracing keep the plain modules."""
+    x = torch.randn(2, 1, SIZE, SIZE)
+    seen: list[str] = []
+
+    def spy(_m: nn.Module, _inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        seen.append("block0")
+
+    model = build_model("seed_cnn", image_size=SIZE, width=8)
+    model.micro_batch = 0
+    assert model.train()._fused_first_block(x)
+    assert not model.eval()._fused_first_block(x)
+    assert not build_model("seed_cnn_bn", image_size=SIZE, width=8).train()._fused_first_block(x)
+    model.train()
+    handle = model.blocks[0].register_forward_hook(spy)
+    assert not model._fused_first_block(x)
+    model(x)
+    assert seen == ["block0"]
+    handle.remove()
+    conv = model.blocks[0].conv
+    results: list[bool] = []
+
+    class Probe(nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            results.append(fs.use_fused_stem(conv, t))
+            return t * 2
+
+    torch.jit.trace(Probe(), x, check_trace=False)
+    assert results == [False]
+    assert fs.use_fused_stem(conv, x)
+    assert not fs.use_fused_stem(conv, x.double())  # fp64 input: eager
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert not fs.use_fused_stem(conv, x)
+
+
+def test_cache_reuses_the_library(kernel: None) -> None:
+    cc = fs._compiler()
+    assert cc is not None
+    first = fs._build(cc)
+    assert fs._build(cc) == first and first.exists() and first.parent.name == "kernels"
+    assert not list(first.parent.glob("*.tmp.so"))  # no temporary left behind
+
+
+def test_fallback_when_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(fs.ENV_SWITCH, "0")
+    assert not fs.fused_available()
+    model = build_model("seed_cnn", image_size=SIZE, width=8).train()
+    x = torch.randn(3, 1, SIZE, SIZE)
+    assert not model._fused_first_block(x)
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_fallback_when_the_build_fails(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """No usable compiler: one warning, then the eager path."""
+    monkeypatch.delenv(fs.ENV_SWITCH, raising=False)
+    monkeypatch.setattr(fs, "_state", {"lib": None, "tried": False, "reason": None, "compile_s": None, "path": None})
+    monkeypatch.setattr(fs, "_compiler", lambda: "/nonexistent/gcc")
+    model = build_model("seed_cnn", image_size=SIZE, width=8).train()
+    x = torch.randn(2, 1, SIZE, SIZE)
+    with caplog.at_level(logging.WARNING, logger="lungxray.fused_stem"):
+        assert not fs.fused_available()
+        assert not model._fused_first_block(x)
+        model(x).sum().backward()
+    warnings = [r for r in caplog.records if "unavailable" in r.getMessage()]
+    assert len(warnings) == 1
+    assert fs.kernel_info()["reason"]
