@@ -1,15 +1,18 @@
-"""Round-robin A/B of seed_cnn's fused first block (lungxray/fused_stem.py) against the eager conv -> pool -> ReLU.
+"""Round-robin A/B of seed_cnn's fused kernels (lungxray/fused_stem.py) against the eager modules.
 
-    .venv/bin/python bench/fused_stem_ab.py [--steps 12] [--warmup 3] [--block-rounds 20] [--variants fused:8 eager:8]
+    .venv/bin/python bench/fused_stem_ab.py [--steps 12] [--warmup 3] [--block-rounds 20] \
+        [--variants fused:8 stem:8 eager:8]
 
 On a shared CPU only comparisons made side by side mean anything, so every variant runs one step in turn, in one
 process, for many rounds, and the medians are compared. Two parts:
 
 1. The first block alone, forward + backward, batch 32, 1x256x256 channels_last input, bf16 autocast (what the
-   training step runs): eager `ConvBlock` against `fused_stem`.
+   training step runs): eager `ConvBlock` against `fused_stem`; then the max-pool + ReLU of blocks 2 and 3 alone
+   (their bf16 channels_last conv outputs, one micro-batch of 8): eager against `fused_pool_relu`.
 2. The real training step, `train.train_one_epoch` on one batch at a time (gather, `seed` augmentation, forward
    under autocast, backward, fused AdamW), seed_cnn at batch 32, 256x256, one model per variant built from the
-   same seed. A variant is `fused:M` or `eager:M`, M the micro-batch of the conv blocks (0: whole batch).
+   same seed. A variant is `KIND:M`, M the micro-batch of the conv blocks (0: whole batch) and KIND `fused`
+   (every kernel: first block, pool + ReLU of blocks 2-3), `stem` (the first block's kernel only) or `eager`.
 
 Prints median step times, images/s and the ratios against the last variant, with the load average.
 """
@@ -33,7 +36,7 @@ from lungxray.augment import Augmenter, resolve_params
 from lungxray.bench import _synthetic_images
 from lungxray.config import TrainConfig
 from lungxray.ensemble import MemberPlan
-from lungxray.fused_stem import fused_stem, kernel_info
+from lungxray.fused_stem import fused_pool_relu, fused_stem, kernel_info
 from lungxray.models import ConvBlock, build_model
 from lungxray.runtime import resolve_precision, set_threads
 from lungxray.train import TrainState, make_optimizer, train_one_epoch
@@ -83,15 +86,52 @@ def bench_block(rounds: int, batch: int, size: int, members: int) -> None:
     print(f"  eager / fused = {med['eager'] / med['fused']:.2f}x")
 
 
+def bench_pool(rounds: int, batch: int, size: int, members: int) -> None:
+    """max-pool 2x2 + ReLU of blocks 2 and 3 (forward + backward) on their conv outputs' shapes."""
+    torch.manual_seed(0)
+    shapes, s = [], (size - 2) // 2
+    for c in (64, 128):
+        shapes.append((batch, members * c, s - 2, s - 2))
+        s = (s - 2) // 2
+    xs = [torch.randn(sh).to(torch.bfloat16).contiguous(memory_format=torch.channels_last) for sh in shapes]
+    gs = [torch.randn(b, c, h // 2, w // 2).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+          for b, c, h, w in shapes]
+
+    def run(fn: Any) -> None:
+        for x, g in zip(xs, gs, strict=True):
+            x = x.detach().requires_grad_()
+            fn(x).backward(g)
+
+    fns = {"fused": lambda: run(fused_pool_relu), "eager": lambda: run(lambda t: F.relu(F.max_pool2d(t, 2)))}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(3):
+        for fn in fns.values():
+            fn()
+    loads = [_load()]
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    loads.append(_load())
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"max-pool + ReLU of blocks 2-3 alone, forward + backward, {' and '.join(str(sh) for sh in shapes)} bf16 "
+          f"channels_last, {rounds} rounds (load {loads[0]} -> {loads[1]}):")
+    for k, v in med.items():
+        print(f"  {k:<6} median {1e3 * v:7.2f} ms   best {1e3 * min(times[k]):7.2f} ms")
+    print(f"  eager / fused = {med['eager'] / med['fused']:.2f}x")
+
+
 class _Variant:
     def __init__(self, spec: str, batch: int, size: int, cfg: TrainConfig, images: torch.Tensor) -> None:
         kind, _, micro = spec.partition(":")
-        if kind not in ("fused", "eager"):
-            raise SystemExit(f"variant {spec!r}: expected fused:M or eager:M")
+        if kind not in ("fused", "stem", "eager"):
+            raise SystemExit(f"variant {spec!r}: expected fused:M, stem:M or eager:M")
         self.name, self.batch = spec, batch
         torch.manual_seed(0)
         self.model: Any = build_model("seed_cnn", image_size=size).to(memory_format=torch.channels_last)
-        self.model.fused = kind == "fused"
+        self.model.fused = kind in ("fused", "stem")
+        self.model.fused_pool = kind == "fused"
         self.model.micro_batch = int(micro or 0)
         self.cfg = cfg
         self.optimizer = make_optimizer(self.model, cfg)
@@ -157,8 +197,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--members", type=int, default=1, help="packed members for the block-alone part")
-    ap.add_argument("--variants", nargs="+", default=["fused:8", "eager:8"],
-                    help="fused:M / eager:M (M = micro-batch, 0 = whole batch); ratios are against the last")
+    ap.add_argument("--variants", nargs="+", default=["fused:8", "stem:8", "eager:8"],
+                    help="fused:M / stem:M / eager:M (M = micro-batch, 0 = whole batch); ratios are against the last")
     ap.add_argument("--skip-block", action="store_true")
     ap.add_argument("--skip-step", action="store_true")
     args = ap.parse_args()
@@ -171,6 +211,7 @@ def main() -> None:
     check_same_loss()
     if not args.skip_block:
         bench_block(args.block_rounds, args.batch_size, args.image_size, args.members)
+        bench_pool(args.block_rounds, 8, args.image_size, args.members)
     if not args.skip_step:
         bench_step(args.variants, args.steps, args.warmup, args.batch_size, args.image_size)
 

@@ -1,4 +1,5 @@
-"""lungxray.fused_stem: the C kernel for seed_cnn's first block equals the eager conv -> max-pool -> ReLU.
+"""lungxray.fused_stem: the C kernels for seed_cnn's first block (conv -> max-pool -> ReLU) and for the max-pool ->
+ReLU of blocks 2-3 equal the eager modules.
 
 The kernel-specific tests skip (with the reason) where the kernel cannot be built; the fallback tests run
 everywhere, also under LUNGXRAY_FUSED=0.
@@ -192,7 +193,7 @@ def test_fallback_when_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not fs.fused_available()
     model = build_model("seed_cnn", image_size=SIZE, width=8).train()
     x = torch.randn(3, 1, SIZE, SIZE)
-    assert not model._fused_first_block(x)
+    assert not model._fused_first_block(x) and not fs.use_fused_pool_relu(x)
     model(x).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
 
@@ -211,3 +212,112 @@ def test_fallback_when_the_build_fails(monkeypatch: pytest.MonkeyPatch, caplog: 
     warnings = [r for r in caplog.records if "unavailable" in r.getMessage()]
     assert len(warnings) == 1
     assert fs.kernel_info()["reason"]
+
+
+# ----------------------------------------------------------------------- blocks 2-3: max-pool 2x2 -> ReLU
+def eager_pool_relu(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(F.max_pool2d(x, 2), inplace=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize(("n", "c", "h", "w"), [(2, 64, 14, 12), (3, 20, 9, 11), (1, 128, 7, 6), (2, 5, 2, 3)])
+def test_pool_relu_matches_eager_exactly(kernel: None, dtype: torch.dtype, channels_last: bool, n: int, c: int,
+                                         h: int, w: int) -> None:
+    """Small integers: ties in the window (first maximum wins), outputs of exactly 0 (no gradient), NaN (kept, and
+    its gradient flows as through relu), odd sizes (last row/column never selected). Bit-identical values and
+    gradients, in the input's dtype; the output is channels_last."""
+    torch.manual_seed(n * 1000 + c + h)
+    x = torch.randint(-3, 4, (n, c, h, w)).to(dtype)
+    x[0, 0, 0, 0] = float("nan")
+    x[-1, -1, :2, :2] = float("nan")
+    x[0, 1, :2, :2] = float("-inf")  # all four equal: index 0, value -inf -> 0
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    (xa,), (xb,) = _pair(x)
+    ref, out = eager_pool_relu(xa), fs.fused_pool_relu(xb)
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert (ref == 0).any() and (ref > 0).any() and ref.isnan().sum() == 2
+    torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
+    g = torch.randint(-3, 4, ref.shape).to(dtype)
+    ref.backward(g)
+    out.backward(g)
+    assert xb.grad.dtype == dtype and torch.equal(xb.grad, xa.grad)
+
+
+def test_pool_relu_random_bf16_under_autocast(kernel: None) -> None:
+    """Random bf16 data as the conv leaves it under autocast, gradient arriving in fp32 (autograd casts it back)."""
+    torch.manual_seed(5)
+    x = torch.randn(4, 32, 21, 20).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    (xa,), (xb,) = _pair(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, out = eager_pool_relu(xa), fs.fused_pool_relu(xb)
+    assert torch.equal(out, ref)
+    g = torch.randn(ref.shape)
+    ref.float().backward(g)
+    out.float().backward(g)
+    assert torch.equal(xb.grad, xa.grad)
+
+
+@pytest.mark.parametrize("amp", [False, True])
+@pytest.mark.parametrize(("members", "micro_batch"), [(1, 0), (2, 3)])
+def test_seed_cnn_step_identical_with_and_without_pool_kernel(kernel: None, monkeypatch: pytest.MonkeyPatch, amp: bool,
+                                                              members: int, micro_batch: int) -> None:
+    """The pool kernel changes no bit of a training step (fp32 and bf16 autocast): loss and every gradient equal."""
+    torch.manual_seed(2)
+    x = torch.randn(5, members, SIZE, SIZE).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 3, (5, members))
+    torch.manual_seed(0)
+    model = build_model("seed_cnn", members=members, image_size=SIZE, width=8).train()
+    model = model.to(memory_format=torch.channels_last)
+    model.micro_batch = micro_batch
+    calls: list[int] = []
+    apply = fs._FusedPoolReLU.apply
+    monkeypatch.setattr(fs._FusedPoolReLU, "apply", lambda *a: calls.append(a[0].shape[0]) or apply(*a))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        model.fused_pool = True
+        loss_on, g_on = _seed_step(model, x, y)
+        assert calls == ([5, 5] if micro_batch == 0 else [3, 3, 2, 2])  # blocks 2 and 3 of every slice
+        model.fused_pool = False
+        loss_off, g_off = _seed_step(model, x, y)
+    assert len(calls) == (2 if micro_batch == 0 else 4)
+    assert loss_on == loss_off
+    for name, g in g_off.items():
+        assert g.abs().max() > 0, name
+        assert torch.equal(g_on[name], g), name
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.trace
+def test_pool_kernel_only_where_the_graph_must_not_see_it(kernel: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Evaluation, BatchNorm, hooks on a block (or on the blocks), fp16 and tracing keep the plain modules."""
+    calls: list[int] = []
+    apply = fs._FusedPoolReLU.apply
+    monkeypatch.setattr(fs._FusedPoolReLU, "apply", lambda *a: calls.append(1) or apply(*a))
+    x = torch.randn(2, 1, SIZE, SIZE)
+    model = build_model("seed_cnn", image_size=SIZE, width=8)
+    model.micro_batch = 0
+    model.eval()(x)
+    build_model("seed_cnn_bn", image_size=SIZE, width=8).train()(x)
+    assert calls == []
+    model.train()(x)
+    assert len(calls) == 2
+    handle = model.blocks[2].register_forward_hook(lambda *_: None)
+    model(x)
+    assert len(calls) == 3  # block 2 still fused, block 3 as written
+    handle.remove()
+    handle = model.blocks.register_forward_pre_hook(lambda *_: None)
+    model(x)
+    assert len(calls) == 3
+    handle.remove()
+    assert fs.use_fused_pool_relu(x) and fs.use_fused_pool_relu(x.bfloat16())
+    assert not fs.use_fused_pool_relu(x.half()) and not fs.use_fused_pool_relu(x[..., :1])
+    results: list[bool] = []
+
+    class Probe(nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            results.append(fs.use_fused_pool_relu(t))
+            return t * 2
+
+    torch.jit.trace(Probe(), x, check_trace=False)
+    assert results == [False]

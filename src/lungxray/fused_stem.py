@@ -1,4 +1,5 @@
-"""Fused first block of `seed_cnn` on CPU: 3x3 valid conv -> 2x2 max-pool -> ReLU in one small C kernel.
+"""Fused kernels of `seed_cnn` on CPU: the first block (3x3 valid conv -> 2x2 max-pool -> ReLU) in one small C
+kernel, and the 2x2 max-pool -> ReLU after the (oneDNN) convolutions of blocks 2 and 3 in another.
 
 The eager block is the most expensive part of a seed training step: oneDNN's convolution with a single input
 channel cannot use the matrix units, and the max-pool reads and writes a 32x254x254 map per image, stores int64
@@ -7,11 +8,17 @@ the four conv values of its 2x2 window from the 4x4 input patch, keeps their max
 the ReLU; it stores only the pooled output and a uint8 code (argmax 0-3, +4 where the ReLU clipped). Backward
 recomputes nothing: dW and db are sums of the output gradient times the input at the argmax offset.
 
-Same network, same parameters: the result equals `relu(max_pool2d(conv2d(x, w, b, groups=K), 2))` up to
-floating-point rounding (the kernel accumulates in fp32 even under bf16 autocast, where the eager conv runs in
+Blocks 2-3 (`fused_pool_relu`): one pass over the conv output writes the pooled, ReLU'd map (same dtype,
+channels_last) and a uint8 code per output (argmax, +4 where the ReLU clipped); backward writes the conv output's
+whole gradient in one pass from it. Values and gradients are bit-identical to relu(max_pool2d(x, 2)), NaN
+included; PyTorch's max-pool stores int64 indices, zero-fills a full-resolution gradient and then scatters into
+it, and the ReLU reads and writes the pooled map twice more.
+
+First block: same network, same parameters: the result equals `relu(max_pool2d(conv2d(x, w, b, groups=K), 2))` up
+to floating-point rounding (the kernel accumulates in fp32 even under bf16 autocast, where the eager conv runs in
 bf16). Under bf16 autocast the output is written in bf16, channels_last, as the next convolution wants it.
 
-The kernel is plain C, compiled at first use with the system gcc into `$LUNGXRAY_CACHE/kernels` (default
+The kernels are plain C (one file), compiled at first use with the system gcc into `$LUNGXRAY_CACHE/kernels` (default
 ~/.cache/lungxray/kernels), named by a hash of source, flags, compiler and CPU, and loaded with ctypes. Where it is
 unavailable (no gcc, not x86-64, a failed build, `LUNGXRAY_FUSED=0`) callers keep the eager path; one warning
 is logged. Nothing here is needed for correctness: every model runs without it.
@@ -37,7 +44,8 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ENV_SWITCH", "fused_available", "fused_stem", "kernel_info", "use_fused_stem"]
+__all__ = ["ENV_SWITCH", "fused_available", "fused_pool_relu", "fused_stem", "kernel_info", "use_fused_pool_relu",
+           "use_fused_stem"]
 
 ENV_SWITCH = "LUNGXRAY_FUSED"  # "0" turns the kernel off
 SOURCE = Path(__file__).with_name("csrc") / "seed_stem.c"
@@ -111,7 +119,10 @@ def _load() -> ctypes.CDLL | None:
                 lib.seed_stem_forward.argtypes = [ptr] * 5 + [i64] * 5 + [i32, i32]
                 lib.seed_stem_backward_weight.argtypes = [ptr] * 5 + [i64] * 5 + [i32, i32]
                 lib.seed_stem_backward_input.argtypes = [ptr] * 4 + [i64] * 5 + [i32, i32]
-                for fn in (lib.seed_stem_forward, lib.seed_stem_backward_weight, lib.seed_stem_backward_input):
+                lib.seed_pool_relu_forward.argtypes = [ptr] * 3 + [i64] * 4 + [i32, i32]
+                lib.seed_pool_relu_backward.argtypes = [ptr] * 3 + [i64] * 4 + [i32, i32]
+                for fn in (lib.seed_stem_forward, lib.seed_stem_backward_weight, lib.seed_stem_backward_input,
+                           lib.seed_pool_relu_forward, lib.seed_pool_relu_backward):
                     fn.restype = None
                 _state["lib"], _state["path"] = lib, str(path)
             except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
@@ -228,4 +239,57 @@ def fused_stem(x: Tensor, weight: Tensor, bias: Tensor, groups: int) -> Tensor:
     """
     out_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     out: Tensor = _FusedStem.apply(x, weight, bias, groups, out_bf16)
+    return out
+
+
+# ------------------------------------------------------------------------------ blocks 2-3: max-pool -> ReLU
+class _FusedPoolReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        lib = _state["lib"]
+        n, c, h, w = x.shape
+        xl = x.detach().permute(0, 2, 3, 1).contiguous()  # (N, H, W, C): free when x is channels_last
+        out = torch.empty((n, h // 2, w // 2, c), dtype=x.dtype)
+        code = torch.empty((n, h // 2, w // 2, c), dtype=torch.uint8)
+        bf16 = x.dtype == torch.bfloat16
+        lib.seed_pool_relu_forward(_ptr(xl), _ptr(out), _ptr(code), n, h, w, c, int(bf16), torch.get_num_threads())
+        ctx.save_for_backward(code)
+        ctx.in_shape = (h, w)
+        return out.permute(0, 3, 1, 2)  # (N, C, Ho, Wo), channels_last
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor | None:
+        if not ctx.needs_input_grad[0]:
+            return None
+        lib = _state["lib"]
+        (code,) = ctx.saved_tensors
+        n, _, _, c = code.shape
+        h, w = ctx.in_shape
+        dtype = torch.bfloat16 if grad.dtype == torch.bfloat16 else torch.float32
+        g = grad.to(dtype).permute(0, 2, 3, 1).contiguous()  # free when grad is channels_last
+        dx = torch.empty((n, h, w, c), dtype=dtype)
+        lib.seed_pool_relu_backward(_ptr(g), _ptr(code), _ptr(dx), n, h, w, c, int(dtype == torch.bfloat16),
+                                    torch.get_num_threads())
+        return dx.permute(0, 3, 1, 2)  # channels_last; autograd casts it to the input's dtype if they differ
+
+
+def use_fused_pool_relu(x: Tensor) -> bool:
+    """Whether `fused_pool_relu(x)` can replace relu(max_pool2d(x, 2)): the kernel, a 4-D fp32/bf16 CPU tensor of at
+    least 2x2, no tracing or export."""
+    if _tracing() or os.environ.get(ENV_SWITCH, "1") == "0":
+        return False
+    if (x.device.type != "cpu" or x.dim() != 4 or x.dtype not in (torch.float32, torch.bfloat16)
+            or x.shape[-1] < 2 or x.shape[-2] < 2 or x.numel() == 0):
+        return False
+    return fused_available()
+
+
+def fused_pool_relu(x: Tensor) -> Tensor:
+    """relu(max_pool2d(x, 2)) on CPU in one pass, (N, C, H, W) -> (N, C, H//2, W//2), same dtype, channels_last.
+
+    Check `use_fused_pool_relu` first. Values are exact (the selected input or 0), and so are gradients: backward
+    writes the input gradient in one pass (the output gradient at the argmax, where the ReLU passed; 0 elsewhere)
+    from a uint8 code per output, instead of int64 indices and a zero-filled map.
+    """
+    out: Tensor = _FusedPoolReLU.apply(x)
     return out

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lungxray.fused_stem import fused_stem, use_fused_stem
+from lungxray.fused_stem import fused_pool_relu, fused_stem, use_fused_pool_relu, use_fused_stem
 
 __all__ = ["PackedLinear", "PackedNet", "build_model", "count_flops", "extract_member", "list_models", "model_info",
            "register_model", "stack_members"]  # fmt: skip
@@ -292,6 +292,15 @@ def _has_hooks(module: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
+def _pool_relu_block(block: ConvBlock) -> bool:
+    """conv -> 2x2/2 max-pool -> ReLU as written (no BN, no hooks): what the fused kernels compute after the conv."""
+    pool = block.pool
+    return bool(isinstance(pool, nn.MaxPool2d) and pool.kernel_size in (2, (2, 2)) and pool.stride in (2, (2, 2))
+                and pool.padding in (0, (0, 0)) and pool.dilation in (1, (1, 1)) and not pool.ceil_mode
+                and not pool.return_indices and block.relu and not block.pool_first
+                and isinstance(block.bn, nn.Identity) and not _has_hooks(block))
+
+
 # ------------------------------------------------------------------------------------------------ models
 @register_model("seed_cnn", "The seed's Keras CNN: 3x (3x3 valid conv, 2x2 max-pool), flatten, dense 128, dropout.")
 class SeedCNN(PackedNet):
@@ -316,10 +325,16 @@ class SeedCNN(PackedNet):
     prediction), under tracing / ONNX export / torch.compile, when a forward hook sits on the first block, when
     the kernel cannot be built, and under `LUNGXRAY_FUSED=0`. Measured 1.6-1.8x per training step at batch 32 on
     the 2-core development CPU (docs/performance.md, "Fused first block"). Set `model.fused = False` to turn it off.
+
+    `fused_pool` (with `fused`, same conditions, judged per block): the 2x2 max-pool -> ReLU after the convolutions
+    of blocks 2 and 3 (which stay nn.Conv2d, oneDNN) runs as one C kernel too (`fused_stem.fused_pool_relu`),
+    bit-identical in values and gradients; measured 1.34x per training step on top of the fused first block
+    (docs/performance.md). Set `model.fused_pool = False` to turn it off alone.
     """
 
     micro_batch: int = 8
     fused: bool = True
+    fused_pool: bool = True
 
     def __init__(
         self,
@@ -355,25 +370,26 @@ class SeedCNN(PackedNet):
         return self._conv_blocks(x)  # (B, K*4w, s, s)
 
     def _conv_blocks(self, x: Tensor) -> Tensor:
-        if self._fused_first_block(x):  # see the class docstring
-            conv = cast(ConvBlock, self.blocks[0]).conv
-            x = fused_stem(x, conv.weight, cast(Tensor, conv.bias), conv.groups)
-            for block in list(self.blocks)[1:]:
+        stem = self._fused_first_block(x)  # see the class docstring
+        pool = self.fused and self.fused_pool and self.training and not self.batch_norm and use_fused_pool_relu(x)
+        if not (stem or pool) or self.blocks._forward_hooks or self.blocks._forward_pre_hooks:
+            return self.blocks(x)
+        for i, block in enumerate(cast(list[ConvBlock], list(self.blocks))):
+            if i == 0 and stem:
+                x = fused_stem(x, block.conv.weight, cast(Tensor, block.conv.bias), block.conv.groups)
+            elif i > 0 and pool and _pool_relu_block(block):
+                x = block.conv(x)  # oneDNN
+                x = fused_pool_relu(x) if use_fused_pool_relu(x) else F.relu(block.pool(x), inplace=True)
+            else:
                 x = block(x)
-            return x
-        return self.blocks(x)
+        return x
 
     def _fused_first_block(self, x: Tensor) -> bool:
         """Training without BN, the kernel available for these tensors, and nobody hooked into the first block."""
         if not (self.fused and self.training and not self.batch_norm):
             return False
         first = cast(ConvBlock, self.blocks[0])
-        if not use_fused_stem(first.conv, x) or _has_hooks(first):
-            return False
-        pool = first.pool
-        return bool(isinstance(pool, nn.MaxPool2d) and pool.kernel_size in (2, (2, 2)) and pool.stride in (2, (2, 2))
-                and pool.padding in (0, (0, 0)) and pool.dilation in (1, (1, 1)) and not pool.ceil_mode
-                and first.relu and not first.pool_first)
+        return use_fused_stem(first.conv, x) and _pool_relu_block(first)
 
     def head(self, f: Tensor) -> Tensor:
         if f.shape[-1] != self.feature_size or f.shape[-2] != self.feature_size:

@@ -234,3 +234,113 @@ void seed_stem_backward_input(const float *w, const void *g, const uint8_t *code
         }
     }
 }
+
+/* ===================================================================== blocks 2-3: 2x2/2 max-pool -> ReLU
+ * The conv output of blocks 2 and 3 (oneDNN's, channels last) goes through one kernel instead of max_pool2d
+ * (int64 indices, a zero-filled full-resolution gradient) and two ReLU passes.
+ *   x     fp32 or bf16 (N, H, W, C)      the conv output, channels last
+ *   out   same dtype (N, Ho, Wo, C)      relu(max_pool2d(x, 2)); Ho = H/2, Wo = W/2 (floor: an odd last row or
+ *                                        column is never selected)
+ *   code  uint8 (N, Ho, Wo, C)           argmax dy*2 + dx as PyTorch picks it (a later value wins if greater or
+ *                                        NaN), +4 where the ReLU clipped (out <= 0). A NaN maximum stays NaN
+ *                                        and passes its gradient, as relu/threshold_backward do.
+ * bf16 values are compared as the fp32 numbers they are and written back unchanged (the selected input or 0),
+ * so both dtypes are exact. Backward writes the whole input gradient in one pass: g at the argmax where
+ * code < 4, zero elsewhere (odd last row/column included). */
+static inline vf load_any(const void *p, int64_t o, int n, int bf16) {
+    return bf16 ? load_bf16((const uint16_t *)p + o, n) : load_f32((const float *)p + o, n);
+}
+
+/* exact: v holds bf16 values (the low 16 bits are zero) */
+static inline void store_bf16_exact(uint16_t *p, vf v, int n) {
+    vh h = __builtin_convertvector((vu)v >> 16, vh);
+    if (n == VL) *(vh_u *)p = h;
+    else memcpy(p, &h, (size_t)n * 2);
+}
+
+void seed_pool_relu_forward(const void *x, void *out, uint8_t *code, int64_t N, int64_t H, int64_t W, int64_t C,
+                            int bf16, int nthreads) {
+    const int64_t Ho = H / 2, Wo = W / 2;
+#pragma omp parallel for schedule(static) num_threads(clamp_threads(nthreads))
+    for (int64_t task = 0; task < N * Ho; task++) {
+        const int64_t i = task % Ho, n = task / Ho;
+        const int64_t r0 = ((n * H + 2 * i) * W) * C, r1 = r0 + W * C;  /* input rows 2i, 2i+1 */
+        const int64_t obase = ((n * Ho + i) * Wo) * C;
+        for (int64_t j = 0; j < Wo; j++) {
+            for (int64_t c0 = 0; c0 < C; c0 += VL) {
+                const int nl = (int)(C - c0 < VL ? C - c0 : VL);
+                const int64_t q = 2 * j * C + c0;
+                const vf a[4] = {load_any(x, r0 + q, nl, bf16), load_any(x, r0 + q + C, nl, bf16),
+                                 load_any(x, r1 + q, nl, bf16), load_any(x, r1 + q + C, nl, bf16)};
+                vf m = a[0];
+                vi arg = {0};
+                for (int d = 1; d < 4; d++) {
+                    const vi take = (a[d] > m) | (a[d] != a[d]);  /* PyTorch: val > max || isnan(val) */
+                    m = vsel(take, a[d], m);
+                    arg = (arg & ~take) | (((vi){0} + d) & take);
+                }
+                const vi clip = m <= 0;  /* false for NaN: relu(NaN) = NaN, and its gradient flows */
+                m = vsel(clip, (vf){0}, m);
+                arg |= ((vi){0} + 4) & clip;
+                const int64_t o = obase + j * C + c0;
+                if (bf16) store_bf16_exact((uint16_t *)out + o, m, nl);
+                else store_f32((float *)out + o, m, nl);
+                store_u8(code + o, arg, nl);
+            }
+        }
+    }
+}
+
+/* Pure data movement, so one body per element width: E the element (uint16_t: bf16, uint32_t: fp32), L lanes
+ * per 64-byte vector. */
+#define POOL_RELU_BACKWARD(NAME, E, L)                                                                          \
+static void NAME(const E *g, const uint8_t *code, E *dx, int64_t N, int64_t H, int64_t W, int64_t C,          \
+                 int nthreads) {                                                                                \
+    typedef E ve __attribute__((vector_size(64)));                                                               \
+    typedef E ve_u __attribute__((vector_size(64), aligned(sizeof(E))));                                       \
+    typedef uint8_t vc __attribute__((vector_size(L)));                                                          \
+    typedef uint8_t vc_u __attribute__((vector_size(L), aligned(1)));                                            \
+    const int64_t Ho = H / 2, Wo = W / 2;                                                                       \
+    _Pragma("omp parallel for schedule(static) num_threads(clamp_threads(nthreads))")                           \
+    for (int64_t task = 0; task < N * Ho; task++) {                                                             \
+        const int64_t i = task % Ho, n = task / Ho;                                                             \
+        E *d0 = dx + ((n * H + 2 * i) * W) * C, *d1 = d0 + W * C;                                               \
+        const int64_t gbase = ((n * Ho + i) * Wo) * C;                                                          \
+        for (int64_t j = 0; j < Wo; j++) {                                                                      \
+            for (int64_t c0 = 0; c0 < C; c0 += L) {                                                             \
+                const int nl = (int)(C - c0 < L ? C - c0 : L);                                                  \
+                const int64_t o = gbase + j * C + c0, q = 2 * j * C + c0;                                       \
+                ve gv = {0};                                                                                    \
+                vc cv = {0};                                                                                    \
+                if (nl == L) {                                                                                  \
+                    gv = *(const ve_u *)(g + o);                                                                \
+                    cv = *(const vc_u *)(code + o);                                                             \
+                } else {                                                                                        \
+                    memcpy(&gv, g + o, (size_t)nl * sizeof(E));                                                 \
+                    memcpy(&cv, code + o, (size_t)nl);                                                          \
+                }                                                                                               \
+                E *dst[4] = {d0 + q, d0 + q + C, d1 + q, d1 + q + C};                                           \
+                for (int d = 0; d < 4; d++) {                                                                   \
+                    const ve v = gv & (ve)__builtin_convertvector(cv == (uint8_t)d, ve);                        \
+                    if (nl == L) *(ve_u *)dst[d] = v;                                                           \
+                    else memcpy(dst[d], &v, (size_t)nl * sizeof(E));                                            \
+                }                                                                                               \
+            }                                                                                                   \
+        }                                                                                                       \
+        if (W & 1) { /* the last column is never selected */                                                    \
+            memset(d0 + (W - 1) * C, 0, (size_t)C * sizeof(E));                                                 \
+            memset(d1 + (W - 1) * C, 0, (size_t)C * sizeof(E));                                                 \
+        }                                                                                                       \
+        if ((H & 1) && i == Ho - 1) memset(d1 + W * C, 0, (size_t)(W * C) * sizeof(E)); /* nor the last row */ \
+    }                                                                                                           \
+}
+
+POOL_RELU_BACKWARD(pool_relu_backward_u16, uint16_t, 32)
+POOL_RELU_BACKWARD(pool_relu_backward_u32, uint32_t, 16)
+
+/* g (N, Ho, Wo, C) and dx (N, H, W, C), both fp32 or both bf16; dx is overwritten entirely. */
+void seed_pool_relu_backward(const void *g, const uint8_t *code, void *dx, int64_t N, int64_t H, int64_t W,
+                             int64_t C, int bf16, int nthreads) {
+    if (bf16) pool_relu_backward_u16((const uint16_t *)g, code, (uint16_t *)dx, N, H, W, C, nthreads);
+    else pool_relu_backward_u32((const uint32_t *)g, code, (uint32_t *)dx, N, H, W, C, nthreads);
+}
