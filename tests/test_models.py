@@ -299,3 +299,81 @@ def test_seed_micro_batch_only_when_training_without_bn() -> None:
         model.blocks[0].register_forward_hook(lambda _m, inp, _out, calls=calls: calls.append(inp[0].shape[0]))
         model(torch.randn(5, 1, SIZE, SIZE))
         assert calls == expected, name
+
+
+# ------------------------------------------------------------------- dense layer: recycled gradient storage
+def _bf16_steps(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                steps: int) -> list[float]:
+    losses = []
+    for i in range(steps):
+        torch.manual_seed(100 + i)  # the same dropout masks for both models
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_dense_recycled_gradient_same_bits_and_resume() -> None:
+    """Under bf16 autocast seed_cnn's dense layer (>= 1 M weights) writes its fp32 gradient into the storage of the
+    previous step's: losses, fp32 master weights and AdamW state stay bit-identical to F.linear's, the storage is
+    reused once zero_grad dropped the gradient, and a checkpoint taken between steps resumes identically."""
+    from lungxray.config import TrainConfig
+    from lungxray.train import make_optimizer
+
+    torch.manual_seed(3)
+    x, y = torch.randn(4, 1, 128, 128), torch.randint(0, 3, (4, 1))
+    models_, opts = [], []
+    for recycle in (True, False):
+        torch.manual_seed(0)
+        m = build_model("seed_cnn", image_size=128, width=16).train()
+        assert m.fc1.weight.numel() >= models.RECYCLE_MIN_NUMEL
+        m.fc1.recycle_grad = recycle
+        models_.append(m)
+        opts.append(make_optimizer(m, TrainConfig()))
+    (on, off), (opt_on, opt_off) = models_, opts
+    assert _bf16_steps(on, opt_on, x, y, 1) == _bf16_steps(off, opt_off, x, y, 1)
+    first = on.fc1.weight.grad.data_ptr()
+    assert _bf16_steps(on, opt_on, x, y, 1) == _bf16_steps(off, opt_off, x, y, 1)
+    assert on.fc1.weight.grad.data_ptr() == first  # recycled
+    assert off.fc1.weight.grad.data_ptr() != first
+    for (name, p), q in zip(off.named_parameters(), on.parameters(), strict=True):
+        assert torch.equal(q, p) and torch.equal(q.grad, p.grad), name
+    assert list(on.state_dict()) == list(off.state_dict())  # nothing added to the checkpoint
+    # resume: a fresh model and optimizer from the checkpoint continue bit-identically
+    torch.manual_seed(0)
+    resumed = build_model("seed_cnn", image_size=128, width=16).train()
+    resumed.load_state_dict(on.state_dict())
+    opt_resumed = make_optimizer(resumed, TrainConfig())
+    opt_resumed.load_state_dict(opt_on.state_dict())
+    assert _bf16_steps(resumed, opt_resumed, x, y, 1) == _bf16_steps(off, opt_off, x, y, 1)
+    for p, q in zip(off.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(q, p)
+
+
+def test_dense_recycled_gradient_not_reused_while_referenced() -> None:
+    """Gradient accumulation (no zero_grad) and a gradient kept elsewhere must never be overwritten."""
+    torch.manual_seed(3)
+    x = torch.randn(2, 1, 128, 128)
+    torch.manual_seed(0)
+    m = build_model("seed_cnn", image_size=128, width=16).train()
+    m.dropout.p = 0.0
+
+    def backward() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            m(x).float().sum().backward()
+
+    backward()
+    kept = m.fc1.weight.grad
+    snapshot = kept.clone()
+    backward()  # accumulates into the kept gradient
+    assert torch.equal(m.fc1.weight.grad, 2 * snapshot)
+    m.zero_grad(set_to_none=True)  # `kept` still refers to the storage: the next gradient gets another
+    backward()
+    assert torch.equal(kept, 2 * snapshot) and torch.equal(m.fc1.weight.grad, snapshot)
+    assert m.fc1.weight.grad.data_ptr() != kept.data_ptr()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # no autograd: plain F.linear
+        assert not models._use_bf16_linear(m.fc1.weight, x)
+    assert not models._use_bf16_linear(m.fc2.weight, x)  # small weights: plain F.linear
