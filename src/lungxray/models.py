@@ -399,8 +399,9 @@ class SeedCNN(PackedNet):
 
     `fused_pool` (with `fused`, same conditions, judged per block): the 2x2 max-pool -> ReLU after the convolutions
     of blocks 2 and 3 (which stay nn.Conv2d, oneDNN) runs as one C kernel too (`fused_stem.fused_pool_relu`),
-    bit-identical in values and gradients; measured 1.34x per training step on top of the fused first block
-    (docs/performance.md). Set `model.fused_pool = False` to turn it off alone.
+    bit-identical in values and gradients; measured 1.32-1.41x per training step on top of the fused first
+    block in most round-robin runs (1.11x in one; docs/performance.md). `model.fused_pool = False` turns it off
+    alone.
     """
 
     micro_batch: int = 8
