@@ -12,9 +12,7 @@ process, for many rounds, and the medians are compared. Two parts:
 2. The real training step, `train.train_one_epoch` on one batch at a time (gather, `seed` augmentation, forward
    under autocast, backward, fused AdamW), seed_cnn at batch 32, 256x256, one model per variant built from the
    same seed. A variant is `KIND:M`, M the micro-batch of the conv blocks (0: whole batch) and KIND `fused`
-   (everything: the first block's kernel, the pool + ReLU kernel of blocks 2-3, the dense layer's recycled
-   gradient storage), `pool` (both kernels, a fresh dense gradient every step), `stem` (the first block's kernel
-   only) or `eager` (none of them).
+   (every kernel: first block, pool + ReLU of blocks 2-3), `stem` (the first block's kernel only) or `eager`.
 
 Prints median step times, images/s and the ratios against the last variant, with the load average.
 """
@@ -127,14 +125,13 @@ def bench_pool(rounds: int, batch: int, size: int, members: int) -> None:
 class _Variant:
     def __init__(self, spec: str, batch: int, size: int, cfg: TrainConfig, images: torch.Tensor) -> None:
         kind, _, micro = spec.partition(":")
-        if kind not in ("fused", "pool", "stem", "eager"):
-            raise SystemExit(f"variant {spec!r}: expected fused:M, pool:M, stem:M or eager:M")
+        if kind not in ("fused", "stem", "eager"):
+            raise SystemExit(f"variant {spec!r}: expected fused:M, stem:M or eager:M")
         self.name, self.batch = spec, batch
         torch.manual_seed(0)
         self.model: Any = build_model("seed_cnn", image_size=size).to(memory_format=torch.channels_last)
-        self.model.fused = kind in ("fused", "pool", "stem")
-        self.model.fused_pool = kind in ("fused", "pool")
-        self.model.fc1.recycle_grad = kind == "fused"
+        self.model.fused = kind in ("fused", "stem")
+        self.model.fused_pool = kind == "fused"
         self.model.micro_batch = int(micro or 0)
         self.cfg = cfg
         self.optimizer = make_optimizer(self.model, cfg)
@@ -200,9 +197,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--members", type=int, default=1, help="packed members for the block-alone part")
-    ap.add_argument("--variants", nargs="+", default=["fused:8", "pool:8", "stem:8", "eager:8"],
-                    help="fused:M / pool:M / stem:M / eager:M (M = micro-batch, 0 = whole batch); ratios are against "
-                         "the last")
+    ap.add_argument("--variants", nargs="+", default=["fused:8", "stem:8", "eager:8"],
+                    help="fused:M / stem:M / eager:M (M = micro-batch, 0 = whole batch); ratios are against the last")
     ap.add_argument("--skip-block", action="store_true")
     ap.add_argument("--skip-step", action="store_true")
     args = ap.parse_args()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -144,75 +143,8 @@ def stack_members(state_dicts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
 
 
 # ------------------------------------------------------------------------------------------- building blocks
-# A large weight's fp32 gradient storage, recycled from step to step (see _Bf16Linear): id(parameter) -> (a weak
-# reference to the parameter, the storage). Neither part of the module's state (state_dict, pickling, deepcopy) nor
-# kept alive by it; the entry goes with the parameter.
-_GRAD_STORAGE: dict[int, tuple[weakref.ref[Tensor], torch.UntypedStorage]] = {}
-RECYCLE_MIN_NUMEL = 1 << 20  # smaller weights' gradients come from the allocator's free lists anyway
-
-
-def _recycled_grad(weight: Tensor) -> Tensor:
-    """An uninitialised fp32 tensor shaped like `weight`, on the storage its last gradient used if nothing refers to
-    that storage any more (the optimizer's zero_grad(set_to_none=True) dropped it); else on a fresh one."""
-    entry = _GRAD_STORAGE.get(id(weight))
-    storage = entry[1] if entry is not None and entry[0]() is weight else None
-    if (storage is None or storage.nbytes() != weight.numel() * 4
-            or torch._C._storage_Use_Count(storage._cdata) != 1):  # only our reference: free to reuse
-        if entry is None or entry[0]() is not weight:
-            weakref.finalize(weight, _GRAD_STORAGE.pop, id(weight), None)
-        storage = torch.empty(weight.numel(), dtype=torch.float32).untyped_storage()
-        _GRAD_STORAGE[id(weight)] = (weakref.ref(weight), storage)
-    return torch.empty(0, dtype=torch.float32).set_(storage, 0, weight.shape, weight.stride())
-
-
-class _Bf16Linear(torch.autograd.Function):
-    """F.linear under CPU bf16 autocast for a (1, out, in) weight: the same operations (weight, input and bias cast
-    to bf16, addmm; backward mm / mm / sum in bf16, cast up), so the same bits, except that the weight's fp32
-    gradient is written into recycled storage.
-
-    A fresh 59 MB gradient per step (seed_cnn's dense layer: 14.7 M weights) is a fresh mmap: ~14k page faults and
-    the kernel zero-filling it, which cost more than the cast itself (docs/performance.md)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        xb = x.detach().to(torch.bfloat16)
-        wb = weight.detach().to(torch.bfloat16).view(-1, x.shape[-1])  # (1, out, in) -> (out, in)
-        bb = None if bias is None else bias.detach().to(torch.bfloat16)
-        ctx.save_for_backward(xb, wb)
-        ctx.weight = weight  # the parameter: the key of its recycled gradient storage
-        return F.linear(xb, wb, bb).clone()  # (B, 1, out): F.linear returns a view, which in-place ReLU refuses
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        xb, wb = ctx.saved_tensors
-        g = grad.to(torch.bfloat16).reshape(-1, grad.shape[-1])
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = g.mm(wb).view(*grad.shape[:-1], wb.shape[1])
-        if ctx.needs_input_grad[1]:
-            dw = _recycled_grad(ctx.weight).copy_(g.t().mm(xb.reshape(-1, xb.shape[-1])))
-        if ctx.needs_input_grad[2]:
-            db = g.sum(0).float()
-        return dx, dw, db
-
-
-def _use_bf16_linear(weight: Tensor, x: Tensor) -> bool:
-    return bool(weight.numel() >= RECYCLE_MIN_NUMEL and weight.requires_grad and torch.is_grad_enabled()
-                and weight.device.type == "cpu" and weight.dtype == torch.float32 and x.device.type == "cpu"
-                and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-                and hasattr(torch._C, "_storage_Use_Count") and not torch.jit.is_tracing()
-                and not torch.jit.is_scripting() and not torch.compiler.is_compiling()
-                and not torch.onnx.is_in_onnx_export())
-
-
 class PackedLinear(nn.Module):
-    """K independent linear layers: weight (K, out, in), bias (K*out,) kept 1-D like every other bias.
-
-    `recycle_grad` (a speed setting): for K=1 under CPU bf16 autocast, a weight of at least 1 M elements gets its
-    fp32 gradient written into the storage its previous gradient used (`_Bf16Linear`; same values).
-    """
-
-    recycle_grad: bool = True
+    """K independent linear layers: weight (K, out, in), bias (K*out,) kept 1-D like every other bias."""
 
     def __init__(self, in_features: int, out_features: int, members: int = 1, bias: bool = True) -> None:
         super().__init__()
@@ -231,9 +163,6 @@ class PackedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # (B, K, in) -> (B, K, out)
         k, o = self.members, self.out_features
         if k == 1:  # plain GEMM; view (not weight[0], whose backward zero-fills and copies the whole weight)
-            if self.recycle_grad and _use_bf16_linear(self.weight, x):
-                out: Tensor = _Bf16Linear.apply(x, self.weight, self.bias)
-                return out
             return F.linear(x, self.weight.view(o, self.in_features), self.bias)
         xt = x.transpose(0, 1)  # (K, B, in)
         wt = self.weight.transpose(1, 2)  # (K, in, out)
