@@ -11,8 +11,11 @@ process, for many rounds, and the medians are compared. Two parts:
    (their bf16 channels_last conv outputs, one micro-batch of 8): eager against `fused_pool_relu`.
 2. The real training step, `train.train_one_epoch` on one batch at a time (gather, `seed` augmentation, forward
    under autocast, backward, fused AdamW), seed_cnn at batch 32, 256x256, one model per variant built from the
-   same seed. A variant is `KIND:M`, M the micro-batch of the conv blocks (0: whole batch) and KIND `fused`
-   (every kernel: first block, pool + ReLU of blocks 2-3), `stem` (the first block's kernel only) or `eager`.
+   same seed. A variant is `KIND:M[:mmap]`, M the micro-batch of the conv blocks (0: whole batch) and KIND
+   `fused` (every kernel: first block, pool + ReLU of blocks 2-3), `stem` (the first block's kernel only) or
+   `eager`. Like the `lungxray` command, the script keeps freed memory in glibc's heap
+   (`runtime.reuse_freed_memory`); `:mmap` restores glibc's default thresholds around that variant's steps, so
+   `fused:8 fused:8:mmap` measures what that setting is worth.
 
 Prints median step times, images/s and the ratios against the last variant, with the load average.
 """
@@ -38,8 +41,11 @@ from lungxray.config import TrainConfig
 from lungxray.ensemble import MemberPlan
 from lungxray.fused_stem import fused_pool_relu, fused_stem, kernel_info
 from lungxray.models import ConvBlock, build_model
-from lungxray.runtime import resolve_precision, set_threads
+from lungxray.runtime import resolve_precision, reuse_freed_memory, set_threads
 from lungxray.train import TrainState, make_optimizer, train_one_epoch
+
+HEAP_LIMIT = 1 << 30  # what the lungxray command sets
+GLIBC_DEFAULT_THRESHOLD = 128 * 1024
 
 
 def _load() -> str:
@@ -124,7 +130,11 @@ def bench_pool(rounds: int, batch: int, size: int, members: int) -> None:
 
 class _Variant:
     def __init__(self, spec: str, batch: int, size: int, cfg: TrainConfig, images: torch.Tensor) -> None:
-        kind, _, micro = spec.partition(":")
+        kind, _, rest = spec.partition(":")
+        micro, _, heap = rest.partition(":")
+        if heap not in ("", "mmap"):
+            raise SystemExit(f"variant {spec!r}: the only suffix is ':mmap'")
+        self.mmap_default = heap == "mmap"
         if kind not in ("fused", "stem", "eager"):
             raise SystemExit(f"variant {spec!r}: expected fused:M, stem:M or eager:M")
         self.name, self.batch = spec, batch
@@ -148,6 +158,7 @@ class _Variant:
         order = (np.arange(self.batch) + self.start) % n
         self.start += self.batch
         plan = MemberPlan(order[None], np.ones((1, n), dtype=bool), bootstrap=False)
+        reuse_freed_memory(GLIBC_DEFAULT_THRESHOLD if self.mmap_default else HEAP_LIMIT)
         t0 = time.perf_counter()
         train_one_epoch(self.model, self.images, self.labels, plan, self.optimizer, self.augmenter, self.state,
                         self.cfg, self.rng, amp_dtype, None)

@@ -321,6 +321,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lungxray.bundle import BundleError
     from lungxray.config import ConfigError
     from lungxray.imageio import ImageDecodeError
+    from lungxray.runtime import reuse_freed_memory
+
+    reuse_freed_memory()
 
     try:
         return COMMANDS[args.command][1](args)

@@ -26,6 +26,29 @@ def normalize(images: torch.Tensor, mean: float = INPUT_MEAN, std: float = INPUT
     return (images.float() * (1.0 / 255.0) - mean) * (1.0 / std)
 
 
+def reuse_freed_memory(limit_bytes: int = 1 << 30) -> bool:
+    """Ask glibc to serve allocations up to `limit_bytes` from its heap and keep freed memory there.
+
+    Why: by default glibc hands every block above 32 MB straight to the kernel (mmap) and unmaps it when freed, so a
+    training step that allocates the same large tensors every time (seed_cnn's 59 MB dense-layer gradient) pays
+    ~14k page faults and the kernel's zero-filling of fresh pages on each step: measured 1.09x per seed_cnn step
+    (docs/performance.md). Freed blocks are then reused instead; the process's resident memory stays at its
+    high-water mark rather than shrinking between steps (it does not grow with the number of steps). Process-wide,
+    so it is called by the `lungxray` command, not on import. Returns False where there is no glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, limit_bytes) and mallopt(m_trim_threshold, limit_bytes))
+
+
 def resolve_device(name: str | None = None) -> torch.device:
     """'auto' / None picks CUDA when present; asking for CUDA on a machine without it is a clear error."""
     if name in (None, "", "auto"):
