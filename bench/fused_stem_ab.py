@@ -52,6 +52,28 @@ def _load() -> str:
     return f"{os.getloadavg()[0]:.2f}"
 
 
+def _round_robin(fns: dict[str, Any], rounds: int, title: str, reset: Any = None) -> None:
+    """Warm up, then time each function in turn for `rounds` rounds; print medians, bests and eager / fused."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(3):
+        for fn in fns.values():
+            fn()
+    loads = [_load()]
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            if reset is not None:
+                reset()
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    loads.append(_load())
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"{title}, {rounds} rounds (load {loads[0]} -> {loads[1]}):")
+    for k, v in med.items():
+        print(f"  {k:<6} median {1e3 * v:7.2f} ms   best {1e3 * min(times[k]):7.2f} ms")
+    print(f"  eager / fused = {med['eager'] / med['fused']:.2f}x")
+
+
 def bench_block(rounds: int, batch: int, size: int, members: int) -> None:
     torch.manual_seed(0)
     block = ConvBlock(1, 32, 3, members, batch_norm=False, pool=(2, 2, 0)).to(memory_format=torch.channels_last)
@@ -71,25 +93,12 @@ def bench_block(rounds: int, batch: int, size: int, members: int) -> None:
             y = fused_stem(x, conv.weight, conv.bias, conv.groups)
         y.backward(g)
 
-    fns = {"fused": fused, "eager": eager}
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(3):
-        for fn in fns.values():
-            fn()
-    loads = [_load()]
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            conv.weight.grad = conv.bias.grad = None
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    loads.append(_load())
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"first block alone, forward + backward, batch {batch}, {members}x{size}x{size} channels_last, bf16 autocast,"
-          f" {rounds} rounds (load {loads[0]} -> {loads[1]}):")
-    for k, v in med.items():
-        print(f"  {k:<6} median {1e3 * v:7.1f} ms   best {1e3 * min(times[k]):7.1f} ms")
-    print(f"  eager / fused = {med['eager'] / med['fused']:.2f}x")
+    def reset() -> None:
+        conv.weight.grad = conv.bias.grad = None
+
+    _round_robin({"fused": fused, "eager": eager}, rounds,
+                 f"first block alone, forward + backward, batch {batch}, {members}x{size}x{size} channels_last, "
+                 "bf16 autocast", reset)
 
 
 def bench_pool(rounds: int, batch: int, size: int, members: int) -> None:
@@ -109,23 +118,8 @@ def bench_pool(rounds: int, batch: int, size: int, members: int) -> None:
             fn(x).backward(g)
 
     fns = {"fused": lambda: run(fused_pool_relu), "eager": lambda: run(lambda t: F.relu(F.max_pool2d(t, 2)))}
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(3):
-        for fn in fns.values():
-            fn()
-    loads = [_load()]
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    loads.append(_load())
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"max-pool + ReLU of blocks 2-3 alone, forward + backward, {' and '.join(str(sh) for sh in shapes)} bf16 "
-          f"channels_last, {rounds} rounds (load {loads[0]} -> {loads[1]}):")
-    for k, v in med.items():
-        print(f"  {k:<6} median {1e3 * v:7.2f} ms   best {1e3 * min(times[k]):7.2f} ms")
-    print(f"  eager / fused = {med['eager'] / med['fused']:.2f}x")
+    _round_robin(fns, rounds, f"max-pool + ReLU of blocks 2-3 alone, forward + backward, "
+                 f"{' and '.join(str(sh) for sh in shapes)} bf16 channels_last")
 
 
 class _Variant:

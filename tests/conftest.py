@@ -6,6 +6,7 @@ Nothing is downloaded; the real dataset is only used by tests marked `slow` that
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +81,14 @@ def trained_ensemble(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Pat
     overrides = {**SMOKE_OVERRIDES, "ensemble.members": 3, "ensemble.bootstrap": True}
     train_run(Path(__file__).parents[1] / "configs/smoke.yaml", tiny_dataset, out, overrides=overrides)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: one thread is faster, and immune to OpenMP spin-waits when other jobs share the cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
