@@ -308,8 +308,8 @@ class SeedCNN(PackedNet):
 
     `micro_batch` (a speed setting, not part of the architecture, so not a build argument): in training mode the
     conv blocks run on slices of this many images and the feature maps are concatenated before the dense head.
-    A step of this network is dominated by memory traffic around the first block (a 32x254x254 map per image:
-    conv output, max-pool and its int64 indices, the zero-filled pool gradient); on a slice, each map is still in
+    Much of a step is memory traffic around the large feature maps (in the eager path a 32x254x254 map per image
+    after the first conv, its max-pool indices and zero-filled pool gradient); on a slice, each map is still in
     cache when the next operator reads it, forward and backward (autograd runs each slice's branch depth-first),
     while the dense head, its 14.7 M-weight cast and its large GEMMs still run once on the whole batch. Without
     BatchNorm every image's features are independent of the others, so outputs and gradients are those of the
