@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import shutil
 import socket
 import threading
 import time
@@ -22,7 +23,7 @@ from filegen import dicom_bytes, png_claiming
 from PIL import Image
 
 from lungxray import cli
-from lungxray.predict import Predictor
+from lungxray.predict import Predictor, load_predictor
 from lungxray.serve import ServeSettings, create_app, serve_in_thread
 
 SCHEMA = {"label", "probabilities", "uncertainty", "disagreement", "refer", "refer_threshold", "overlay_png_base64",
@@ -119,6 +120,23 @@ def test_predict_matches_predictor(request: pytest.FixtureRequest, run: str, kin
     size = pred.meta["input"]["size"]
     overlay = Image.open(io.BytesIO(base64.b64decode(body["overlay_png_base64"])))
     assert overlay.format == "PNG" and overlay.size == (size, size) and overlay.mode == "RGB"
+
+
+def test_onnx_engine_serves_the_same_answers(tmp_path: Path, trained_ensemble: Path) -> None:
+    """`serve --engine onnx`: ONNX Runtime scores (one shared session), Grad-CAM from per-replica PyTorch copies."""
+    run = shutil.copytree(trained_ensemble, tmp_path / "run")  # the export writes RUN/model.onnx
+    onnx = load_predictor(run, engine="onnx")
+    app = create_app(onnx, ServeSettings(replicas=2))
+    replicas = list(app.state.engine.pool.queue)
+    assert [type(r).__name__ for r in replicas] == ["OnnxPredictor"] * 2
+    assert replicas[0].session is replicas[1].session and replicas[0].bundle.model is not replicas[1].bundle.model
+    data = _png(_xray(label=1))
+    res = Client(app).post("/predict", files={"file": ("x.png", data, "image/png")})
+    assert res.status_code == 200, res.text
+    expected = Predictor.load(run).predict([data])
+    got = np.array([res.json()["probabilities"][c] for c in expected.classes])
+    np.testing.assert_allclose(got, expected.probs[0], atol=1e-5)
+    assert res.json()["label"] == expected.labels[0] and res.json()["overlay_png_base64"]
 
 
 def test_overlay_can_be_skipped(client: Client) -> None:

@@ -172,13 +172,16 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="model copies that run requests in parallel (PyTorch threads are split among them)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--engine", choices=["torch", "onnx"], default="torch",
+                   help="what computes the scores: PyTorch, or ONNX Runtime on RUN_DIR/model.onnx")
+    p.add_argument("--onnx", metavar="FILE", help="serve this export of RUN_DIR instead (e.g. an int8 one)")
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from lungxray.serve import run_server
 
     run_server(args.run_dir, args.host, args.port, args.workers_threads, args.max_upload_mb, args.device,
-               args.replicas)
+               args.replicas, args.engine, args.onnx)
     return 0
 
 

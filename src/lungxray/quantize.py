@@ -57,8 +57,10 @@ def int8_images(predictor: Predictor, data: str | Path, calibration: int = INT8_
                 ) -> tuple[np.ndarray, np.ndarray]:
     """(calibration, check) images preprocessed under the bundle's contract, from a dataset folder.
 
-    Calibration images are an evenly spaced sample of DATA/train (of DATA itself when it has no train/ folder);
-    the agreement check runs on DATA/test when present, else on the training images not used for calibration.
+    Calibration images are an evenly spaced sample of DATA/train (of DATA itself when it has no train/ folder),
+    `calibration` of them or half of a smaller set;
+    the agreement check runs on the training images not used for calibration. Never on DATA/test: the check
+    needs no labels, but it decides whether a file is written, and nothing is decided on the test split.
     """
     from lungxray.predict import expand_paths
 
@@ -67,9 +69,9 @@ def int8_images(predictor: Predictor, data: str | Path, calibration: int = INT8_
     paths = expand_paths([train_dir])
     if not paths:
         raise ValueError(f"no images under {train_dir} to calibrate the int8 model on")
-    chosen = set(np.linspace(0, len(paths) - 1, min(calibration, len(paths))).round().astype(int).tolist())
-    check_paths = expand_paths([root / "test"]) if train_dir != root and (root / "test").is_dir() else []
-    check_paths = check_paths or [q for i, q in enumerate(paths) if i not in chosen]
+    count = min(calibration, max(1, len(paths) // 2))  # at least half of a small set is left for the check
+    chosen = set(np.linspace(0, len(paths) - 1, count).round().astype(int).tolist())
+    check_paths = [q for i, q in enumerate(paths) if i not in chosen]
     if not check_paths:
         raise ValueError(f"no images under {root} left to check the int8 model on")
 

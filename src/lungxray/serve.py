@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import copy
+import dataclasses
 import logging
 import os
 import queue
@@ -42,7 +43,7 @@ from starlette.datastructures import UploadFile
 from lungxray import __version__
 from lungxray.bundle import Bundle
 from lungxray.imageio import ImageDecodeError, is_dicom_bytes
-from lungxray.predict import Predictor
+from lungxray.predict import Predictor, load_predictor
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +128,9 @@ class _Engine:
     def __init__(self, predictor: Predictor, replicas: int = 1) -> None:
         self.predictor = predictor
         self.pool: queue.Queue[Predictor] = queue.Queue()
-        for i in range(replicas):
-            self.pool.put(predictor if i == 0 else Predictor(
-                Bundle(copy.deepcopy(predictor.bundle.model), predictor.meta, predictor.bundle.path), predictor.device))
+        for i in range(replicas):  # own PyTorch model each (Grad-CAM hooks); an ONNX session is shared (thread-safe)
+            self.pool.put(predictor if i == 0 else dataclasses.replace(
+                predictor, bundle=Bundle(copy.deepcopy(predictor.bundle.model), predictor.meta, predictor.bundle.path)))
         meta = predictor.meta
         self.model = ModelInfo(name=str(meta.get("name", Path(predictor.bundle.path).name)),
                                members=int(meta["members"]), arch=str(meta["arch"]))
@@ -325,17 +326,20 @@ def _describe(predictor: Predictor) -> str:
 
 
 def run_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, threads: int = 4,
-               max_upload_mb: float = 20.0, device: str = "cpu", replicas: int = 1) -> None:
+               max_upload_mb: float = 20.0, device: str = "cpu", replicas: int = 1, engine: str = "torch",
+               onnx_path: str | Path | None = None) -> None:
     """Load the bundle once, warm it up, and serve until interrupted (the `lungxray serve` command).
 
     With several CPU replicas, PyTorch's intra-op threads are divided among them: replicas that each spin up
-    every core fight over them (measured in bench/load_serve.py).
+    every core fight over them (measured in bench/load_serve.py). `engine="onnx"` scores with ONNX Runtime
+    (RUN/model.onnx, or `onnx_path`, e.g. an int8 export of this bundle); Grad-CAM maps still come from the
+    PyTorch model.
     """
     import torch
     import uvicorn
 
     settings = ServeSettings(max_upload_bytes=int(max_upload_mb * MB), threads=threads, replicas=replicas)
-    predictor = Predictor.load(run_dir, device)
+    predictor = load_predictor(run_dir, device, engine, onnx_path)
     if replicas > 1 and predictor.device.type == "cpu":
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         torch.set_num_threads(max(1, cores // replicas))
