@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lungxray.bundle import BundleError, load_bundle, read_meta
-from lungxray.cli import main
+from lungxray.cli import main, summary
 from lungxray.pipeline import training_pool
 from lungxray.predict import Predictor, expand_paths, predict_files
 
@@ -56,6 +56,15 @@ def test_test_metrics_have_intervals(trained_run: Path) -> None:
     acc = test["intervals"]["accuracy"]
     assert acc["low"] <= acc["value"] <= acc["high"]
     assert {"recall_covid", "macro_f1", "macro_roc_auc"} <= set(test["intervals"])
+
+
+def test_summary_gives_the_validation_figure_before_the_test_figure(trained_run: Path) -> None:
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    lines = summary(metrics, trained_run).splitlines()
+    n_val, n_test = metrics["validation"]["metrics"]["n"], metrics["test"]["metrics"]["n"]
+    assert lines[0].startswith(f"{metrics['validation_kind']} accuracy ") and f"({n_val} images" in lines[0]
+    assert lines[1].startswith("test accuracy ") and f"/{n_test} correct)" in lines[1]
+    assert lines[-1] == f"report: {trained_run / 'report.md'}"
 
 
 def test_predict_refuses_unreadable_files_by_name(trained_run: Path, tmp_path: Path) -> None:

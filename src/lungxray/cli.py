@@ -53,6 +53,11 @@ def summary(metrics: dict, run_dir: Path) -> str:
 
     test = metrics.get("test")
     lines = []
+    validation = metrics.get("validation")
+    if validation:  # the figure the model was chosen and stopped on, before the test figure it was not
+        kind = str(metrics.get("validation_kind") or "validation")
+        lines.append(f"{kind} accuracy {_iv(validation['intervals']['accuracy'])}  "
+                     f"({validation['metrics']['n']} images, what early stopping and model choice look at)")
     if test:
         iv = test["intervals"]
         m = test["metrics"]
