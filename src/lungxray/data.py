@@ -205,8 +205,8 @@ def index_folder(root: str | Path, classes: Sequence[str] | None = None) -> tupl
             reason = f"folder '{folders[at]}' maps to no class of the model: {', '.join(wanted)}"
             skipped.append(Skipped(rel.as_posix(), reason))
             continue
-        splits = [SPLIT_NAMES[p.lower()] for p in folders[:at] if p.lower() in SPLIT_NAMES]
-        source = folders[0] if at > 0 and folders[0].lower() not in SPLIT_NAMES else ""
+        splits = [SPLIT_NAMES[_folder_key(p)] for p in folders[:at] if _folder_key(p) in SPLIT_NAMES]
+        source = folders[0] if at > 0 and _folder_key(folders[0]) not in SPLIT_NAMES else ""
         records.append(Record(path, label, splits[-1] if splits else "all", source))
     records.sort(key=lambda r: r.path.relative_to(root).as_posix())
     if not records:

@@ -105,7 +105,7 @@ def _load() -> ctypes.CDLL | None:
             return _state["lib"]
         _state["tried"] = True
         reason = None
-        if os.environ.get(ENV_SWITCH, "1") == "0":
+        if _switched_off():
             reason = f"{ENV_SWITCH}=0"
         elif platform.machine().lower() not in ("x86_64", "amd64"):
             reason = f"CPU is {platform.machine()}, not x86-64"
@@ -134,18 +134,20 @@ def _load() -> ctypes.CDLL | None:
         return _state["lib"]
 
 
+def _switched_off() -> bool:
+    return os.environ.get(ENV_SWITCH, "1") == "0"
+
+
 def fused_available() -> bool:
     """Whether the kernel is built and loaded (builds it on first call); False under LUNGXRAY_FUSED=0."""
-    if os.environ.get(ENV_SWITCH, "1") == "0":
-        return False
-    return _load() is not None
+    return not _switched_off() and _load() is not None
 
 
 def kernel_info() -> dict[str, Any]:
     """Where the library is, how long its compilation took in this process (None: found in the cache), or why
     it is unavailable."""
     if not fused_available():
-        reason = f"{ENV_SWITCH}=0" if os.environ.get(ENV_SWITCH, "1") == "0" else _state["reason"]
+        reason = f"{ENV_SWITCH}=0" if _switched_off() else _state["reason"]
         return {"available": False, "path": None, "compile_s": None, "reason": reason}
     return {"available": True, "path": _state["path"], "compile_s": _state["compile_s"], "reason": None}
 
@@ -215,7 +217,7 @@ def use_fused_stem(conv: torch.nn.Module, x: Tensor) -> bool:
     Needs: the kernel, a CPU tensor, a 3x3 valid stride-1 undilated conv with bias and one input channel per
     group, an fp32 weight, fp32/bf16 input of at least 4x4, no tracing or export, and no autocast other than bf16.
     """
-    if _tracing() or os.environ.get(ENV_SWITCH, "1") == "0":
+    if _tracing():  # fused_available() below also honours LUNGXRAY_FUSED=0
         return False
     if not isinstance(conv, torch.nn.Conv2d) or conv.bias is None:
         return False
@@ -276,7 +278,7 @@ class _FusedPoolReLU(torch.autograd.Function):
 def use_fused_pool_relu(x: Tensor) -> bool:
     """Whether `fused_pool_relu(x)` can replace relu(max_pool2d(x, 2)): the kernel, a 4-D fp32/bf16 CPU tensor of at
     least 2x2, no tracing or export."""
-    if _tracing() or os.environ.get(ENV_SWITCH, "1") == "0":
+    if _tracing():  # fused_available() below also honours LUNGXRAY_FUSED=0
         return False
     if (x.device.type != "cpu" or x.dim() != 4 or x.dtype not in (torch.float32, torch.bfloat16)
             or x.shape[-1] < 2 or x.shape[-2] < 2 or x.numel() == 0):

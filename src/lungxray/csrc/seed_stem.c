@@ -76,6 +76,20 @@ static inline void store_u8(uint8_t *p, vi v, int n) {
     else memcpy(p, &b, (size_t)n);
 }
 
+/* the maximum of a 2x2 window's 4 values per lane and its position 0-3: the first maximum wins, a NaN wins
+ * (PyTorch's max-pool: val > max || isnan(val)) */
+static inline vf max4(const vf a[4], vi *arg) {
+    vf m = a[0];
+    vi at = {0};
+    for (int d = 1; d < 4; d++) {
+        const vi take = (a[d] > m) | (a[d] != a[d]);
+        m = vsel(take, a[d], m);
+        at = (at & ~take) | (((vi){0} + d) & take);
+    }
+    *arg = at;
+    return m;
+}
+
 static inline int clamp_threads(int nthreads) { return nthreads > 0 ? nthreads : 1; }
 
 /* ------------------------------------------------------------------------------------------------ forward */
@@ -111,13 +125,8 @@ void seed_stem_forward(const float *x, const float *wt, const float *bias, void 
                     s += w[8] * pr[dy + 2][dx + 2];
                     a[d] = s;
                 }
-                vf m = a[0];
-                vi arg = {0};
-                for (int d = 1; d < 4; d++) {
-                    const vi take = (a[d] > m) | (a[d] != a[d]);  /* PyTorch: val > max || isnan(val) */
-                    m = vsel(take, a[d], m);
-                    arg = (arg & ~take) | (((vi){0} + d) & take);
-                }
+                vi arg;
+                vf m = max4(a, &arg);
                 m += b;
                 const vi pos = m > 0;  /* ReLU passes (and its gradient flows) where out > 0 */
                 m = vsel(pos, m, (vf){0});
@@ -272,13 +281,8 @@ void seed_pool_relu_forward(const void *x, void *out, uint8_t *code, int64_t N, 
                 const int64_t q = 2 * j * C + c0;
                 const vf a[4] = {load_any(x, r0 + q, nl, bf16), load_any(x, r0 + q + C, nl, bf16),
                                  load_any(x, r1 + q, nl, bf16), load_any(x, r1 + q + C, nl, bf16)};
-                vf m = a[0];
-                vi arg = {0};
-                for (int d = 1; d < 4; d++) {
-                    const vi take = (a[d] > m) | (a[d] != a[d]);  /* PyTorch: val > max || isnan(val) */
-                    m = vsel(take, a[d], m);
-                    arg = (arg & ~take) | (((vi){0} + d) & take);
-                }
+                vi arg;
+                vf m = max4(a, &arg);
                 const vi clip = m <= 0;  /* false for NaN: relu(NaN) = NaN, and its gradient flows */
                 m = vsel(clip, (vf){0}, m);
                 arg |= ((vi){0} + 4) & clip;
