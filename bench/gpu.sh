@@ -4,6 +4,8 @@
 #
 #     bash bench/gpu.sh            # writes JSON and Markdown under $OUT (default /tmp/lungxray-gpu)
 #
+# With LUNGXRAY_DATA set it also trains configs/reference.yaml on the GPU and runs a 1-process nccl torchrun.
+#
 # Uses .venv/bin/python when present, else python3 (the GPU machines' image has PyTorch; the package is run
 # from src/, nothing is installed).
 set -uo pipefail
@@ -52,6 +54,17 @@ print(f\"compact_cnn batch 1: p50 {e['latency_ms_p50']:.2f} ms p99 {e['latency_m
 
 step "cost against dataset size (synthetic when the dataset is absent), 2 epochs"
 $PY bench/scale.py --device cuda --factors 1 4 16 --epochs 2 --out "$OUT/scale.md" || status=1
+
+if [ -n "${LUNGXRAY_DATA:-}" ]; then
+    step "the reference recipe on the real dataset, --device cuda (make run's job; wall time includes decoding)"
+    t0=$(date +%s)
+    $PY -m lungxray train --config configs/reference.yaml --data "$LUNGXRAY_DATA" --out "$OUT/reference_cuda" \
+        --device cuda 2>&1 | grep -vE "^\s*(epoch|Epoch)" | tail -25 || status=1
+    echo "reference on cuda: $(( $(date +%s) - t0 )) s wall"
+    step "torchrun, 1 process, nccl backend (smoke config, real dataset)"
+    $PY -m torch.distributed.run --standalone --nproc-per-node 1 -m lungxray train --config configs/smoke.yaml \
+        --data "$LUNGXRAY_DATA" --out "$OUT/smoke_nccl" --device cuda 2>&1 | tail -5 || status=1
+fi
 
 echo
 [ $status -eq 0 ] && echo "gpu.sh: all checks passed" || echo "gpu.sh: some step FAILED (see above)"
