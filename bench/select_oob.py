@@ -78,7 +78,8 @@ def main() -> int:
     p.add_argument("--config", default=str(ROOT / "configs/reference.yaml"))
     p.add_argument("--data", required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--candidate", action="append", required=True, help="NAME[:key=value,...]; the first is the incumbent")
+    p.add_argument("--candidate", action="append", required=True,
+                   help="NAME[:key=value,...]; the first is the incumbent")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--device", default="cpu")
     p.add_argument("--jobs", type=int, default=1)
@@ -102,7 +103,8 @@ def main() -> int:
                     key=lambda n: -summary[n]["oob_accuracy"])
     to_shift = [incumbent, *ranked[: a.shift_top]]
     with ThreadPoolExecutor(a.jobs) as pool:
-        shifts = list(pool.map(lambda run: shift_one(a, run), [r["run"] for n in to_shift for r in by[n] if "run" in r]))
+        runs = [r["run"] for n in to_shift for r in by[n] if "run" in r]
+        shifts = list(pool.map(lambda run: shift_one(a, run), runs))
     for n in to_shift:
         mine = [s for s in shifts if Path(s["run"]).name.rsplit("_s", 1)[0] == n]
         summary[n]["shift_mean"] = mean(mine, "shift_mean")
@@ -131,7 +133,8 @@ def main() -> int:
     text = "\n".join(lines)
     print(text)
     (a.out / "selection.md").write_text(text + "\n")
-    (a.out / "selection.json").write_text(json.dumps({"choice": choice, "summary": summary, "rule": lines[0]}, indent=1))
+    record = {"choice": choice, "summary": summary, "rule": lines[0]}
+    (a.out / "selection.json").write_text(json.dumps(record, indent=1))
     return 0
 
 
