@@ -47,7 +47,7 @@ def train_one(a: argparse.Namespace, name: str, sets: list[str], seed: int) -> d
     if not (run / "metrics.json").exists():
         cmd = ["train", "--config", a.config, "--data", a.data, "--out", str(run), "--device", a.device,
                "--set", f"seed={seed}", "--set", f"train.threads={a.threads}"]
-        for s in sets:
+        for s in [*a.base_sets, *sets]:
             cmd += ["--set", s]
         if lungxray(cmd, a.out / f"{name}_s{seed}.log", a.threads) != 0:
             return {"candidate": name, "seed": seed, "error": f"training failed, see {run}.log"}
@@ -78,6 +78,8 @@ def main() -> int:
     p.add_argument("--config", default=str(ROOT / "configs/reference.yaml"))
     p.add_argument("--data", required=True)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--set", dest="base_sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override applied to every candidate (e.g. a shorter schedule for a quick look)")
     p.add_argument("--candidate", action="append", required=True,
                    help="NAME[:key=value,...]; the first is the incumbent")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
