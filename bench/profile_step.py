@@ -13,6 +13,7 @@ import argparse
 from torch.profiler import ProfilerActivity, profile
 
 from lungxray.bench import bench_train
+from lungxray.runtime import reuse_freed_memory
 
 KINDS = {  # label -> substrings of operator names
     "convolution": ("convolution",),
@@ -33,6 +34,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--rows", type=int, default=20)
     args = ap.parse_args()
+    reuse_freed_memory()  # as the `lungxray` command does
     bench_train(args.arch, args.batch_size, steps=2, warmup=1, members=args.members, with_peak=False)  # warm
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         r = bench_train(args.arch, args.batch_size, steps=args.steps, warmup=0, members=args.members,

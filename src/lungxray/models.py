@@ -17,13 +17,16 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lungxray.fused_stem import fused_pool_relu, fused_stem, use_fused_pool_relu, use_fused_stem
+
+if TYPE_CHECKING:
+    from lungxray.fused_dense import DenseMaster
 
 __all__ = ["PackedLinear", "PackedNet", "build_model", "count_flops", "extract_member", "list_models", "model_info",
            "register_model", "stack_members"]  # fmt: skip
@@ -151,6 +154,7 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features, self.members = in_features, out_features, members
         self.weight = nn.Parameter(torch.empty(members, out_features, in_features))
         self.bias = nn.Parameter(torch.empty(members * out_features)) if bias else None
+        self.master: DenseMaster | None = None  # set by fused_dense.attach_dense_masters (training speed only)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -163,6 +167,8 @@ class PackedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # (B, K, in) -> (B, K, out)
         k, o = self.members, self.out_features
         if k == 1:  # plain GEMM; view (not weight[0], whose backward zero-fills and copies the whole weight)
+            if self.master is not None and self.training and self.master.usable(x):
+                return self.master.linear(x, self.bias)  # bf16 copy kept by the optimizer (fused_dense)
             return F.linear(x, self.weight.view(o, self.in_features), self.bias)
         xt = x.transpose(0, 1)  # (K, B, in)
         wt = self.weight.transpose(1, 2)  # (K, in, out)
@@ -331,11 +337,17 @@ class SeedCNN(PackedNet):
     bit-identical in values and gradients; measured 1.32-1.41x per training step on top of the fused first
     block in most round-robin runs (1.11x in one; docs/performance.md). `model.fused_pool = False` turns it off
     alone.
+
+    `fused_dense` (with `fused`): the first dense layer's 14.7 M weights are trained from a bf16 copy that the
+    optimizer writes in the same pass as its AdamW update (`lungxray.fused_dense`), instead of autocast casting the
+    weight to bf16 and the gradient back to fp32 every step; attached by `train.make_optimizer` for AdamW on CPU.
+    `model.fused_dense = False` before building the optimizer turns it off alone.
     """
 
     micro_batch: int = 8
     fused: bool = True
     fused_pool: bool = True
+    fused_dense: bool = True
 
     def __init__(
         self,
