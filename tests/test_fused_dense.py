@@ -112,6 +112,15 @@ def test_a_second_gradient_on_the_weight_is_refused() -> None:
         oa.step()
 
 
+def test_kernels_switched_off_after_the_optimizer_never_drop_an_update(monkeypatch: pytest.MonkeyPatch) -> None:
+    a, oa, _, _ = pair()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a(torch.randn(4, 1, IN)).float().sum().backward()
+    monkeypatch.setenv(fs.ENV_SWITCH, "0")
+    with pytest.raises(RuntimeError, match="unavailable now"):
+        oa.step()
+
+
 def test_plain_path_outside_bf16_training() -> None:
     a, _, _, _ = pair()
     x = torch.randn(4, 1, IN)

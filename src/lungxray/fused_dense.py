@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lungxray.fused_stem import library
+from lungxray.fused_stem import kernel_info, library
 
 __all__ = ["MIN_WEIGHTS", "DenseMaster", "attach_dense_masters"]
 
@@ -68,9 +68,12 @@ class DenseMaster:
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         """Apply AdamW to the weight from grad16 and refresh w16, in one pass (see the module docstring)."""
-        lib = library()
-        if not self.pending or lib is None:
+        if not self.pending:
             return
+        lib = library()
+        if lib is None:  # switched off after the optimizer was built: never drop an update silently
+            reason = kernel_info()["reason"]
+            raise RuntimeError(f"the fused kernels are unavailable now ({reason}); rebuild the optimizer")
         p, g = self.weight, self.group
         if p.grad is not None:  # e.g. a loss term on the weight itself: AdamW just stepped it from that alone
             raise RuntimeError("a DenseMaster weight also received an autograd gradient (a penalty on the weight?); "
