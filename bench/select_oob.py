@@ -8,7 +8,8 @@ reads or prints them, so the choice cannot lean on the test split.
 
 The rule (stated before the runs, printed with the table): a challenger replaces the incumbent when its mean OOB
 accuracy is at least `--min-gain` higher and its mean OOB macro F1 under shift is no more than `--max-shift-drop`
-lower; among several, the highest mean OOB accuracy wins.
+lower; among several, the highest mean OOB accuracy wins. `--reveal-test` appends each run's test accuracy
+after the choice has been written, for the record; nothing reads it back.
 
     python bench/select_oob.py --data DIR --out runs/select --device cuda --jobs 4 --seeds 0 1 2 \\
         --candidate ref --candidate k20:ensemble.members=20 --candidate ls:train.label_smoothing=0.1
@@ -89,6 +90,8 @@ def main() -> int:
     p.add_argument("--shift-top", type=int, default=2, help="challengers (by OOB accuracy) to shift-benchmark")
     p.add_argument("--min-gain", type=float, default=0.005)
     p.add_argument("--max-shift-drop", type=float, default=0.01)
+    p.add_argument("--reveal-test", action="store_true",
+                   help="after the choice is written, append each run's test accuracy (for the record)")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     cands = [parse_candidate(c) for c in a.candidate]
@@ -137,7 +140,28 @@ def main() -> int:
     (a.out / "selection.md").write_text(text + "\n")
     record = {"choice": choice, "summary": summary, "rule": lines[0]}
     (a.out / "selection.json").write_text(json.dumps(record, indent=1))
+    if a.reveal_test:  # only now, with the choice on disk
+        record["test_after_choice"] = reveal_test(a.out, by)
+        (a.out / "selection.json").write_text(json.dumps(record, indent=1))
     return 0
+
+
+def reveal_test(out: Path, by: dict[str, list[dict]]) -> dict[str, list[str]]:
+    """Each run's test count (correct/total), printed and appended to selection.md below the choice."""
+    found = {}
+    for name, rows in by.items():
+        counts = []
+        for r in rows:
+            if "run" in r:
+                t = json.loads((Path(r["run"]) / "metrics.json").read_text())["test"]["metrics"]
+                counts.append(f"{round(t['accuracy'] * t['n'])}/{t['n']}")
+        found[name] = counts
+    lines = ["", "Test figures, read after the choice above was written (not used by it):", ""]
+    lines += [f"- {name}: {' / '.join(c) or '–'}" for name, c in found.items()]
+    print("\n".join(lines))
+    with (out / "selection.md").open("a") as f:
+        f.write("\n".join(lines) + "\n")
+    return found
 
 
 if __name__ == "__main__":

@@ -37,6 +37,10 @@ def test_rule_decides_and_finished_runs_are_reused(tiny_dataset: Path, tmp_path:
 
     log = out / "ls_s0.log"
     before = log.stat().st_mtime_ns
-    kept = select(tiny_dataset, out, "--min-gain", "1")  # no challenger can gain a whole unit of accuracy
+    kept = select(tiny_dataset, out, "--min-gain", "1", "--reveal-test")  # no challenger can gain a whole unit
     assert kept["choice"] == "base" and "the incumbent stays" in kept["printed"]
     assert log.stat().st_mtime_ns == before  # the finished run was read, not trained again
+    choice_at = kept["printed"].index("Choice:")
+    assert kept["printed"].index("read after the choice") > choice_at  # revealed only below the decision
+    test = json.loads((out / "base_s0" / "metrics.json").read_text())["test"]["metrics"]
+    assert kept["test_after_choice"]["base"] == [f"{round(test['accuracy'] * test['n'])}/{test['n']}"]
