@@ -4,7 +4,9 @@ autocast + PyTorch's fused AdamW give, keeps AdamW's state format, and stays out
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -169,3 +171,33 @@ def test_seed_cnn_gets_one_master_and_trains() -> None:
         opt.step()
     assert torch.isfinite(loss) and model.fc1.weight.grad is None
     assert not torch.equal(model.fc1.weight, before)
+
+
+def _fit_seed_cnn(run_dir: Path, epochs: int, resume: bool) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """A real fit() of seed_cnn with its master, bf16 autocast, checkpointing every epoch (as a new process)."""
+    from lungxray.augment import Augmenter, resolve_params
+    from lungxray.ensemble import plan_members
+    from lungxray.runtime import seed_everything
+    from lungxray.train import fit
+
+    seed_everything(0, deterministic=True)
+    rng = np.random.default_rng(0)
+    labels = np.arange(24) % 3
+    images = rng.integers(0, 255, (24, 96, 96)).astype(np.uint8)
+    plan = plan_members(labels, members=1, bootstrap=True, seed=0)
+    model = build_model("seed_cnn", image_size=96).to(memory_format=torch.channels_last)
+    cfg = TrainConfig(epochs=epochs, batch_size=8, lr=1e-3, early_stopping_patience=0, precision="bf16")
+    state = fit(model, torch.as_tensor(images), torch.as_tensor(labels), plan, cfg,
+                Augmenter(resolve_params("seed"), seed=1), amp_dtype=torch.bfloat16, run_dir=run_dir, resume=resume)
+    assert model.fc1.master is not None
+    history = [{k: v for k, v in h.items() if k not in ("seconds", "images_per_second")} for h in state.history]
+    return {k: v.clone() for k, v in model.state_dict().items()}, history
+
+
+def test_fit_with_the_master_resumes_to_the_same_weights(tmp_path: Path) -> None:
+    full_weights, full_history = _fit_seed_cnn(tmp_path / "full", epochs=3, resume=False)
+    _fit_seed_cnn(tmp_path / "cut", epochs=1, resume=False)  # the checkpoint a killed run leaves behind
+    weights, history = _fit_seed_cnn(tmp_path / "cut", epochs=3, resume=True)
+    assert history == full_history
+    for name, value in full_weights.items():
+        assert torch.equal(weights[name], value), name
