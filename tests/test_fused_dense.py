@@ -125,6 +125,7 @@ def test_kernels_switched_off_after_the_optimizer_never_drop_an_update(monkeypat
 
 def test_plain_path_outside_bf16_training() -> None:
     a, _, _, _ = pair()
+    assert copy.deepcopy(a).master is None  # no optimizer drives a copy's buffer
     x = torch.randn(4, 1, IN)
     a.eval()
     with torch.autocast("cpu", dtype=torch.bfloat16):

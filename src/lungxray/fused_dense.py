@@ -47,6 +47,10 @@ class DenseMaster:
         self.version = -1  # weight._version when w16 was last written; anything else means "cast again"
         self.pending = False  # grad16 holds a gradient the optimizer has not applied yet
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> None:
+        """A copied model has no optimizer applying the buffer: the copy's layer takes the plain path."""
+        return None
+
     def usable(self, x: Tensor) -> bool:
         return (
             x.device.type == "cpu" and torch.is_grad_enabled() and self.weight.requires_grad
