@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lungxray.fused_stem import kernel_info, library
+from lungxray.fused_stem import bf16_autocast, kernel_info, library, tracing
 
 __all__ = ["MIN_WEIGHTS", "DenseMaster", "attach_dense_masters"]
 
@@ -53,10 +53,8 @@ class DenseMaster:
 
     def usable(self, x: Tensor) -> bool:
         return (
-            x.device.type == "cpu" and torch.is_grad_enabled() and self.weight.requires_grad
-            and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-            and not (dist.is_available() and dist.is_initialized())
-            and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+            x.device.type == "cpu" and torch.is_grad_enabled() and self.weight.requires_grad and bf16_autocast()
+            and not (dist.is_available() and dist.is_initialized()) and not tracing()
         )
 
     def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:

@@ -44,8 +44,8 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ENV_SWITCH", "fused_available", "fused_pool_relu", "fused_stem", "kernel_info", "use_fused_pool_relu",
-           "use_fused_stem"]
+__all__ = ["ENV_SWITCH", "bf16_autocast", "fused_available", "fused_pool_relu", "fused_stem", "kernel_info",
+           "library", "tracing", "use_fused_pool_relu", "use_fused_stem"]
 
 ENV_SWITCH = "LUNGXRAY_FUSED"  # "0" turns the kernel off
 SOURCE = Path(__file__).with_name("csrc") / "seed_stem.c"
@@ -146,7 +146,7 @@ def library() -> ctypes.CDLL | None:
 
 def fused_available() -> bool:
     """Whether the kernel is built and loaded (builds it on first call); False under LUNGXRAY_FUSED=0."""
-    return not _switched_off() and _load() is not None
+    return library() is not None
 
 
 def kernel_info() -> dict[str, Any]:
@@ -209,12 +209,17 @@ class _FusedStem(torch.autograd.Function):
         return dx, dw, db, None, None
 
 
-def _tracing() -> bool:
+def tracing() -> bool:
     """Under TorchScript tracing, ONNX export, torch.compile or torch.export: the graph must see plain ops."""
     compiler = torch.compiler
     if compiler.is_compiling() or (hasattr(compiler, "is_exporting") and compiler.is_exporting()):
         return True
     return bool(torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export())
+
+
+def bf16_autocast() -> bool:
+    """Whether CPU autocast is on with bf16: the kernels then write bf16, as the replaced ops would."""
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
 def use_fused_stem(conv: torch.nn.Module, x: Tensor) -> bool:
@@ -223,7 +228,7 @@ def use_fused_stem(conv: torch.nn.Module, x: Tensor) -> bool:
     Needs: the kernel, a CPU tensor, a 3x3 valid stride-1 undilated conv with bias and one input channel per
     group, an fp32 weight, fp32/bf16 input of at least 4x4, no tracing or export, and no autocast other than bf16.
     """
-    if _tracing():  # fused_available() below also honours LUNGXRAY_FUSED=0
+    if tracing():  # fused_available() below also honours LUNGXRAY_FUSED=0
         return False
     if not isinstance(conv, torch.nn.Conv2d) or conv.bias is None:
         return False
@@ -235,7 +240,7 @@ def use_fused_stem(conv: torch.nn.Module, x: Tensor) -> bool:
             or conv.padding_mode != "zeros" or w.shape[1] != 1 or x.shape[1] != conv.groups
             or w.shape[0] % conv.groups or x.shape[-1] < 4 or x.shape[-2] < 4):
         return False
-    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.bfloat16:
+    if torch.is_autocast_enabled("cpu") and not bf16_autocast():
         return False
     return fused_available()
 
@@ -245,8 +250,7 @@ def fused_stem(x: Tensor, weight: Tensor, bias: Tensor, groups: int) -> Tensor:
 
     Check `use_fused_stem` first. The output is channels_last; bf16 under bf16 autocast, else fp32.
     """
-    out_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    out: Tensor = _FusedStem.apply(x, weight, bias, groups, out_bf16)
+    out: Tensor = _FusedStem.apply(x, weight, bias, groups, bf16_autocast())
     return out
 
 
@@ -284,7 +288,7 @@ class _FusedPoolReLU(torch.autograd.Function):
 def use_fused_pool_relu(x: Tensor) -> bool:
     """Whether `fused_pool_relu(x)` can replace relu(max_pool2d(x, 2)): the kernel, a 4-D fp32/bf16 CPU tensor of at
     least 2x2, no tracing or export."""
-    if _tracing():  # fused_available() below also honours LUNGXRAY_FUSED=0
+    if tracing():  # fused_available() below also honours LUNGXRAY_FUSED=0
         return False
     if (x.device.type != "cpu" or x.dim() != 4 or x.dtype not in (torch.float32, torch.bfloat16)
             or x.shape[-1] < 2 or x.shape[-2] < 2 or x.numel() == 0):
