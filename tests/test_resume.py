@@ -57,7 +57,8 @@ def _problem(n: int = 30, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.as_tensor(images), torch.as_tensor(labels)
 
 
-def _fit(run_dir: Path, epochs: int, resume: bool, seed: int = 0, plan_seed: int = 0) -> tuple[dict, list]:
+def _fit(run_dir: Path, epochs: int, resume: bool, seed: int = 0, plan_seed: int = 0,
+         ema_epochs: float = 0.0) -> tuple[dict, list]:
     """Fresh model, optimizer and augmenter (as a new process would build them), then fit."""
     from lungxray.train import fit
 
@@ -69,7 +70,7 @@ def _fit(run_dir: Path, epochs: int, resume: bool, seed: int = 0, plan_seed: int
     model = build_model("compact_cnn", num_classes=3, members=2, width=4, dropout=0.3)
     model = model.to(memory_format=torch.channels_last)  # as train_run has it: the optimizer state follows suit
     cfg = TrainConfig(epochs=epochs, batch_size=8, lr=3e-3, monitor="val_accuracy", plateau_patience=1,
-                      early_stopping_patience=2, precision="fp32")
+                      early_stopping_patience=2, precision="fp32", ema_epochs=ema_epochs)
     augmenter = Augmenter(resolve_params("seed"), seed=seed + 1)
     try:
         state = fit(model, images, labels, plan, cfg, augmenter, seed=seed, run_dir=run_dir, resume=resume)
@@ -117,6 +118,24 @@ def test_resume_from_an_epoch_boundary_equals_an_uninterrupted_fit(
     assert _strip(history) == _strip(full_history)
     for name, value in full_weights.items():
         assert torch.equal(weights[name], value), name
+
+
+def test_resume_with_a_weight_average_equals_an_uninterrupted_fit(tmp_path: Path) -> None:
+    """The average is checkpointed with the weights: dropping it on resume would restart it from the raw weights."""
+    full_weights, full_history = _fit(tmp_path / "full", epochs=4, resume=False, ema_epochs=1.0)
+    _fit(tmp_path / "cut", epochs=2, resume=False, ema_epochs=1.0)
+    weights, history = _fit(tmp_path / "cut", epochs=4, resume=True, ema_epochs=1.0)
+    assert _strip(history) == _strip(full_history)
+    for name, value in full_weights.items():
+        assert torch.equal(weights[name], value), name
+
+
+@pytest.mark.parametrize(("before", "after"), [(0.0, 1.0), (1.0, 0.0)])
+def test_resume_refuses_a_checkpoint_with_another_averaging_setting(tmp_path: Path, before: float,
+                                                                    after: float) -> None:
+    _fit(tmp_path, epochs=1, resume=False, ema_epochs=before)
+    with pytest.raises(CheckpointError, match="weight average"):
+        _fit(tmp_path, epochs=2, resume=True, ema_epochs=after)
 
 
 def test_resume_refuses_a_checkpoint_of_other_training_samples(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lungxray.augment import Augmenter
+from lungxray.averaging import WeightAverage
 from lungxray.ensemble import MemberPlan
 from lungxray.files import atomic_write
 
@@ -71,6 +72,7 @@ def save_checkpoint(
     rng: np.random.Generator,
     augmenter: Augmenter,
     plan: MemberPlan | None = None,
+    average: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """One file, renamed into place: a SIGKILL at any moment leaves either the previous or the new checkpoint.
 
@@ -80,6 +82,7 @@ def save_checkpoint(
     """
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tensors |= {f"best.{k}": v.contiguous().cpu() for k, v in best_state.items()}
+    tensors |= {f"average.{k}": v.contiguous().cpu() for k, v in (average or {}).items()}
     opt_tensors, opt_meta = _flat_optimizer(optimizer)
     tensors |= opt_tensors
     tensors["rng.torch"] = torch.get_rng_state()
@@ -134,8 +137,10 @@ def load_checkpoint(
     augmenter: Augmenter,
     state_cls: type,
     plan: MemberPlan | None = None,
+    average: WeightAverage | None = None,
 ) -> tuple[Any, dict[str, torch.Tensor], np.random.Generator]:
-    """Restore model, optimizer and generators in place; return (train state, best weights, numpy rng).
+    """Restore model, optimizer, generators and the weight average in place; return (train state, best
+    weights, numpy rng).
 
     With `plan`, refuse a checkpoint written for a different member plan (the data or the seed changed).
     """
@@ -163,6 +168,12 @@ def load_checkpoint(
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: does not match the model of this run's config.yaml") from exc
     best = {k[5:]: v.to(device) for k, v in tensors.items() if k.startswith("best.")}
+    saved_average = {k[8:]: v for k, v in tensors.items() if k.startswith("average.")}
+    if (average is not None) != bool(saved_average):
+        raise CheckpointError(f"{path}: written {'with' if saved_average else 'without'} a weight average "
+                              "(train.ema_epochs), which this run's config.yaml does not match")
+    if average is not None:
+        average.load(saved_average)
     _restore_optimizer(optimizer, tensors, meta["optimizer"])
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and device.type == "cuda":

@@ -80,6 +80,8 @@ class TrainConfig:
     max_batch_size: int = 128
     early_stopping_patience: int = 10  # 0 disables early stopping
     restore_best: bool = True  # end with each member's best-validation weights rather than the last epoch's
+    ema_epochs: float = 0.0  # > 0: validate and keep an exponential moving average of the weights, time constant
+    # in epochs (lungxray.averaging); 0 = the raw weights
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     channels_last: bool = True
     compile: bool = False
@@ -248,6 +250,7 @@ def _validate(c: RunConfig) -> None:
         (c.train.epochs >= 1, "train.epochs must be at least 1"),
         (c.train.batch_size >= 1, "train.batch_size must be at least 1"),
         (c.train.lr > 0, "train.lr must be positive"),
+        (c.train.ema_epochs >= 0, "train.ema_epochs must be 0 (off) or positive"),
         (c.ensemble.members >= 1, "ensemble.members must be at least 1"),
         (0.0 < c.calibration.refer_coverage <= 1.0, "calibration.refer_coverage must be in (0, 1]"),
     ]

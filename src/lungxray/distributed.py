@@ -202,11 +202,12 @@ def wrap(model: nn.Module) -> nn.Module:
     return DistributedDataParallel(model, device_ids=ids)
 
 
-def sync_buffers(model: nn.Module) -> None:
-    """Copy rank 0's buffers (BatchNorm running statistics) to every rank, so all ranks validate one model."""
+def sync_buffers(model: nn.Module, *more: torch.Tensor) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics), and `more` tensors (e.g. a weight average, which
+    averages those statistics too), to every rank, so all ranks validate one model."""
     if not _CTX.data_parallel:
         return
-    for buf in model.buffers():
+    for buf in (*model.buffers(), *more):
         dist.broadcast(buf, src=0)
 
 

@@ -16,6 +16,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from torch import nn
 
 from lungxray import distributed
 from lungxray.augment import Augmenter
+from lungxray.averaging import WeightAverage, decay_for
 from lungxray.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from lungxray.config import TrainConfig
 from lungxray.ensemble import MemberPlan
@@ -143,11 +145,13 @@ def train_one_epoch(
     class_weights: torch.Tensor | None,
     on_step: Callable[[int], None] | None = None,
     photometric: PhotometricAugmenter | None = None,
+    average: WeightAverage | None = None,
 ) -> dict[str, float]:
     """One pass over each member's sample; returns mean training loss and accuracy over active members.
 
     `photometric` (gamma, contrast, blur, noise, JPEG) runs after the geometric augmentation; it is reseeded
     from the epoch number, so a resumed run draws the same changes without a checkpointed generator.
+    `average`, when given, is updated after every optimizer step (time constant `cfg.ema_epochs`).
     """
     if photometric is not None:
         photometric.set_epoch(state.epoch)
@@ -158,6 +162,7 @@ def train_one_epoch(
     model.train()
     total_loss, total_correct, total_seen = 0.0, 0.0, 0
     bs = state.batch_size
+    decay = decay_for(cfg.ema_epochs, math.ceil(n / bs))
     world = distributed.data_world()  # ranks sharing each batch (1 without torchrun)
     for start in range(0, n, bs):
         idx = torch.as_tensor(order[:, start : start + bs], device=device)  # (K, B) the global batch
@@ -183,6 +188,8 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if average is not None:
+            average.update(decay)
         with torch.no_grad():
             correct = (logits.argmax(-1) == y).float().mean(0)
         n_active = float(active.sum().clamp(min=1))
@@ -326,12 +333,14 @@ def fit(
     optimizer = make_optimizer(model, cfg)
     rng = np.random.default_rng(seed)
     best_state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    average = WeightAverage(model) if cfg.ema_epochs > 0 else None  # validated and kept instead of the weights
     state = TrainState(
         lr=cfg.lr, batch_size=cfg.batch_size, member_best=[math.inf] * members,
         member_best_epoch=[0] * members, member_wait=[0] * members, member_stopped=[False] * members,
     )
     if resume and run_dir is not None and has_checkpoint(run_dir):
-        state, best_state, rng = load_checkpoint(run_dir, model, optimizer, augmenter, TrainState, plan=plan)
+        state, best_state, rng = load_checkpoint(run_dir, model, optimizer, augmenter, TrainState, plan=plan,
+                                                 average=average)
         log.info("resuming %s after epoch %d", run_dir, state.epoch)
     weights = class_weight_table(labels, plan, int(labels.max()) + 1) if cfg.class_weights else None
     step_model: Any = distributed.wrap(model)  # DistributedDataParallel under data-parallel torchrun
@@ -343,13 +352,15 @@ def fit(
         seen_before = state.images_seen
         metrics = train_one_epoch(
             step_model, images, labels, plan, optimizer, augmenter, state, cfg, rng, amp_dtype, weights,
-            on_step=bar.update if bar is not None else None, photometric=photometric,
+            on_step=bar.update if bar is not None else None, photometric=photometric, average=average,
         )
         train_seconds = time.perf_counter() - start
         if bar is not None:
             bar.close()
-        distributed.sync_buffers(model)  # rank 0's BatchNorm statistics everywhere: all ranks validate one model
-        val = evaluate_members(model, images, labels, plan, amp_dtype)
+        # rank 0's BatchNorm statistics (and their average) everywhere: all ranks validate one model
+        distributed.sync_buffers(model, *(average.shadow.values() if average is not None else ()))
+        with average.applied(model) if average is not None else nullcontext():
+            val = evaluate_members(model, images, labels, plan, amp_dtype)
         state.epoch += 1
         state.train_seconds += train_seconds
         record = {
@@ -359,7 +370,8 @@ def fit(
             "seconds": time.perf_counter() - start,
             "images_per_second": (state.images_seen - seen_before) / max(train_seconds, 1e-9),
         }
-        events = end_of_epoch(state, cfg, optimizer, val, model.state_dict(), best_state, members)
+        validated = average.shadow if average is not None else model.state_dict()
+        events = end_of_epoch(state, cfg, optimizer, val, validated, best_state, members)
         record["events"] = events
         state.history.append(record)
         log.info(
@@ -370,9 +382,12 @@ def fit(
         if on_epoch is not None:
             on_epoch(record)
         if run_dir is not None and distributed.should_write():
-            save_checkpoint(run_dir, model, best_state, optimizer, state, rng, augmenter, plan=plan)
+            save_checkpoint(run_dir, model, best_state, optimizer, state, rng, augmenter, plan=plan,
+                            average=average.shadow if average is not None else None)
     if cfg.restore_best:
         model.load_state_dict(best_state)
+    elif average is not None:
+        model.load_state_dict(average.shadow)
     return state
 
 
