@@ -48,7 +48,7 @@ def main() -> None:
         print(f"| {i} | {k['images_per_second']:.1f} ({k['load_average']}) | {m['images_per_second']:.1f} "
               f"({m['load_average']}) | {ratios[-1]:.2f}x |", flush=True)
     print(f"\nmedian ratio {statistics.median(ratios):.2f}x ({m['dtype']}, channels_last={m['channels_last']}, "
-          f"compiled={m['compiled']}, {k['framework']})")
+          f"compiled={m['compiled']}, OpenMP wait: {m.get('omp_wait_policy')}, {k['framework']})")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ class WeightAverage:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self._live = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+        self._live = dict(model.state_dict(keep_vars=True))
         self.shadow = {k: v.detach().clone() for k, v in self._live.items()}  # same strides: one fused lerp
         self._float = [k for k, v in self.shadow.items() if v.is_floating_point()]
         self._other = [k for k in self.shadow if k not in self._float]

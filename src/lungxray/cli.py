@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-log = logging.getLogger("lungxray")
+from lungxray.waitpolicy import choose_wait_policy
 
-# Before torch (imported lazily by the commands) loads OpenMP: threads that spin while waiting steal the cores the
-# working threads need when the CPU is shared. Measured under load ~6 on 2 cores: training 1.4x faster, batch-1
-# latency 18 ms instead of 300 ms (docs/performance.md). OMP_WAIT_POLICY=ACTIVE in the environment overrides it.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+log = logging.getLogger("lungxray")
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -326,6 +322,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
     )
+    # before anything imports torch (the commands import it lazily): spin on a free CPU, sleep on a shared one
+    policy = choose_wait_policy(args.command)
+    log.log(logging.INFO if args.command == "train" else logging.DEBUG, "%s", policy)
     from lungxray.bundle import BundleError
     from lungxray.config import ConfigError
     from lungxray.imageio import ImageDecodeError
