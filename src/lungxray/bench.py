@@ -36,6 +36,7 @@ from lungxray.ensemble import MemberPlan, plan_members
 from lungxray.models import build_model, count_flops
 from lungxray.runtime import resolve_device, resolve_precision, set_threads
 from lungxray.train import TrainState, fit, make_optimizer, train_one_epoch
+from lungxray.waitpolicy import wait_policy
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
         "cpu": cpu,
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "threads": torch.get_num_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "libgomp default (spin, then sleep)",
+        "omp_wait_policy": wait_policy(),
         "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "torch": torch.__version__,
     }

@@ -323,8 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
     )
     # before anything imports torch (the commands import it lazily): spin on a free CPU, sleep on a shared one
-    policy = choose_wait_policy(args.command)
-    log.log(logging.INFO if args.command == "train" else logging.DEBUG, "%s", policy)
+    log.debug("%s", choose_wait_policy(args.command))  # train logs the setting with its device and threads
     from lungxray.bundle import BundleError
     from lungxray.config import ConfigError
     from lungxray.imageio import ImageDecodeError

@@ -42,6 +42,7 @@ from lungxray.runtime import (
     set_threads,
 )
 from lungxray.train import fit, fit_sequential
+from lungxray.waitpolicy import wait_policy
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,8 @@ def train_run(
     seed_everything(cfg.seed, cfg.train.deterministic)
     threads = set_threads(cfg.train.threads or ctx.threads)
     amp_dtype = resolve_precision(dev, cfg.train.precision)
-    log.info("device %s, %s, %d threads", dev, str(amp_dtype).replace("torch.", ""), threads)
+    log.info("device %s, %s, %d threads (OpenMP wait: %s)", dev, str(amp_dtype).replace("torch.", ""), threads,
+             wait_policy())
 
     t0 = time.perf_counter()
     with distributed.main_first():  # under torchrun rank 0 decodes and caches, the other ranks read the cache

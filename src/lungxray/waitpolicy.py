@@ -19,7 +19,7 @@ import os
 import sys
 import time
 
-__all__ = ["busy_cpus", "choose_wait_policy"]
+__all__ = ["busy_cpus", "choose_wait_policy", "wait_policy"]
 
 IDLE_BELOW = 0.5  # CPUs busy with other work below which spinning pays
 
@@ -63,3 +63,8 @@ def choose_wait_policy(command: str, environ: dict[str, str] | None = None) -> s
     env["OMP_WAIT_POLICY"] = "PASSIVE"
     why = "server" if command == "serve" else "load unknown" if busy is None else f"{busy:.2f} CPUs busy"
     return f"OpenMP threads sleep while waiting ({why}); OMP_WAIT_POLICY=ACTIVE to spin"
+
+
+def wait_policy() -> str:
+    """This process's setting as the logs and benchmarks report it."""
+    return os.environ.get("OMP_WAIT_POLICY") or "libgomp default (spin, then sleep)"
