@@ -317,7 +317,7 @@ def _apply_voi(values: np.ndarray, ds: Any, name: str) -> np.ndarray:
         c, w = window
         function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
         if function == "SIGMOID" and w > 0:
-            return 1.0 / (1.0 + np.exp(-4.0 * (values - c) / w))
+            return 1.0 / (1.0 + np.exp(np.clip(-4.0 * (values - c) / w, -700.0, 700.0)))  # no exp overflow
         if function == "LINEAR_EXACT" and w > 0:
             return np.clip((values - c) / w + 0.5, 0.0, 1.0)
         if w >= 1:
