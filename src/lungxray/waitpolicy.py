@@ -3,8 +3,8 @@
 Why it matters (docs/performance.md, "OpenMP wait policy"): between two parallel regions libgomp's threads
 either spin for a while (its default) or sleep at once (`OMP_WAIT_POLICY=PASSIVE`). Measured on the 2-core
 development VM, `lungxray bench train --arch seed_cnn`, alternating runs:
-- idle machine: spinning 220-250 img/s every run; sleeping 110-255 img/s, bimodal (a sleeping vCPU is woken
-  through the hypervisor, and the seed network has dozens of parallel regions per step);
+- idle machine: spinning, median 219 img/s over 10 runs (9 of them 201-231); sleeping, median 144 and bimodal
+  (110-236: a sleeping vCPU is woken through the hypervisor, and a step has dozens of parallel regions);
 - another training job running: sleeping 100-116 img/s; spinning 28-30 img/s (the spinning thread holds the
   core the working one needs); batch-1 inference under load was 300 ms against 18 ms.
 Neither fixed setting is right, so each `lungxray` command that computes looks at the CPU for a fifth of a second
