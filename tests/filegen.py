@@ -1,7 +1,8 @@
-"""Hand-made image files for the decoding, bad-input and server tests: DICOM and hostile PNG headers.
+"""Hand-made inputs for the tests: DICOM and hostile PNG headers for the decoding, bad-input and server tests,
+and a tiny learnable image tensor for the training-loop tests.
 
 Kept in one place so that every test feeds the decoder the same well-formed DICOM and the same
-decompression-bomb header.
+decompression-bomb header, and every fit()-level test the same problem.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import struct
 import zlib
 
 import numpy as np
+import torch
 from pydicom.dataset import Dataset as DicomDataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
@@ -53,3 +55,13 @@ def png_claiming(width: int, height: int) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
     idat = zlib.compress(b"\x00" * (1 + (width + 7) // 8))
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+
+
+def learnable_problem(n: int = 30, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (n, size, size) and labels (n,) of 3 classes, each class a bright vertical band."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(n) % 3
+    images = rng.integers(0, 60, (n, size, size)).astype(np.uint8)
+    for i, y in enumerate(labels):
+        images[i, :, y * size // 3 : (y + 1) * size // 3] += 150
+    return torch.as_tensor(images), torch.as_tensor(labels)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from filegen import learnable_problem
 from torch import nn
 
 from lungxray.augment import Augmenter, resolve_params
@@ -57,18 +57,10 @@ def test_negative_time_constant_is_refused() -> None:
         load_config(smoke, ["train.ema_epochs=-1"])
 
 
-def _problem(n: int = 30, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    rng = np.random.default_rng(0)
-    labels = np.arange(n) % 3
-    images = rng.integers(0, 60, (n, size, size)).astype(np.uint8)
-    for i, y in enumerate(labels):
-        images[i, :, y * size // 3 : (y + 1) * size // 3] += 150
-    return torch.as_tensor(images), torch.as_tensor(labels)
-
 
 def _fit_small(ema_epochs: float) -> tuple[nn.Module, TrainState, torch.Tensor, torch.Tensor, MemberPlan]:
     seed_everything(0, deterministic=True)
-    images, labels = _problem()
+    images, labels = learnable_problem()
     plan = plan_members(labels.numpy(), members=2, bootstrap=True, seed=0)
     model = build_model("compact_cnn", num_classes=3, members=2, width=4, dropout=0.3)
     cfg = TrainConfig(epochs=4, batch_size=8, lr=3e-3, early_stopping_patience=0, precision="fp32",

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from filegen import learnable_problem
 from safetensors import safe_open
 
 from lungxray.augment import Augmenter, resolve_params
@@ -48,14 +49,6 @@ TIMING_HISTORY = ("seconds", "images_per_second")
 TIMING_METRICS = ("total_seconds", "train_seconds", "load_seconds", "train_images_per_second")
 
 
-def _problem(n: int = 30, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    rng = np.random.default_rng(0)
-    labels = np.arange(n) % 3
-    images = rng.integers(0, 60, (n, size, size)).astype(np.uint8)
-    for i, y in enumerate(labels):  # a learnable class signal
-        images[i, :, y * size // 3 : (y + 1) * size // 3] += 150
-    return torch.as_tensor(images), torch.as_tensor(labels)
-
 
 def _fit(run_dir: Path, epochs: int, resume: bool, seed: int = 0, plan_seed: int = 0,
          ema_epochs: float = 0.0) -> tuple[dict, list]:
@@ -65,7 +58,7 @@ def _fit(run_dir: Path, epochs: int, resume: bool, seed: int = 0, plan_seed: int
     seed_everything(seed, deterministic=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # see OVERRIDES
-    images, labels = _problem()
+    images, labels = learnable_problem()
     plan = plan_members(labels.numpy(), members=2, bootstrap=True, seed=plan_seed)
     model = build_model("compact_cnn", num_classes=3, members=2, width=4, dropout=0.3)
     model = model.to(memory_format=torch.channels_last)  # as train_run has it: the optimizer state follows suit
@@ -335,7 +328,7 @@ def test_sequential_members_resume_after_a_kill_between_their_two_files(tmp_path
     writes must leave a member that is retrained (from its own checkpoint), not a run that cannot resume."""
     from lungxray.train import fit_sequential
 
-    images, labels = _problem()
+    images, labels = learnable_problem()
     plan = plan_members(labels.numpy(), members=2, bootstrap=True, seed=0)
     cfg = TrainConfig(epochs=2, batch_size=8, lr=3e-3, precision="fp32")
 
