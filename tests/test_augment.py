@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import scipy.ndimage as ndi
 import torch
 
 from lungxray.augment import PRESETS, Augmenter, AugmentParams, _affine_grid, keras_transform_matrix, resolve_params
+from lungxray.config import ConfigError, load_config
 
 FULL = AugmentParams(
     rotation_range=20,
@@ -181,3 +183,42 @@ def test_fast_grid_equals_affine_grid() -> None:
     theta = torch.eye(2, 3) + 0.3 * torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0))
     ref = torch.nn.functional.affine_grid(theta, [5, 1, 9, 13], align_corners=True)
     assert torch.allclose(_affine_grid(theta, 9, 13), ref, atol=1e-6)
+
+
+def test_random_erasing_fills_one_rectangle_per_sample() -> None:
+    x = torch.rand(64, 1, 40, 50)
+    eraser = Augmenter(AugmentParams(erase_prob=1.0), seed=3)
+    p = eraser.sample(64, 40, 50)
+    y = eraser.apply(x, p)
+    top, left, eh, ew, grey = p["erase"].T
+    fractions = []
+    for i in range(64):
+        t, l_, h, w = int(top[i]), int(left[i]), int(eh[i]), int(ew[i])
+        assert h >= 1 and t + h <= 40 and w >= 1 and l_ + w <= 50
+        inside = torch.zeros(40, 50, dtype=torch.bool)
+        inside[t : t + h, l_ : l_ + w] = True
+        assert torch.equal(y[i, 0][~inside], x[i, 0][~inside])  # nothing else touched
+        assert torch.allclose(y[i, 0][inside], (grey[i].float() - 0.5) / 0.25)  # one grey level, normalised
+        fractions.append(h * w / (40 * 50))
+    assert min(fractions) > 0.015 and max(fractions) < 0.45 and np.std(fractions) > 0.05
+
+
+def test_random_erasing_draws_after_the_affine_parameters() -> None:
+    """Switching erasing on leaves every other sampled parameter as it was (seeded runs stay comparable), and
+    with erase_prob 0 there is no erase draw at all."""
+    plain = Augmenter(FULL, seed=5).sample(16, 32, 32)
+    some = Augmenter(dataclasses.replace(FULL, erase_prob=0.5), seed=5).sample(16, 32, 32)
+    assert "erase" not in plain
+    assert all(torch.equal(plain[k], some[k]) for k in plain)
+    erased = some["erase"][:, 2] > 0
+    assert 0 < int(erased.sum()) < 16  # about half of the samples
+    assert not AugmentParams(erase_prob=0.5).is_identity()
+    with pytest.raises(ValueError, match="probability"):
+        AugmentParams(erase_prob=1.5)
+
+
+def test_erasing_is_a_config_override() -> None:
+    smoke = Path(__file__).parents[1] / "configs" / "smoke.yaml"
+    assert load_config(smoke, ["augment.erase_prob=0.5"]).augment.params().erase_prob == 0.5
+    with pytest.raises(ConfigError, match="erase_prob"):
+        load_config(smoke, ["augment.erase_prob=2"])

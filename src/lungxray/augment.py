@@ -20,6 +20,11 @@ Two deliberate deviations, both invisible for the square images this project use
 
 Horizontal flips put the heart on the wrong side of the chest, so no preset enables them: whether they
 help is a question for the study, not a default to inherit from the seed.
+
+One addition Keras's generator lacks, off in every preset: random erasing (Zhong et al., AAAI 2020), after the
+flip. With probability ``erase_prob`` a sample gets one rectangle covering 2-40% of the image, aspect ratio
+log-uniform in [0.3, 1/0.3], filled with one uniform random grey level. Why: a network that can rely on one
+region (a marker, one lung) must learn to use the rest when that region is hidden.
 """
 
 from __future__ import annotations
@@ -32,11 +37,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lungxray.runtime import INPUT_MEAN, INPUT_STD
+
 __all__ = ["PRESETS", "AugmentParams", "Augmenter", "keras_transform_matrix", "resolve_params"]
 
 log = logging.getLogger(__name__)
 
 _KEYS = ("theta", "tx", "ty", "shear", "zx", "zy")
+ERASE_AREA = (0.02, 0.4)  # fraction of the image a random-erasing rectangle covers (Zhong et al.'s defaults)
+ERASE_ASPECT = 0.3  # height/width ratio log-uniform in [ERASE_ASPECT, 1 / ERASE_ASPECT]
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,7 @@ class AugmentParams:
     shear_range: float = 0.0  # degrees
     zoom_range: float = 0.0  # zx, zy ~ U[1-z, 1+z] independently
     horizontal_flip: bool = False
+    erase_prob: float = 0.0  # probability of random erasing per sample (not in Keras; see the module docstring)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -56,6 +66,8 @@ class AugmentParams:
                 raise ValueError(f"{f.name} must be a non-negative number, got {getattr(self, f.name)!r}")
         if self.zoom_range >= 1.0:
             raise ValueError(f"zoom_range must be < 1 (zoom factors stay positive), got {self.zoom_range}")
+        if self.erase_prob > 1.0:
+            raise ValueError(f"erase_prob is a probability, got {self.erase_prob}")
 
     def has_affine(self) -> bool:
         """True if any geometric range is non-zero (the flip alone needs no resampling)."""
@@ -64,7 +76,7 @@ class AugmentParams:
 
     def is_identity(self) -> bool:
         """True if augmentation would leave every image unchanged."""
-        return not self.has_affine() and not self.horizontal_flip
+        return not self.has_affine() and not self.horizontal_flip and self.erase_prob == 0
 
 
 PRESETS: dict[str, AugmentParams] = {
@@ -155,7 +167,11 @@ class Augmenter:
         log.debug("Augmenter(%s, seed=%d, device=%s)", params, seed, self.device)
 
     def sample(self, n: int, height: int, width: int) -> dict[str, torch.Tensor]:
-        """Per-sample parameters: theta, shear (degrees), tx, ty (pixels; tx columns), zx, zy, flip (bool)."""
+        """Per-sample parameters: theta, shear (degrees), tx, ty (pixels; tx columns), zx, zy, flip (bool).
+
+        With ``erase_prob > 0`` also the erased rectangle (``erase``: (N, 5) = top, left, height, width in
+        pixels, fill in [0, 1]; height 0 = not erased), drawn after the affine ones so that they stay unchanged.
+        """
         pr = self.params
         u = torch.rand((n, 7), generator=self.generator, dtype=torch.float64)  # fixed draw count per call
         sym = 2.0 * u[:, :6] - 1.0  # U[-1, 1)
@@ -170,7 +186,20 @@ class Augmenter:
             "zy": 1.0 + sym[:, 5] * pr.zoom_range,
             "flip": (u[:, 6] < 0.5) & pr.horizontal_flip,
         }
+        if pr.erase_prob > 0:
+            out["erase"] = self._sample_erase(n, height, width)
         return {k: v.to(self.device) for k, v in out.items()}
+
+    def _sample_erase(self, n: int, height: int, width: int) -> torch.Tensor:
+        u = torch.rand((n, 6), generator=self.generator, dtype=torch.float64)
+        area = (ERASE_AREA[0] + u[:, 1] * (ERASE_AREA[1] - ERASE_AREA[0])) * height * width
+        aspect = torch.exp((2.0 * u[:, 2] - 1.0) * np.log(ERASE_ASPECT))
+        eh = torch.sqrt(area * aspect).round().clamp(1, height)
+        ew = torch.sqrt(area / aspect).round().clamp(1, width)
+        top = torch.floor(u[:, 3] * (height - eh + 1))
+        left = torch.floor(u[:, 4] * (width - ew + 1))
+        eh = torch.where(u[:, 0] < self.params.erase_prob, eh, torch.zeros_like(eh))
+        return torch.stack([top, left, eh, ew, u[:, 5]], -1)
 
     def apply(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
         """Transform ``x`` (N, C, H, W) with parameters ``p`` from :meth:`sample`; deterministic.
@@ -189,7 +218,7 @@ class Augmenter:
         q = {k: p[k].to(device=x.device, dtype=work) for k in _KEYS}
         trivial = [q[k] == 0 for k in ("theta", "tx", "ty", "shear")] + [q[k] == 1 for k in ("zx", "zy")]
         if bool(torch.stack(trivial).all()):  # no geometry for any sample: keep pixels bit-exact
-            return self._flip(x, p)
+            return self._erase(self._flip(x, p), p)
         lin, shift = _xy_matrices(q)  # (N,2,2), (N,2) in pixels about the centre
         # Pixels -> align_corners=True normalised coords: u = D @ (x - centre), D = diag(2/(W-1), 2/(H-1)).
         d = torch.tensor([2.0 / (w - 1), 2.0 / (h - 1)], device=x.device, dtype=work)
@@ -197,7 +226,7 @@ class Augmenter:
         grid = _affine_grid(theta, h, w)  # (N, H, W, 2)
         y = F.grid_sample(x.to(work), grid, mode="bilinear", padding_mode="border", align_corners=True)
         y = y.to(x.dtype)
-        return self._flip(y, p)
+        return self._erase(self._flip(y, p), p)
 
     @staticmethod
     def _flip(y: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -205,6 +234,20 @@ class Augmenter:
         if not bool(flip.any()):
             return y
         return torch.where(flip.view(-1, 1, 1, 1), y.flip(-1), y)
+
+    @staticmethod
+    def _erase(y: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Fill each sample's rectangle with its grey level (normalised like the batch); one masked write."""
+        if "erase" not in p or not bool((p["erase"][:, 2] > 0).any()):
+            return y
+        e = p["erase"].to(y.device, torch.float32)
+        h, w = y.shape[-2:]
+        rows = torch.arange(h, device=y.device, dtype=torch.float32).view(1, h, 1)
+        cols = torch.arange(w, device=y.device, dtype=torch.float32).view(1, 1, w)
+        top, left, eh, ew = (e[:, i].view(-1, 1, 1) for i in range(4))
+        inside = (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew)  # (N, H, W)
+        fill = ((e[:, 4] - INPUT_MEAN) / INPUT_STD).view(-1, 1, 1, 1).to(y.dtype)
+        return torch.where(inside.unsqueeze(1), fill, y)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Sample and apply; identity params return ``x`` itself without drawing random numbers."""

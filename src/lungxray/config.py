@@ -50,6 +50,7 @@ class AugmentConfig:
     shear_range: float | None = None
     zoom_range: float | None = None
     horizontal_flip: bool | None = None
+    erase_prob: float | None = None  # random erasing (augment.py), 0 in every preset
     photometric: str = "none"  # preset of photometric.PRESETS (none, light, curves, strong), after the geometry
 
     def params(self, preset: str | None = None) -> AugmentParams:
@@ -71,6 +72,7 @@ class TrainConfig:
     l2: float = 0.0  # coupled L2: l2 * sum(w^2) added to the loss, as a Keras kernel_regularizer does
     class_weights: bool = False  # weight the loss by inverse class frequency of each member's sample
     label_smoothing: float = 0.0
+    mixup: float = 0.0  # > 0: mix pairs of each member's images and targets, weight ~ Beta(mixup, mixup); 0 = off
     monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
     plateau_patience: int = 4  # epochs without improvement before acting on a plateau
     plateau_action: Literal["lr", "batch", "batch_then_lr", "none"] = "lr"
@@ -251,6 +253,7 @@ def _validate(c: RunConfig) -> None:
         (c.train.batch_size >= 1, "train.batch_size must be at least 1"),
         (c.train.lr > 0, "train.lr must be positive"),
         (c.train.ema_epochs >= 0, "train.ema_epochs must be 0 (off) or positive"),
+        (c.train.mixup >= 0, "train.mixup must be 0 (off) or a positive Beta concentration"),
         (c.ensemble.members >= 1, "ensemble.members must be at least 1"),
         (0.0 < c.calibration.refer_coverage <= 1.0, "calibration.refer_coverage must be in (0, 1]"),
     ]

@@ -118,17 +118,53 @@ def class_weight_table(labels: torch.Tensor, plan: MemberPlan, num_classes: int)
 
 
 def member_losses(
-    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None, smoothing: float
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor | None,
+    smoothing: float,
+    mix: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Mean cross-entropy per member. logits (B, K, C), targets (B, K) -> (K,)."""
+    """Mean cross-entropy per member. logits (B, K, C), targets (B, K) -> (K,).
+
+    `mix` = (partner targets, weights lam) from `mixup_batch`: each image's loss is lam * CE(target) +
+    (1 - lam) * CE(partner), the cross-entropy against the mixed label.
+    """
     b, k, c = logits.shape
-    ce = F.cross_entropy(
-        logits.float().reshape(b * k, c), targets.reshape(b * k), reduction="none", label_smoothing=smoothing
-    ).view(b, k)
-    if weights is None:
-        return ce.mean(0)
-    w = weights[torch.arange(k, device=targets.device), targets]  # (B, K)
-    return (ce * w).sum(0) / w.sum(0)
+    flat = logits.float().reshape(b * k, c)
+
+    def ce(t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(flat, t.reshape(b * k), reduction="none", label_smoothing=smoothing).view(b, k)
+
+    if weights is None and mix is None:
+        return ce(targets).mean(0)
+    rows = torch.arange(k, device=targets.device)
+
+    def weight(t: torch.Tensor) -> torch.Tensor:
+        return weights[rows, t] if weights is not None else torch.ones_like(t, dtype=torch.float32)  # (B, K)
+
+    parts = [(targets, 1.0)] if mix is None else [(targets, mix[1]), (mix[0], 1.0 - mix[1])]
+    loss = sum(share * weight(t) * ce(t) for t, share in parts)
+    norm = sum(share * weight(t) for t, share in parts)
+    return loss.sum(0) / norm.sum(0)  # type: ignore[union-attr]
+
+
+def mixup_batch(
+    x: torch.Tensor, y: torch.Tensor, alpha: float, rng: np.random.Generator, total: int, offset: int
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Mixup (Zhang et al., 2018) within each member's batch: image i blends with image i+1 of the shard.
+
+    x (B, K, H, W), y (B, K). The batch order is already a fresh random permutation per member, so the
+    neighbour is a random partner. Weights lam ~ Beta(alpha, alpha) per image and member, folded to >= 0.5 so
+    that the image's own label dominates and training accuracy keeps its meaning. They are drawn for the whole
+    `total`-row batch from the run's checkpointed generator (every rank the same draws, a resume the same too);
+    a rank keeps rows [offset, offset + B). Returns the mixed batch and (partner targets, lam).
+    """
+    lam_all = rng.beta(alpha, alpha, size=(total, x.shape[1]))
+    lam_np = np.maximum(lam_all, 1.0 - lam_all)[offset : offset + x.shape[0]]
+    lam = torch.as_tensor(lam_np, device=x.device, dtype=torch.float32)
+    partner = torch.roll(torch.arange(x.shape[0], device=x.device), -1)
+    w = lam.view(*lam.shape, 1, 1).to(x.dtype)
+    return w * x + (1 - w) * x[partner], (y[partner], lam)
 
 
 def train_one_epoch(
@@ -177,11 +213,14 @@ def train_one_epoch(
         x = x.reshape(b, k_members, h, w)
         if photometric is not None:
             x = photometric(x.reshape(b * k_members, 1, h, w)).reshape(b, k_members, h, w)
-        x = x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
         y = labels[idx.T]  # (B, K)
+        mix = None
+        if cfg.mixup > 0:
+            x, mix = mixup_batch(x, y, cfg.mixup, rng, b_all, lo)
+        x = x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
         with autocast(device, amp_dtype):
             logits = model(x)  # (B, K, C)
-        losses = member_losses(logits, y, class_weights, cfg.label_smoothing)
+        losses = member_losses(logits, y, class_weights, cfg.label_smoothing, mix)
         loss = (losses * active).sum() * (b * world / b_all)  # DDP averages ranks: weight by shard size
         if cfg.l2 > 0:
             loss = loss + cfg.l2 * l2_penalty(model)
@@ -200,8 +239,9 @@ def train_one_epoch(
         if on_step is not None:
             on_step(b_all)
     if world > 1:
-        sums = distributed.all_reduce_sum(torch.tensor([total_loss, total_correct, total_seen], dtype=torch.float64,
-                                                       device=device))
+        sums = distributed.all_reduce_sum(
+            torch.tensor([total_loss, total_correct, total_seen], dtype=torch.float64, device=device)
+        )
         total_loss, total_correct, total_seen = float(sums[0]), float(sums[1]), int(sums[2])
     return {"train_loss": total_loss / max(total_seen, 1), "train_accuracy": total_correct / max(total_seen, 1)}
 
@@ -265,8 +305,13 @@ def _on_plateau(state: TrainState, cfg: TrainConfig, optimizer: torch.optim.Opti
 
 
 def end_of_epoch(
-    state: TrainState, cfg: TrainConfig, optimizer: torch.optim.Optimizer, val: dict[str, Any],
-    model_state: dict[str, torch.Tensor], best_state: dict[str, torch.Tensor], members: int,
+    state: TrainState,
+    cfg: TrainConfig,
+    optimizer: torch.optim.Optimizer,
+    val: dict[str, Any],
+    model_state: dict[str, torch.Tensor],
+    best_state: dict[str, torch.Tensor],
+    members: int,
 ) -> list[str]:
     """Update per-member early stopping and the shared plateau rule; returns log events."""
     events = []
@@ -283,9 +328,9 @@ def end_of_epoch(
                 state.member_stopped[k] = True
                 events.append(f"member {k} stopped early (best epoch {state.member_best_epoch[k]})")
     active = [k for k in range(members) if not state.member_stopped[k]] or list(range(members))
-    monitor = float(np.mean([
-        _monitor_value(cfg, val["member_val_loss"][k], val["member_val_accuracy"][k]) for k in active
-    ]))
+    monitor = float(
+        np.mean([_monitor_value(cfg, val["member_val_loss"][k], val["member_val_accuracy"][k]) for k in active])
+    )
     if monitor < state.best_monitor - 1e-6:
         state.best_monitor, state.plateau_wait = monitor, 0
     else:
@@ -335,12 +380,17 @@ def fit(
     best_state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     average = WeightAverage(model) if cfg.ema_epochs > 0 else None  # validated and kept instead of the weights
     state = TrainState(
-        lr=cfg.lr, batch_size=cfg.batch_size, member_best=[math.inf] * members,
-        member_best_epoch=[0] * members, member_wait=[0] * members, member_stopped=[False] * members,
+        lr=cfg.lr,
+        batch_size=cfg.batch_size,
+        member_best=[math.inf] * members,
+        member_best_epoch=[0] * members,
+        member_wait=[0] * members,
+        member_stopped=[False] * members,
     )
     if resume and run_dir is not None and has_checkpoint(run_dir):
-        state, best_state, rng = load_checkpoint(run_dir, model, optimizer, augmenter, TrainState, plan=plan,
-                                                 average=average)
+        state, best_state, rng = load_checkpoint(
+            run_dir, model, optimizer, augmenter, TrainState, plan=plan, average=average
+        )
         log.info("resuming %s after epoch %d", run_dir, state.epoch)
     weights = class_weight_table(labels, plan, int(labels.max()) + 1) if cfg.class_weights else None
     step_model: Any = distributed.wrap(model)  # DistributedDataParallel under data-parallel torchrun
@@ -351,8 +401,20 @@ def fit(
         start = time.perf_counter()
         seen_before = state.images_seen
         metrics = train_one_epoch(
-            step_model, images, labels, plan, optimizer, augmenter, state, cfg, rng, amp_dtype, weights,
-            on_step=bar.update if bar is not None else None, photometric=photometric, average=average,
+            step_model,
+            images,
+            labels,
+            plan,
+            optimizer,
+            augmenter,
+            state,
+            cfg,
+            rng,
+            amp_dtype,
+            weights,
+            on_step=bar.update if bar is not None else None,
+            photometric=photometric,
+            average=average,
         )
         train_seconds = time.perf_counter() - start
         if bar is not None:
@@ -364,9 +426,13 @@ def fit(
         state.epoch += 1
         state.train_seconds += train_seconds
         record = {
-            "epoch": state.epoch, "lr": state.lr, "batch_size": state.batch_size, **metrics,
+            "epoch": state.epoch,
+            "lr": state.lr,
+            "batch_size": state.batch_size,
+            **metrics,
             "val_loss": float(np.mean(val["member_val_loss"])),
-            "val_accuracy": float(np.mean(val["member_val_accuracy"])), **val,
+            "val_accuracy": float(np.mean(val["member_val_accuracy"])),
+            **val,
             "seconds": time.perf_counter() - start,
             "images_per_second": (state.images_seen - seen_before) / max(train_seconds, 1e-9),
         }
@@ -376,14 +442,29 @@ def fit(
         state.history.append(record)
         log.info(
             "epoch %d/%d  loss %.4f  acc %.3f  val_loss %.4f  val_acc %.3f  %.0f img/s%s",
-            state.epoch, cfg.epochs, record["train_loss"], record["train_accuracy"], record["val_loss"],
-            record["val_accuracy"], record["images_per_second"], "".join(f"  [{e}]" for e in events),
+            state.epoch,
+            cfg.epochs,
+            record["train_loss"],
+            record["train_accuracy"],
+            record["val_loss"],
+            record["val_accuracy"],
+            record["images_per_second"],
+            "".join(f"  [{e}]" for e in events),
         )
         if on_epoch is not None:
             on_epoch(record)
         if run_dir is not None and distributed.should_write():
-            save_checkpoint(run_dir, model, best_state, optimizer, state, rng, augmenter, plan=plan,
-                            average=average.shadow if average is not None else None)
+            save_checkpoint(
+                run_dir,
+                model,
+                best_state,
+                optimizer,
+                state,
+                rng,
+                augmenter,
+                plan=plan,
+                average=average.shadow if average is not None else None,
+            )
     if cfg.restore_best:
         model.load_state_dict(best_state)
     elif average is not None:
@@ -425,9 +506,19 @@ def fit_sequential(
         else:
             if member_dir is not None:
                 member_dir.mkdir(parents=True, exist_ok=True)
-            state = fit(model, images, labels, plan.member(k), cfg, make_augmenter(k), seed=seed + 1000 * k,
-                        amp_dtype=amp_dtype, run_dir=member_dir, resume=resume,
-                        photometric=make_photometric(k) if make_photometric is not None else None)
+            state = fit(
+                model,
+                images,
+                labels,
+                plan.member(k),
+                cfg,
+                make_augmenter(k),
+                seed=seed + 1000 * k,
+                amp_dtype=amp_dtype,
+                run_dir=member_dir,
+                resume=resume,
+                photometric=make_photometric(k) if make_photometric is not None else None,
+            )
             if member_dir is not None:
                 sd = {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items()}
                 write_json(member_dir / "member.json", dataclasses.asdict(state))  # first: the weights mark "done"
