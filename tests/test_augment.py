@@ -12,6 +12,7 @@ import torch
 
 from lungxray.augment import PRESETS, Augmenter, AugmentParams, _affine_grid, keras_transform_matrix, resolve_params
 from lungxray.config import ConfigError, load_config
+from lungxray.runtime import INPUT_MEAN, INPUT_STD
 
 FULL = AugmentParams(
     rotation_range=20,
@@ -198,7 +199,7 @@ def test_random_erasing_fills_one_rectangle_per_sample() -> None:
         inside = torch.zeros(40, 50, dtype=torch.bool)
         inside[t : t + h, l_ : l_ + w] = True
         assert torch.equal(y[i, 0][~inside], x[i, 0][~inside])  # nothing else touched
-        assert torch.allclose(y[i, 0][inside], (grey[i].float() - 0.5) / 0.25)  # one grey level, normalised
+        assert torch.allclose(y[i, 0][inside], (grey[i].float() - INPUT_MEAN) / INPUT_STD)  # one grey level, normalised
         fractions.append(h * w / (40 * 50))
     assert min(fractions) > 0.015 and max(fractions) < 0.45 and np.std(fractions) > 0.05
 
