@@ -34,6 +34,8 @@ REQUIRED_ROWS = {
     "rob_photometric",
     "rob_crop",
     "rob_curves",
+    "rob_mixup",
+    "rob_erase",
 }
 
 
