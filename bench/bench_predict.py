@@ -30,16 +30,9 @@ def random_bundle(folder: Path, arch: str, size: int, members: int) -> Path:
     """An untrained bundle with the reference input contract (for timing only)."""
     torch.manual_seed(0)
     model = build_model(arch, members=members, image_size=size).eval()
-    meta = {
-        "name": f"bench-{arch}",
-        "classes": ["covid", "normal", "pneumonia"],
-        "arch": arch,
-        "arch_args": {"image_size": size},
-        "members": members,
-        "temperature": 1.0,
-        "refer_threshold": 0.5,
-        "input": {"size": size, "channels": 1, "mean": INPUT_MEAN, "std": INPUT_STD},
-    }
+    meta = {"name": f"bench-{arch}", "classes": ["covid", "normal", "pneumonia"], "arch": arch,
+            "arch_args": {"image_size": size}, "members": members, "temperature": 1.0, "refer_threshold": 0.5,
+            "input": {"size": size, "channels": 1, "mean": INPUT_MEAN, "std": INPUT_STD}}
     return save_bundle(folder, model, meta)
 
 
@@ -61,11 +54,8 @@ def time_engine(predictor: Predictor, size: int, single: int, batches: int, batc
         predictor.predict_images(many)
         walls.append(time.perf_counter() - t0)
     lat_ms = sorted(1000 * x for x in lat)
-    return {
-        "p50_ms": statistics.median(lat_ms),
-        "p99_ms": lat_ms[min(len(lat_ms) - 1, int(0.99 * len(lat_ms)))],
-        "throughput": batch / statistics.median(walls),
-    }
+    return {"p50_ms": statistics.median(lat_ms), "p99_ms": lat_ms[min(len(lat_ms) - 1, int(0.99 * len(lat_ms)))],
+            "throughput": batch / statistics.median(walls)}
 
 
 def bench(run_dir: Path, engines: list[str], single: int, batches: int, batch: int, threads: int = 0) -> None:
@@ -76,13 +66,12 @@ def bench(run_dir: Path, engines: list[str], single: int, batches: int, batch: i
 
             opts = ort.SessionOptions()
             opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-            predictor.session = ort.InferenceSession(str(run_dir / ONNX_NAME), opts, providers=["CPUExecutionProvider"])
+            predictor.session = ort.InferenceSession(str(run_dir / ONNX_NAME), opts,
+                                                     providers=["CPUExecutionProvider"])
         size = int(predictor.meta["input"]["size"])
         r = time_engine(predictor, size, single, batches, batch)
-        print(
-            f"{predictor.meta.get('arch')} K={predictor.bundle.members} {size}px {engine:5s}  batch-1 latency "
-            f"p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms   batch-{batch} {r['throughput']:7.1f} img/s"
-        )
+        print(f"{predictor.meta.get('arch')} K={predictor.bundle.members} {size}px {engine:5s}  batch-1 latency "
+              f"p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms   batch-{batch} {r['throughput']:7.1f} img/s")
 
 
 def main() -> None:
@@ -107,14 +96,8 @@ def main() -> None:
         ap.error("give a run folder or --arch")
     for k in args.members:
         with tempfile.TemporaryDirectory() as tmp:
-            bench(
-                random_bundle(Path(tmp), args.arch, args.size, k),
-                args.engines,
-                args.single,
-                args.batches,
-                args.batch,
-                args.threads,
-            )
+            bench(random_bundle(Path(tmp), args.arch, args.size, k), args.engines, args.single, args.batches,
+                  args.batch, args.threads)
 
 
 if __name__ == "__main__":

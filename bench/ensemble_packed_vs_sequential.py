@@ -37,19 +37,14 @@ def main() -> None:
             rates[k].append(r["images_per_second"])
             loads.append(os.getloadavg()[0])
     rate = {k: statistics.median(v) for k, v in rates.items()}
-    print(
-        f"load average {min(loads):.1f}-{max(loads):.1f}; {args.arch}, batch {args.batch_size} per member, "
-        f"256x256, median of {args.rounds} rounds"
-    )
+    print(f"load average {min(loads):.1f}-{max(loads):.1f}; {args.arch}, batch {args.batch_size} per member, "
+          f"256x256, median of {args.rounds} rounds")
     print("\n| K | packed s/epoch | packed member-img/s | sequential s/epoch | sequential img/s | packed speed-up |")
     print("|---|---|---|---|---|---|")
     for k in args.members:
         packed_epoch, seq_epoch = POOL * k / rate[k], POOL * k / rate[1]
-        print(
-            f"| {k} | {packed_epoch:.1f} | {rate[k]:.0f} | {seq_epoch:.1f} | {rate[1]:.0f} | "
-            f"{seq_epoch / packed_epoch:.2f}x |"
-        )
-
+        print(f"| {k} | {packed_epoch:.1f} | {rate[k]:.0f} | {seq_epoch:.1f} | {rate[1]:.0f} | "
+              f"{seq_epoch / packed_epoch:.2f}x |")
 
 if __name__ == "__main__":
     main()

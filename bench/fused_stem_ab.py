@@ -97,12 +97,9 @@ def bench_block(rounds: int, batch: int, size: int, members: int) -> None:
     def reset() -> None:
         conv.weight.grad = conv.bias.grad = None
 
-    _round_robin(
-        {"fused": fused, "eager": eager},
-        rounds,
-        f"first block alone, forward + backward, batch {batch}, {members}x{size}x{size} channels_last, bf16 autocast",
-        reset,
-    )
+    _round_robin({"fused": fused, "eager": eager}, rounds,
+                 f"first block alone, forward + backward, batch {batch}, {members}x{size}x{size} channels_last, "
+                 "bf16 autocast", reset)
 
 
 def bench_pool(rounds: int, batch: int, size: int, members: int) -> None:
@@ -113,10 +110,8 @@ def bench_pool(rounds: int, batch: int, size: int, members: int) -> None:
         shapes.append((batch, members * c, s - 2, s - 2))
         s = (s - 2) // 2
     xs = [torch.randn(sh).to(torch.bfloat16).contiguous(memory_format=torch.channels_last) for sh in shapes]
-    gs = [
-        torch.randn(b, c, h // 2, w // 2).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-        for b, c, h, w in shapes
-    ]
+    gs = [torch.randn(b, c, h // 2, w // 2).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+          for b, c, h, w in shapes]
 
     def run(fn: Any) -> None:
         for x, g in zip(xs, gs, strict=True):
@@ -124,12 +119,8 @@ def bench_pool(rounds: int, batch: int, size: int, members: int) -> None:
             fn(x).backward(g)
 
     fns = {"fused": lambda: run(fused_pool_relu), "eager": lambda: run(lambda t: F.relu(F.max_pool2d(t, 2)))}
-    _round_robin(
-        fns,
-        rounds,
-        f"max-pool + ReLU of blocks 2-3 alone, forward + backward, "
-        f"{' and '.join(str(sh) for sh in shapes)} bf16 channels_last",
-    )
+    _round_robin(fns, rounds, f"max-pool + ReLU of blocks 2-3 alone, forward + backward, "
+                 f"{' and '.join(str(sh) for sh in shapes)} bf16 channels_last")
 
 
 class _Variant:
@@ -165,19 +156,8 @@ class _Variant:
         plan = MemberPlan(order[None], np.ones((1, n), dtype=bool), bootstrap=False)
         reuse_freed_memory(GLIBC_DEFAULT_THRESHOLD if self.mmap_default else HEAP_LIMIT)
         t0 = time.perf_counter()
-        train_one_epoch(
-            self.model,
-            self.images,
-            self.labels,
-            plan,
-            self.optimizer,
-            self.augmenter,
-            self.state,
-            self.cfg,
-            self.rng,
-            amp_dtype,
-            None,
-        )
+        train_one_epoch(self.model, self.images, self.labels, plan, self.optimizer, self.augmenter, self.state,
+                        self.cfg, self.rng, amp_dtype, None)
         if record:
             self.times.append(time.perf_counter() - t0)
 
@@ -192,19 +172,15 @@ def bench_step(variants: list[str], steps: int, warmup: int, batch: int, size: i
         for r in runs:
             r.step(amp_dtype, record=i >= warmup)
     loads.append(_load())
-    print(
-        f"\ntraining step (train_one_epoch, one batch per call), seed_cnn batch {batch}, {size}x{size}, "
-        f"{'bf16' if amp_dtype == torch.bfloat16 else 'fp32'} autocast, channels_last={cfg.channels_last}, "
-        f"{steps} steps each after {warmup} warm-up, alternating (load {loads[0]} -> {loads[1]}):"
-    )
+    print(f"\ntraining step (train_one_epoch, one batch per call), seed_cnn batch {batch}, {size}x{size}, "
+          f"{'bf16' if amp_dtype == torch.bfloat16 else 'fp32'} autocast, channels_last={cfg.channels_last}, "
+          f"{steps} steps each after {warmup} warm-up, alternating (load {loads[0]} -> {loads[1]}):")
     med = {r.name: statistics.median(r.times) for r in runs}
     base = runs[-1].name
     for r in runs:
         m = med[r.name]
-        print(
-            f"  {r.name:<9} median {1e3 * m:7.1f} ms  {batch / m:6.1f} img/s   best {1e3 * min(r.times):7.1f} ms"
-            f"   {med[base] / m:.2f}x vs {base}"
-        )
+        print(f"  {r.name:<9} median {1e3 * m:7.1f} ms  {batch / m:6.1f} img/s   best {1e3 * min(r.times):7.1f} ms"
+              f"   {med[base] / m:.2f}x vs {base}")
 
 
 def check_same_loss(size: int = 64) -> None:
@@ -228,12 +204,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--members", type=int, default=1, help="packed members for the block-alone part")
-    ap.add_argument(
-        "--variants",
-        nargs="+",
-        default=["fused:8", "stem:8", "eager:8"],
-        help="fused:M / nodense:M / stem:M / eager:M (M = micro-batch, 0 = whole batch); ratios against the last",
-    )
+    ap.add_argument("--variants", nargs="+", default=["fused:8", "stem:8", "eager:8"],
+                    help="fused:M / nodense:M / stem:M / eager:M (M = micro-batch, 0 = whole batch); "
+                         "ratios against the last")
     ap.add_argument("--skip-block", action="store_true")
     ap.add_argument("--skip-step", action="store_true")
     args = ap.parse_args()
@@ -241,10 +214,8 @@ def main() -> None:
     info = kernel_info()
     if not info["available"]:
         raise SystemExit(f"fused kernel unavailable: {info['reason']}")
-    print(
-        f"kernel {info['path']} (compiled in this run: {info['compile_s']}); {torch.get_num_threads()} threads, "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}"
-    )
+    print(f"kernel {info['path']} (compiled in this run: {info['compile_s']}); {torch.get_num_threads()} threads, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     check_same_loss()
     if not args.skip_block:
         bench_block(args.block_rounds, args.batch_size, args.image_size, args.members)

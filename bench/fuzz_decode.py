@@ -35,23 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the corpus lives with the tests that define its expected outcomes
 
 HOSTILE = [0, 1, -1, 2**15, 2**16 - 1, 2**31 - 1, -(2**31), 1e30, -1e30, float("nan"), float("inf"), "x", "", "1\\2"]
-FIELDS = [
-    "Rows",
-    "Columns",
-    "BitsAllocated",
-    "BitsStored",
-    "HighBit",
-    "PixelRepresentation",
-    "SamplesPerPixel",
-    "PhotometricInterpretation",
-    "NumberOfFrames",
-    "PlanarConfiguration",
-    "RescaleSlope",
-    "RescaleIntercept",
-    "WindowCenter",
-    "WindowWidth",
-    "VOILUTFunction",
-]
+FIELDS = ["Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "SamplesPerPixel",
+          "PhotometricInterpretation", "NumberOfFrames", "PlanarConfiguration", "RescaleSlope", "RescaleIntercept",
+          "WindowCenter", "WindowWidth", "VOILUTFunction"]
 PHOTOMETRIC = ["MONOCHROME1", "MONOCHROME2", "RGB", "PALETTE COLOR", "YBR_FULL", "YBR_FULL_422", "BOGUS"]
 
 
@@ -97,11 +83,8 @@ def hostile_dicom(rng: np.random.Generator) -> bytes:
     rows, cols = int(rng.integers(1, 48)), int(rng.integers(1, 48))
     ds = pydicom.dcmread(io.BytesIO(dicom_bytes(rng.integers(0, 4096, (rows, cols)).astype(np.uint16))))
     for field in rng.choice(FIELDS, size=int(rng.integers(1, 5)), replace=False):
-        value = (
-            PHOTOMETRIC[int(rng.integers(len(PHOTOMETRIC)))]
-            if field == "PhotometricInterpretation"
-            else (HOSTILE[int(rng.integers(len(HOSTILE)))])
-        )
+        value = PHOTOMETRIC[int(rng.integers(len(PHOTOMETRIC)))] if field == "PhotometricInterpretation" else (
+            HOSTILE[int(rng.integers(len(HOSTILE)))])
         try:
             setattr(ds, str(field), value)
         except (ValueError, TypeError, OverflowError):
@@ -122,18 +105,9 @@ def run(seconds: float, seed: int, out: Path, slow: float) -> int:
 
     model = build_model("compact_cnn", num_classes=3, members=1, width=4).eval()
     predictors = [
-        Predictor(
-            Bundle(
-                model,
-                {
-                    "classes": ["a", "b", "c"],
-                    "members": 1,
-                    "input": {"size": size, "mean": 0.5, "std": 0.25, "standardize": std, "crop_border": crop},
-                },
-                Path("."),
-            ),
-            torch.device("cpu"),
-        )
+        Predictor(Bundle(model, {"classes": ["a", "b", "c"], "members": 1, "input": {
+            "size": size, "mean": 0.5, "std": 0.25, "standardize": std, "crop_border": crop}}, Path(".")),
+            torch.device("cpu"))
         for size, std, crop in ((64, "none", 0.0), (33, "clahe", 0.1), (256, "equalize", 0.3))
     ]
     seeds, rng = corpus(), np.random.default_rng(seed)
@@ -143,15 +117,9 @@ def run(seconds: float, seed: int, out: Path, slow: float) -> int:
     started = time.monotonic()
     while time.monotonic() < deadline:
         r = rng.random()
-        data = (
-            hostile_dicom(rng)
-            if r < 0.25
-            else (
-                rng.integers(0, 256, int(rng.integers(0, 4096)), dtype=np.uint8).tobytes()
-                if r < 0.35
-                else mutate(seeds[int(rng.integers(len(seeds)))], seeds, rng)
-            )
-        )
+        data = hostile_dicom(rng) if r < 0.25 else (
+            rng.integers(0, 256, int(rng.integers(0, 4096)), dtype=np.uint8).tobytes() if r < 0.35
+            else mutate(seeds[int(rng.integers(len(seeds)))], seeds, rng))
         predictor = predictors[int(rng.integers(len(predictors)))]
         t0 = time.perf_counter()
         try:

@@ -42,14 +42,8 @@ def check_train_and_predict(tmp: Path) -> str:
     from lungxray.predict import Predictor
 
     data = write_dataset(tmp / "tiny", {"train": 18, "test": 6})
-    overrides = {
-        "data.image_size": 64,
-        "train.epochs": 3,
-        "train.batch_size": 16,
-        "train.lr": 0.003,
-        "ensemble.members": 2,
-        "ensemble.bootstrap": True,
-    }
+    overrides = {"data.image_size": 64, "train.epochs": 3, "train.batch_size": 16, "train.lr": 0.003,
+                 "ensemble.members": 2, "ensemble.bootstrap": True}
     result = train_run(ROOT / "configs/smoke.yaml", data, tmp / "run", overrides=overrides, device="cuda")
     losses = [h["train_loss"] for h in result.history]
     assert np.isfinite(losses).all(), f"non-finite training loss {losses}"
@@ -59,10 +53,8 @@ def check_train_and_predict(tmp: Path) -> str:
     on_gpu = Predictor.load(result.run_dir, "cuda").predict_images(images).probs
     diff = float(np.abs(on_cpu - on_gpu).max())
     assert diff < 1e-3, f"CPU and GPU predictions differ by {diff}"
-    return (
-        f"losses {[round(v, 3) for v in losses]}, test accuracy "
-        f"{result.test_accuracy:.2f}, max |cpu - gpu| probability {diff:.1e}"
-    )
+    return (f"losses {[round(v, 3) for v in losses]}, test accuracy "
+            f"{result.test_accuracy:.2f}, max |cpu - gpu| probability {diff:.1e}")
 
 
 def check_every_model_steps() -> str:
@@ -71,9 +63,8 @@ def check_every_model_steps() -> str:
 
     rates = []
     for name in list_models():
-        r = bench_train(
-            name, batch_size=8, steps=2, warmup=1, members=2, device="cuda", image_size=128, with_peak=False
-        )
+        r = bench_train(name, batch_size=8, steps=2, warmup=1, members=2, device="cuda", image_size=128,
+                        with_peak=False)
         assert r["dtype"] in ("bf16", "fp16") and r["images_per_second"] > 0, r
         rates.append(f"{name} {r['images_per_second']:.0f}")
     return "img/s at 128px, K=2, batch 8: " + ", ".join(rates)

@@ -34,28 +34,9 @@ VARIANTS = {  # name -> bench train flags
 
 
 def run_cell(arch: str, variant: str, members: int, args: argparse.Namespace) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "lungxray",
-        "bench",
-        "train",
-        "--arch",
-        arch,
-        "--members",
-        str(members),
-        "--batch-size",
-        str(args.batch_size),
-        "--steps",
-        str(args.steps),
-        "--warmup",
-        str(args.warmup),
-        "--device",
-        args.device,
-        "--json",
-        "--no-peak",
-        *VARIANTS[variant],
-    ]
+    cmd = [sys.executable, "-m", "lungxray", "bench", "train", "--arch", arch, "--members", str(members),
+           "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--device", args.device, "--json", "--no-peak", *VARIANTS[variant]]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -63,16 +44,8 @@ def run_cell(arch: str, variant: str, members: int, args: argparse.Namespace) ->
 
 
 def keras_cell(python: str, args: argparse.Namespace) -> dict:
-    cmd = [
-        python,
-        str(ROOT / "bench/keras_seed.py"),
-        "--batch-size",
-        str(args.batch_size),
-        "--steps",
-        str(args.steps),
-        "--warmup",
-        str(args.warmup),
-    ]
+    cmd = [python, str(ROOT / "bench/keras_seed.py"), "--batch-size", str(args.batch_size), "--steps",
+           str(args.steps), "--warmup", str(args.warmup)]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
     if proc.returncode != 0:
@@ -107,12 +80,9 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     if args.keras_python:
         r = keras_cell(args.keras_python, args)
-        row = (
-            f"| seed CNN, Keras + ImageDataGenerator | 1 | fp32 | {r['images_per_second']:.1f} | "
-            f"{r['images_per_second_best']:.1f} | | | {r['load_average']} |"
-            if "error" not in r
-            else f"| seed CNN, Keras | 1 | fp32 | error: {r['error']} | | | | |"
-        )
+        row = (f"| seed CNN, Keras + ImageDataGenerator | 1 | fp32 | {r['images_per_second']:.1f} | "
+               f"{r['images_per_second_best']:.1f} | | | {r['load_average']} |" if "error" not in r
+               else f"| seed CNN, Keras | 1 | fp32 | error: {r['error']} | | | | |")
         lines.append(row)
         print(row, flush=True)
     cells = [(arch, k, v) for arch in args.models for k in args.members for v in args.variants]
@@ -130,10 +100,10 @@ def main() -> None:
             best = max(r["images_per_second_best"] for r in good)
             gflops = 3 * good[0]["forward_gflops_per_image"] * rate
             frac = gflops * 1e9 / peaks["bf16" if good[0]["dtype"] == "bf16" else "fp32"]
-            loads = "-".join(
-                f"{x:.1f}" for x in sorted({min(r["load_average"] for r in good), max(r["load_average"] for r in good)})
-            )
-            row = f"| {arch} | {k} | {variant} | {rate:.1f} | {best:.1f} | {gflops:.0f} | {100 * frac:.0f}% | {loads} |"
+            loads = "-".join(f"{x:.1f}" for x in sorted({min(r["load_average"] for r in good),
+                                                        max(r["load_average"] for r in good)}))
+            row = (f"| {arch} | {k} | {variant} | {rate:.1f} | {best:.1f} | {gflops:.0f} | {100 * frac:.0f}% | "
+                   f"{loads} |")
         lines.append(row)
         print(row, flush=True)
     if args.out:

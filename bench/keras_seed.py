@@ -39,34 +39,16 @@ def main() -> None:
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (n, s, s, 1)).astype("float32") / 255.0
     y = keras.utils.to_categorical(rng.integers(0, 3, n), 3)
-    model = keras.Sequential(
-        [
-            keras.Input((s, s, 1)),
-            layers.Conv2D(32, 3, activation="relu"),
-            layers.MaxPooling2D(2),
-            layers.Conv2D(64, 3, activation="relu"),
-            layers.MaxPooling2D(2),
-            layers.Conv2D(128, 3, activation="relu"),
-            layers.MaxPooling2D(2),
-            layers.Flatten(),
-            layers.Dense(128, activation="relu"),
-            layers.Dropout(0.5),
-            layers.Dense(3, "softmax"),
-        ]
-    )
+    model = keras.Sequential([
+        keras.Input((s, s, 1)),
+        layers.Conv2D(32, 3, activation="relu"), layers.MaxPooling2D(2),
+        layers.Conv2D(64, 3, activation="relu"), layers.MaxPooling2D(2),
+        layers.Conv2D(128, 3, activation="relu"), layers.MaxPooling2D(2),
+        layers.Flatten(), layers.Dense(128, activation="relu"), layers.Dropout(0.5), layers.Dense(3, "softmax"),
+    ])
     model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])
-    gen = (
-        ImageDataGenerator(
-            rotation_range=10,
-            width_shift_range=0.1,
-            height_shift_range=0.1,
-            shear_range=5,
-            zoom_range=0.1,
-            fill_mode="nearest",
-        )
-        if args.augment
-        else ImageDataGenerator()
-    )
+    gen = ImageDataGenerator(rotation_range=10, width_shift_range=0.1, height_shift_range=0.1, shear_range=5,
+                             zoom_range=0.1, fill_mode="nearest") if args.augment else ImageDataGenerator()
     stamps: list[float] = []
 
     class Stamp(keras.callbacks.Callback):
@@ -77,21 +59,15 @@ def main() -> None:
     flow = gen.flow(x, y, batch_size=args.batch_size, seed=0)
     t0 = time.perf_counter()
     model.fit(flow, steps_per_epoch=total, epochs=1, verbose=0, callbacks=[Stamp()])
-    times = np.diff([t0, *stamps])[args.warmup :]
-    print(
-        json.dumps(
-            {
-                "framework": f"keras {keras.__version__} / tensorflow {tf.__version__}",
-                "augment": "ImageDataGenerator" if args.augment else "none",
-                "params": model.count_params(),
-                "batch_size": args.batch_size,
-                "steps": args.steps,
-                "images_per_second": args.batch_size / float(np.median(times)),
-                "images_per_second_best": args.batch_size / float(times.min()),
-                "load_average": round(os.getloadavg()[0], 2),
-            }
-        )
-    )
+    times = np.diff([t0, *stamps])[args.warmup:]
+    print(json.dumps({
+        "framework": f"keras {keras.__version__} / tensorflow {tf.__version__}",
+        "augment": "ImageDataGenerator" if args.augment else "none",
+        "params": model.count_params(), "batch_size": args.batch_size, "steps": args.steps,
+        "images_per_second": args.batch_size / float(np.median(times)),
+        "images_per_second_best": args.batch_size / float(times.min()),
+        "load_average": round(os.getloadavg()[0], 2),
+    }))
 
 
 if __name__ == "__main__":

@@ -41,22 +41,10 @@ def synthetic_png(size: int = 1024, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
-def start_server(
-    run_dir: str, port: int, threads: int, replicas: int, log: io.TextIOBase, wait: float = 120.0
-) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "lungxray",
-        "serve",
-        run_dir,
-        "--port",
-        str(port),
-        "--workers-threads",
-        str(threads),
-        "--replicas",
-        str(replicas),
-    ]
+def start_server(run_dir: str, port: int, threads: int, replicas: int, log: io.TextIOBase,
+                 wait: float = 120.0) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "lungxray", "serve", run_dir, "--port", str(port), "--workers-threads", str(threads),
+           "--replicas", str(replicas)]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
@@ -76,9 +64,8 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def run_load(
-    base: str, payload: bytes, name: str, clients: int, requests: int, overlay: bool, timeout: float, deadline_s: float
-) -> dict:
+def run_load(base: str, payload: bytes, name: str, clients: int, requests: int, overlay: bool,
+             timeout: float, deadline_s: float) -> dict:
     local = threading.local()
     stop_at = time.monotonic() + deadline_s
     params = {"overlay": str(overlay).lower()}
@@ -106,18 +93,10 @@ def run_load(
         if status != "ok":
             errors[status] = errors.get(status, 0) + 1
     return {
-        "requests": requests,
-        "clients": clients,
-        "ok": len(ok),
-        "errors": sum(errors.values()),
-        "error_kinds": errors,
-        "wall_s": wall,
-        "throughput_rps": len(ok) / wall if wall else 0.0,
-        "p50_ms": percentile(ok, 50),
-        "p90_ms": percentile(ok, 90),
-        "p99_ms": percentile(ok, 99),
-        "max_ms": max(ok) if ok else float("nan"),
-        "mean_ms": statistics.fmean(ok) if ok else float("nan"),
+        "requests": requests, "clients": clients, "ok": len(ok), "errors": sum(errors.values()),
+        "error_kinds": errors, "wall_s": wall, "throughput_rps": len(ok) / wall if wall else 0.0,
+        "p50_ms": percentile(ok, 50), "p90_ms": percentile(ok, 90), "p99_ms": percentile(ok, 99),
+        "max_ms": max(ok) if ok else float("nan"), "mean_ms": statistics.fmean(ok) if ok else float("nan"),
     }
 
 
@@ -147,41 +126,28 @@ def main() -> int:
             health = httpx.get(f"{base}/health", timeout=5).json()
             for _ in range(3):  # warm-up: lazy imports, allocator, first Grad-CAM
                 httpx.post(f"{base}/predict", files={"file": (name, payload)}, timeout=args.timeout).raise_for_status()
-            result = run_load(
-                base, payload, name, args.clients, args.requests, not args.no_overlay, args.timeout, args.deadline
-            )
+            result = run_load(base, payload, name, args.clients, args.requests, not args.no_overlay,
+                              args.timeout, args.deadline)
         finally:
             proc.terminate()
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    result.update(
-        model=health["model"],
-        overlay=not args.no_overlay,
-        payload_bytes=len(payload),
-        server_threads=args.server_threads,
-        replicas=args.replicas,
-        cpus=os.cpu_count(),
-    )
+    result.update(model=health["model"], overlay=not args.no_overlay, payload_bytes=len(payload),
+                  server_threads=args.server_threads, replicas=args.replicas, cpus=os.cpu_count())
     if args.json:
         print(json.dumps(result, indent=2))
         return 0 if result["errors"] == 0 else 1
     m = result["model"]
-    print(
-        f"model {m['name']} ({m['arch']}, {m['members']} member(s)); payload {len(payload) / 1024:.0f} KB; "
-        f"Grad-CAM {'on' if result['overlay'] else 'off'}; server threads {args.server_threads}, "
-        f"replicas {args.replicas}; "
-        f"{result['cpus']} CPUs"
-    )
-    print(
-        f"{result['ok']}/{result['requests']} OK from {result['clients']} clients in {result['wall_s']:.2f} s: "
-        f"{result['throughput_rps']:.1f} req/s"
-    )
-    print(
-        f"latency ms: p50 {result['p50_ms']:.0f}  p90 {result['p90_ms']:.0f}  p99 {result['p99_ms']:.0f}  "
-        f"max {result['max_ms']:.0f}"
-    )
+    print(f"model {m['name']} ({m['arch']}, {m['members']} member(s)); payload {len(payload) / 1024:.0f} KB; "
+          f"Grad-CAM {'on' if result['overlay'] else 'off'}; server threads {args.server_threads}, "
+          f"replicas {args.replicas}; "
+          f"{result['cpus']} CPUs")
+    print(f"{result['ok']}/{result['requests']} OK from {result['clients']} clients in {result['wall_s']:.2f} s: "
+          f"{result['throughput_rps']:.1f} req/s")
+    print(f"latency ms: p50 {result['p50_ms']:.0f}  p90 {result['p90_ms']:.0f}  p99 {result['p99_ms']:.0f}  "
+          f"max {result['max_ms']:.0f}")
     print(f"errors: {result['errors']}" + (f" {result['error_kinds']}" if result["errors"] else ""))
     return 0 if result["errors"] == 0 else 1
 

@@ -37,21 +37,17 @@ def main() -> None:
     reuse_freed_memory()  # as the `lungxray` command does
     bench_train(args.arch, args.batch_size, steps=2, warmup=1, members=args.members, with_peak=False)  # warm
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        r = bench_train(args.arch, args.batch_size, steps=args.steps, warmup=0, members=args.members, with_peak=False)
+        r = bench_train(args.arch, args.batch_size, steps=args.steps, warmup=0, members=args.members,
+                        with_peak=False)
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
-    print(
-        f"{r['arch']} batch {r['batch_size']} {r['dtype']}: {r['images_per_second']:.1f} img/s under the "
-        f"profiler (load {r['load_average']}); share of self time:"
-    )
+    print(f"{r['arch']} batch {r['batch_size']} {r['dtype']}: {r['images_per_second']:.1f} img/s under the "
+          f"profiler (load {r['load_average']}); share of self time:")
     for label, keys in KINDS.items():
         t = sum(e.self_cpu_time_total for e in events if any(k in e.key for k in keys))
         print(f"  {label:<40} {100 * t / max(total, 1):5.1f}%")
-    print(
-        prof.key_averages(group_by_input_shape=True).table(
-            sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=45, max_shapes_column_width=60
-        )
-    )
+    print(prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=45, max_shapes_column_width=60))
 
 
 if __name__ == "__main__":

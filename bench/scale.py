@@ -43,17 +43,8 @@ def one(args: argparse.Namespace) -> None:
     images, labels, source = training_images(args.data, args.size)
     images, labels = np.tile(images, (args.one, 1, 1)), np.tile(labels, args.one)
     records = bench_epochs(images, labels, args.arch, args.epochs, args.batch_size, args.device)
-    print(
-        json.dumps(
-            {
-                "factor": args.one,
-                "images": len(images),
-                "source": source,
-                "epochs": records,
-                "load_average": round(os.getloadavg()[0], 2),
-            }
-        )
-    )
+    print(json.dumps({"factor": args.one, "images": len(images), "source": source, "epochs": records,
+                      "load_average": round(os.getloadavg()[0], 2)}))
 
 
 def main() -> None:
@@ -80,22 +71,8 @@ def main() -> None:
     ]
     print("\n".join(lines), flush=True)
     for factor in args.factors:
-        cmd = [
-            sys.executable,
-            __file__,
-            "--one",
-            str(factor),
-            "--epochs",
-            str(args.epochs),
-            "--arch",
-            args.arch,
-            "--batch-size",
-            str(args.batch_size),
-            "--size",
-            str(args.size),
-            "--device",
-            args.device,
-        ]
+        cmd = [sys.executable, __file__, "--one", str(factor), "--epochs", str(args.epochs), "--arch", args.arch,
+               "--batch-size", str(args.batch_size), "--size", str(args.size), "--device", args.device]
         if args.data:
             cmd += ["--data", args.data]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -105,12 +82,10 @@ def main() -> None:
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             ep = r["epochs"]
             timed = ep[1:] or ep  # the first epoch also pays one-off kernel set-up
-            row = (
-                f"| {factor}x | {r['images']} | {np.median([e['seconds'] for e in timed]):.1f} | "
-                f"{np.median([e['images_per_second'] for e in timed]):.0f} | "
-                f"{ep[0]['rss_mb']:.0f} -> {ep[-1]['rss_mb']:.0f} | {ep[-1]['peak_rss_mb']:.0f} | "
-                f"{r['load_average']} |"
-            )
+            row = (f"| {factor}x | {r['images']} | {np.median([e['seconds'] for e in timed]):.1f} | "
+                   f"{np.median([e['images_per_second'] for e in timed]):.0f} | "
+                   f"{ep[0]['rss_mb']:.0f} -> {ep[-1]['rss_mb']:.0f} | {ep[-1]['peak_rss_mb']:.0f} | "
+                   f"{r['load_average']} |")
         lines.append(row)
         print(row, flush=True)
     if args.out:

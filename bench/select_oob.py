@@ -37,11 +37,8 @@ def parse_candidate(spec: str) -> tuple[str, list[str]]:
 
 
 def lungxray(args: list[str], log: Path, threads: int) -> int:
-    env = {
-        **os.environ,
-        "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        "OMP_NUM_THREADS": str(threads),
-    }
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": str(threads)}
     with log.open("w") as f:
         return subprocess.call([sys.executable, "-m", "lungxray", *args], stdout=f, stderr=subprocess.STDOUT, env=env)
 
@@ -49,60 +46,23 @@ def lungxray(args: list[str], log: Path, threads: int) -> int:
 def train_one(a: argparse.Namespace, name: str, sets: list[str], seed: int) -> dict:
     run = a.out / f"{name}_s{seed}"
     if not (run / "metrics.json").exists():
-        cmd = [
-            "train",
-            "--config",
-            a.config,
-            "--data",
-            a.data,
-            "--out",
-            str(run),
-            "--device",
-            a.device,
-            "--set",
-            f"seed={seed}",
-            "--set",
-            f"train.threads={a.threads}",
-        ]
+        cmd = ["train", "--config", a.config, "--data", a.data, "--out", str(run), "--device", a.device,
+               "--set", f"seed={seed}", "--set", f"train.threads={a.threads}"]
         for s in [*a.base_sets, *sets]:
             cmd += ["--set", s]
         if lungxray(cmd, a.out / f"{name}_s{seed}.log", a.threads) != 0:
             return {"candidate": name, "seed": seed, "error": f"training failed, see {run}.log"}
     m = json.loads((run / "metrics.json").read_text())
     oob = m["validation"]["metrics"]
-    return {
-        "candidate": name,
-        "seed": seed,
-        "run": str(run),
-        "oob_accuracy": oob["accuracy"],
-        "oob_macro_f1": oob["macro_f1"],
-        "oob_nll": oob["nll"],
-        "train_seconds": m["timing"]["train_seconds"],
-    }
+    return {"candidate": name, "seed": seed, "run": str(run), "oob_accuracy": oob["accuracy"],
+            "oob_macro_f1": oob["macro_f1"], "oob_nll": oob["nll"], "train_seconds": m["timing"]["train_seconds"]}
 
 
 def shift_one(a: argparse.Namespace, run: str) -> dict:
     out = Path(run) / "robustness_val135"
     if not (out / "robustness.json").exists():
-        lungxray(
-            [
-                "robustness",
-                run,
-                "--split",
-                "validation",
-                "--levels",
-                "1",
-                "3",
-                "5",
-                "--no-saliency",
-                "--device",
-                a.device,
-                "--out",
-                str(out),
-            ],
-            Path(run + ".rob_val135.log"),
-            a.threads,
-        )
+        lungxray(["robustness", run, "--split", "validation", "--levels", "1", "3", "5", "--no-saliency",
+                  "--device", a.device, "--out", str(out)], Path(run + ".rob_val135.log"), a.threads)
     if not (out / "robustness.json").exists():
         return {"run": run, "error": "shift benchmark failed"}
     s = json.loads((out / "robustness.json").read_text())["summary"]
@@ -119,17 +79,10 @@ def main() -> int:
     p.add_argument("--config", default=str(ROOT / "configs/reference.yaml"))
     p.add_argument("--data", required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument(
-        "--set",
-        dest="base_sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override applied to every candidate (e.g. a shorter schedule for a quick look)",
-    )
-    p.add_argument(
-        "--candidate", action="append", required=True, help="NAME[:key=value,...]; the first is the incumbent"
-    )
+    p.add_argument("--set", dest="base_sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override applied to every candidate (e.g. a shorter schedule for a quick look)")
+    p.add_argument("--candidate", action="append", required=True,
+                   help="NAME[:key=value,...]; the first is the incumbent")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--device", default="cpu")
     p.add_argument("--jobs", type=int, default=1)
@@ -137,11 +90,8 @@ def main() -> int:
     p.add_argument("--shift-top", type=int, default=2, help="challengers (by OOB accuracy) to shift-benchmark")
     p.add_argument("--min-gain", type=float, default=0.005)
     p.add_argument("--max-shift-drop", type=float, default=0.01)
-    p.add_argument(
-        "--reveal-test",
-        action="store_true",
-        help="after the choice is written, append each run's test accuracy (for the record)",
-    )
+    p.add_argument("--reveal-test", action="store_true",
+                   help="after the choice is written, append each run's test accuracy (for the record)")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     cands = [parse_candidate(c) for c in a.candidate]
@@ -150,22 +100,12 @@ def main() -> int:
     with ThreadPoolExecutor(a.jobs) as pool:
         rows = list(pool.map(lambda job: train_one(a, *job), [(n, s, seed) for n, s in cands for seed in a.seeds]))
     by = {n: [r for r in rows if r["candidate"] == n] for n, _ in cands}
-    summary = {
-        n: {
-            "sets": s,
-            "oob_accuracy": mean(by[n], "oob_accuracy"),
-            "oob_macro_f1": mean(by[n], "oob_macro_f1"),
-            "oob_nll": mean(by[n], "oob_nll"),
-            "train_seconds": mean(by[n], "train_seconds"),
-            "per_seed": [round(r.get("oob_accuracy", float("nan")), 3) for r in by[n]],
-            "errors": [r["error"] for r in by[n] if "error" in r],
-        }
-        for n, s in cands
-    }
-    ranked = sorted(
-        (n for n in summary if n != incumbent and summary[n]["oob_accuracy"] is not None),
-        key=lambda n: -summary[n]["oob_accuracy"],
-    )
+    summary = {n: {"sets": s, "oob_accuracy": mean(by[n], "oob_accuracy"), "oob_macro_f1": mean(by[n], "oob_macro_f1"),
+                   "oob_nll": mean(by[n], "oob_nll"), "train_seconds": mean(by[n], "train_seconds"),
+                   "per_seed": [round(r.get("oob_accuracy", float("nan")), 3) for r in by[n]],
+                   "errors": [r["error"] for r in by[n] if "error" in r]} for n, s in cands}
+    ranked = sorted((n for n in summary if n != incumbent and summary[n]["oob_accuracy"] is not None),
+                    key=lambda n: -summary[n]["oob_accuracy"])
     to_shift = [incumbent, *ranked[: a.shift_top]]
     with ThreadPoolExecutor(a.jobs) as pool:
         runs = [r["run"] for n in to_shift for r in by[n] if "run" in r]
@@ -176,35 +116,24 @@ def main() -> int:
         summary[n]["shift_held_out"] = mean(mine, "shift_held_out")
 
     inc = summary[incumbent]
-    winners = [
-        n
-        for n in ranked
-        if summary[n].get("shift_mean") is not None
-        and inc["oob_accuracy"] is not None
-        and summary[n]["oob_accuracy"] >= inc["oob_accuracy"] + a.min_gain
-        and summary[n]["shift_mean"] >= inc["shift_mean"] - a.max_shift_drop
-    ]
+    winners = [n for n in ranked if summary[n].get("shift_mean") is not None and inc["oob_accuracy"] is not None
+               and summary[n]["oob_accuracy"] >= inc["oob_accuracy"] + a.min_gain
+               and summary[n]["shift_mean"] >= inc["shift_mean"] - a.max_shift_drop]
     choice = winners[0] if winners else incumbent
-    lines = [
-        f"Rule: a challenger replaces `{incumbent}` if its mean OOB accuracy over seeds {a.seeds} is >= "
-        f"{a.min_gain} higher and its OOB shift mean (severities 1, 3, 5) is at most {a.max_shift_drop} lower; "
-        "highest OOB accuracy among those. Test figures not read.",
-        "",
-        "| candidate | overrides | OOB accuracy per seed | mean | OOB macro F1 | OOB NLL | OOB shift mean | "
-        "held-out shifts | train s |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = [f"Rule: a challenger replaces `{incumbent}` if its mean OOB accuracy over seeds {a.seeds} is >= "
+             f"{a.min_gain} higher and its OOB shift mean (severities 1, 3, 5) is at most {a.max_shift_drop} lower; "
+             "highest OOB accuracy among those. Test figures not read.", "",
+             "| candidate | overrides | OOB accuracy per seed | mean | OOB macro F1 | OOB NLL | OOB shift mean | "
+             "held-out shifts | train s |", "|---|---|---|---|---|---|---|---|---|"]
 
     def fmt(v: float | None, d: int = 3) -> str:
         return "–" if v is None else f"{v:.{d}f}"
 
     for n in [incumbent, *ranked]:
         s = summary[n]
-        lines.append(
-            f"| {n} | {' '.join(s['sets']) or '(base)'} | {' / '.join(map(str, s['per_seed']))} | "
-            f"{fmt(s['oob_accuracy'])} | {fmt(s['oob_macro_f1'])} | {fmt(s['oob_nll'])} | "
-            f"{fmt(s.get('shift_mean'))} | {fmt(s.get('shift_held_out'))} | {fmt(s['train_seconds'], 0)} |"
-        )
+        lines.append(f"| {n} | {' '.join(s['sets']) or '(base)'} | {' / '.join(map(str, s['per_seed']))} | "
+                     f"{fmt(s['oob_accuracy'])} | {fmt(s['oob_macro_f1'])} | {fmt(s['oob_nll'])} | "
+                     f"{fmt(s.get('shift_mean'))} | {fmt(s.get('shift_held_out'))} | {fmt(s['train_seconds'], 0)} |")
     lines += ["", f"Choice: **{choice}**" + ("" if choice != incumbent else " (the incumbent stays)")]
     text = "\n".join(lines)
     print(text)

@@ -25,7 +25,7 @@ def _json(cmd: list[str], env: dict[str, str] | None = None) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:4])}...: {(proc.stderr.strip().splitlines() or ['failed'])[-1]}")
     out = proc.stdout.strip()
-    return json.loads(out[out.index("{") :])  # Keras may print lines before its JSON
+    return json.loads(out[out.index("{"):])  # Keras may print lines before its JSON
 
 
 def main() -> None:
@@ -42,19 +42,13 @@ def main() -> None:
     ratios = []
     for i in range(1, args.rounds + 1):
         k = _json([args.keras_python, str(ROOT / "bench/keras_seed.py"), *common], keras_env)
-        m = _json(
-            [sys.executable, "-m", "lungxray", "bench", "train", "--arch", args.arch, "--json", "--no-peak", *common]
-        )
+        m = _json([sys.executable, "-m", "lungxray", "bench", "train", "--arch", args.arch, "--json", "--no-peak",
+                   *common])
         ratios.append(m["images_per_second"] / k["images_per_second"])
-        print(
-            f"| {i} | {k['images_per_second']:.1f} ({k['load_average']}) | {m['images_per_second']:.1f} "
-            f"({m['load_average']}) | {ratios[-1]:.2f}x |",
-            flush=True,
-        )
-    print(
-        f"\nmedian ratio {statistics.median(ratios):.2f}x ({m['dtype']}, channels_last={m['channels_last']}, "
-        f"compiled={m['compiled']}, OpenMP wait: {m.get('omp_wait_policy')}, {k['framework']})"
-    )
+        print(f"| {i} | {k['images_per_second']:.1f} ({k['load_average']}) | {m['images_per_second']:.1f} "
+              f"({m['load_average']}) | {ratios[-1]:.2f}x |", flush=True)
+    print(f"\nmedian ratio {statistics.median(ratios):.2f}x ({m['dtype']}, channels_last={m['channels_last']}, "
+          f"compiled={m['compiled']}, OpenMP wait: {m.get('omp_wait_policy')}, {k['framework']})")
 
 
 if __name__ == "__main__":

@@ -58,13 +58,8 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # One thread: tiny models train several times faster than with two threads contending on a shared CPU.
-SMOKE_OVERRIDES = {
-    "data.image_size": 64,
-    "train.epochs": 3,
-    "train.batch_size": 16,
-    "train.lr": 0.003,
-    "train.threads": 1,
-}
+SMOKE_OVERRIDES = {"data.image_size": 64, "train.epochs": 3, "train.batch_size": 16, "train.lr": 0.003,
+                   "train.threads": 1}
 
 
 @pytest.fixture(scope="session")

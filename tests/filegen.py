@@ -18,9 +18,8 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 
-def dicom_bytes(
-    pixels: np.ndarray, photometric: str = "MONOCHROME2", with_pixels: bool = True, **extra: object
-) -> bytes:
+def dicom_bytes(pixels: np.ndarray, photometric: str = "MONOCHROME2", with_pixels: bool = True,
+                **extra: object) -> bytes:
     """A minimal uncompressed 16-bit (12 stored) DICOM Part 10 file; (F, H, W) pixels give F frames.
 
     ``extra`` sets further elements (RescaleSlope, WindowCenter, ...); ``with_pixels=False`` leaves out PixelData.

@@ -65,9 +65,8 @@ def test_predict_accepts_paths_pil_images_and_arrays_alike(model: Model, test_fi
     assert len(model.predict(np.zeros((64, 64, 3), np.uint8))) == 1  # (H, W, 3) is one colour image
 
 
-def test_predict_agrees_with_the_predictor_and_the_cli_rows(
-    model: Model, trained_run: Path, test_files: list[Path]
-) -> None:
+def test_predict_agrees_with_the_predictor_and_the_cli_rows(model: Model, trained_run: Path,
+                                                            test_files: list[Path]) -> None:
     pred = model.predict([str(p) for p in test_files])
     reference = Predictor.load(trained_run).predict(test_files)
     np.testing.assert_allclose(pred.probs, reference.probs, atol=1e-6)
@@ -81,16 +80,8 @@ def test_predict_a_folder_and_convert_to_a_dataframe(model: Model, tiny_dataset:
     pred = model.predict(tiny_dataset / "test")
     assert len(pred) == 18
     df = pred.to_dataframe()
-    assert list(df.columns) == [
-        "path",
-        "label",
-        "prob_covid",
-        "prob_normal",
-        "prob_pneumonia",
-        "uncertainty",
-        "disagreement",
-        "refer",
-    ]
+    assert list(df.columns) == ["path", "label", "prob_covid", "prob_normal", "prob_pneumonia", "uncertainty",
+                                "disagreement", "refer"]
     assert df["label"].tolist() == pred.labels
     np.testing.assert_allclose(df[["prob_covid", "prob_normal", "prob_pneumonia"]].sum(axis=1), 1.0, atol=1e-6)
     assert set(df["refer"]) <= {True, False}
@@ -117,13 +108,13 @@ def test_unreadable_input_is_named_or_skipped(model: Model, test_files: list[Pat
         model.predict(tmp_path / "empty")
 
 
-def test_cli_predict_keeps_input_order_with_an_unreadable_file(
-    trained_run: Path, test_files: list[Path], tmp_path: Path
-) -> None:
+def test_cli_predict_keeps_input_order_with_an_unreadable_file(trained_run: Path, test_files: list[Path],
+                                                              tmp_path: Path) -> None:
     bad = tmp_path / "broken.png"
     bad.write_text("not an image")
     out = tmp_path / "rows.csv"
-    assert main(["predict", str(trained_run), str(test_files[0]), str(bad), str(test_files[1]), "--csv", str(out)]) == 0
+    assert main(["predict", str(trained_run), str(test_files[0]), str(bad), str(test_files[1]),
+                 "--csv", str(out)]) == 0
     lines = out.read_text().splitlines()
     assert lines[0].startswith("path,label,prob_covid") and lines[0].endswith(",error")
     assert [line.split(",")[0] for line in lines[1:]] == [str(test_files[0]), str(bad), str(test_files[1])]
@@ -149,30 +140,16 @@ def test_model_display(model: Model, trained_run: Path) -> None:
 
 def test_override_names() -> None:
     assert override_keys({"epochs": 3, "arch": "seed_cnn", "seed": 1}) == {
-        "train.epochs": 3,
-        "model.arch": "seed_cnn",
-        "seed": 1,
-    }
+        "train.epochs": 3, "model.arch": "seed_cnn", "seed": 1}
     assert override_keys({"train__lr": 0.1, "ensemble.members": 2, "augment": {"rotation_range": 5}}) == {
-        "train.lr": 0.1,
-        "ensemble.members": 2,
-        "augment.rotation_range": 5,
-    }
+        "train.lr": 0.1, "ensemble.members": 2, "augment.rotation_range": 5}
     with pytest.raises(ConfigError, match=r"unknown config key epoch \(did you mean epochs"):
         override_keys({"epoch": 3})
 
 
 def test_train_with_overrides_returns_a_displayable_run(tiny_dataset: Path, tmp_path: Path) -> None:
-    run = lungxray.train(
-        SMOKE,
-        data=tiny_dataset,
-        out=tmp_path / "run",
-        device="cpu",
-        epochs=1,
-        image_size=32,
-        train__batch_size=16,
-        **{"train.lr": 0.003},
-    )
+    run = lungxray.train(SMOKE, data=tiny_dataset, out=tmp_path / "run", device="cpu", epochs=1,
+                         image_size=32, train__batch_size=16, **{"train.lr": 0.003})
     assert isinstance(run, Run) and run.run_dir == tmp_path / "run"
     assert (run.config.train.epochs, run.config.data.image_size, run.config.train.batch_size) == (1, 32, 16)
     assert len(run.history) == 1 and run.test_accuracy is not None
@@ -214,6 +191,5 @@ def test_public_signatures_are_annotated() -> None:
     for fn in (lungxray.load, lungxray.train, lungxray.evaluate, Model.predict, Model.gradcam):
         sig = inspect.signature(fn)
         assert sig.return_annotation is not inspect.Signature.empty, fn.__name__
-        assert all(p.annotation is not inspect.Parameter.empty for p in sig.parameters.values() if p.name != "self"), (
-            fn.__name__
-        )
+        assert all(p.annotation is not inspect.Parameter.empty for p in sig.parameters.values()
+                   if p.name != "self"), fn.__name__

@@ -57,14 +57,14 @@ def test_negative_time_constant_is_refused() -> None:
         load_config(smoke, ["train.ema_epochs=-1"])
 
 
+
 def _fit_small(ema_epochs: float) -> tuple[nn.Module, TrainState, torch.Tensor, torch.Tensor, MemberPlan]:
     seed_everything(0, deterministic=True)
     images, labels = learnable_problem()
     plan = plan_members(labels.numpy(), members=2, bootstrap=True, seed=0)
     model = build_model("compact_cnn", num_classes=3, members=2, width=4, dropout=0.3)
-    cfg = TrainConfig(
-        epochs=4, batch_size=8, lr=3e-3, early_stopping_patience=0, precision="fp32", ema_epochs=ema_epochs
-    )
+    cfg = TrainConfig(epochs=4, batch_size=8, lr=3e-3, early_stopping_patience=0, precision="fp32",
+                      ema_epochs=ema_epochs)
     state = fit(model, images, labels, plan, cfg, Augmenter(resolve_params("seed"), seed=1), seed=0)
     return model, state, images, labels, plan
 

@@ -42,17 +42,8 @@ def test_bench_train_json_reports_the_issue_fields(capsys: pytest.CaptureFixture
 
 
 def test_bench_train_counts_member_images_and_honours_flags() -> None:
-    r = bench.bench_train(
-        "compact_cnn",
-        batch_size=4,
-        steps=2,
-        warmup=1,
-        members=3,
-        image_size=64,
-        precision="fp32",
-        channels_last=False,
-        with_peak=False,
-    )
+    r = bench.bench_train("compact_cnn", batch_size=4, steps=2, warmup=1, members=3, image_size=64,
+                          precision="fp32", channels_last=False, with_peak=False)
     assert r["members"] == 3 and r["dtype"] == "fp32" and r["channels_last"] is False
     assert r["images_per_second"] == pytest.approx(4 * 3 / r["step_seconds_median"])
     assert "peak_gflops" not in r and r["load_average"] is not None
@@ -79,9 +70,8 @@ def test_bench_bad_input_is_one_line_error(capsys: pytest.CaptureFixture[str], a
     assert message in err and len(err.strip().splitlines()) == 1
 
 
-def test_bench_predict_times_both_engines_on_a_trained_bundle(
-    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_bench_predict_times_both_engines_on_a_trained_bundle(trained_run: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
     run = shutil.copytree(trained_run, tmp_path / "run")  # the onnx engine exports model.onnx into the bundle
     code, out, _ = run_cli(capsys, "bench", "predict", str(run), "--runs", "5", "--batch-size", "8", "--json")
     assert code == 0
@@ -105,7 +95,8 @@ def test_epoch_memory_does_not_grow_with_epochs() -> None:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (30, 48, 48), dtype=np.uint8)
     labels = np.arange(30) % 3
-    records = bench.bench_epochs(images, labels, "compact_cnn", epochs=4, batch_size=8, model_args={"width": 4})
+    records = bench.bench_epochs(images, labels, "compact_cnn", epochs=4, batch_size=8,
+                                 model_args={"width": 4})
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
     assert all(r["seconds"] > 0 and r["images_per_second"] > 0 for r in records)
     # After the first epoch (allocator warm-up) resident memory stays flat: nothing accumulates per epoch.

@@ -24,16 +24,8 @@ pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not CHROMIUM.is_file(), reason=f"{CHROMIUM} is not installed (apt-get install chromium)"),
 ]
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 VERDICTS = {"Refer to a radiologist: the model is unsure", "Confident"}
 
 
@@ -98,13 +90,10 @@ def test_upload_shows_label_probabilities_and_overlay(page: Page, trained_run: P
     assert page.locator("#label").inner_text().strip().lower() == expected.labels[0]
     assert page.locator("#verdict-text").inner_text() in VERDICTS
     assert page.locator("#verdict-text").inner_text() == (
-        "Refer to a radiologist: the model is unsure" if expected.refer[0] else "Confident"
-    )
+        "Refer to a radiologist: the model is unsure" if expected.refer[0] else "Confident")
     assert page.locator("#probs .bar-row").count() == len(predictor.classes)
-    page.wait_for_function(
-        "() => { const i = document.getElementById('overlay'); return i.complete && i.naturalWidth > 0; }",
-        timeout=15_000,
-    )
+    page.wait_for_function("() => { const i = document.getElementById('overlay'); "
+                           "return i.complete && i.naturalWidth > 0; }", timeout=15_000)
     size = predictor.meta["input"]["size"]
     assert page.evaluate("document.getElementById('overlay').naturalWidth") == size
     page.screenshot(path=str(tmp_path / "page.png"), full_page=True)

@@ -91,18 +91,12 @@ def test_layouts(tmp_path: Path) -> None:
 def test_index_looks_through_image_containers_and_skips_masks(tmp_path: Path) -> None:
     """The COVID-19 Radiography Database layout: CLASS/images/*.png beside CLASS/masks/*.png, plus classes the
     model does not know (Lung_Opacity), optionally under a source folder."""
-    root = _tree(
-        tmp_path / "radiography",
-        [
-            "COVID/images/COVID-1.png",
-            "COVID/masks/COVID-1.png",
-            "Normal/images/Normal-1.png",
-            "Normal/masks/Normal-1.png",
-            "Viral Pneumonia/images/Viral Pneumonia-1.png",
-            "Lung_Opacity/images/Lung_Opacity-1.png",
-            "train/images/stray.png",
-        ],
-    )
+    root = _tree(tmp_path / "radiography", [
+        "COVID/images/COVID-1.png", "COVID/masks/COVID-1.png",
+        "Normal/images/Normal-1.png", "Normal/masks/Normal-1.png",
+        "Viral Pneumonia/images/Viral Pneumonia-1.png", "Lung_Opacity/images/Lung_Opacity-1.png",
+        "train/images/stray.png",
+    ])
     records, skipped = index_folder(root, classes=["covid", "normal", "pneumonia"])
     assert _layout(records) == [("covid", "all", ""), ("normal", "all", ""), ("pneumonia", "all", "")]
     reasons = {s.path: s.reason for s in skipped}

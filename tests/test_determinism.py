@@ -22,17 +22,9 @@ SMOKE = Path(__file__).parents[1] / "configs" / "smoke.yaml"
 TIMING_METRICS = ("total_seconds", "train_seconds", "load_seconds", "train_images_per_second")
 TIMING_HISTORY = ("seconds", "images_per_second")
 # a 2-member bootstrap ensemble, so the member plan, augmentation and dropout are all exercised
-OVERRIDES = {
-    "data.image_size": 32,
-    "train.epochs": 3,
-    "train.batch_size": 16,
-    "train.lr": 0.003,
-    "train.threads": 1,
-    "train.deterministic": True,
-    "ensemble.members": 2,
-    "ensemble.bootstrap": True,
-    "model.args": {"width": 8, "dropout": 0.3},
-}
+OVERRIDES = {"data.image_size": 32, "train.epochs": 3, "train.batch_size": 16, "train.lr": 0.003, "train.threads": 1,
+             "train.deterministic": True, "ensemble.members": 2, "ensemble.bootstrap": True,
+             "model.args": {"width": 8, "dropout": 0.3}}
 
 
 def _outputs(run_dir: Path) -> dict[str, Any]:

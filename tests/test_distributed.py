@@ -30,24 +30,9 @@ EXACT = {**BASE, "model.args.batch_norm": False, "model.args.dropout": 0, "train
 
 
 def torchrun(data: Path, out: Path, overrides: dict, strategy: str = "data", nproc: int = 2) -> str:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "lungxray",
-        "train",
-        "--config",
-        str(SMOKE),
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--device",
-        "cpu",
-    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "lungxray", "train", "--config", str(SMOKE), "--data", str(data), "--out", str(out),
+           "--device", "cpu"]
     for key, value in overrides.items():
         cmd += ["--set", f"{key}={json.dumps(value)}"]
     env = {**os.environ, "LUNGXRAY_DISTRIBUTE": strategy, "OMP_NUM_THREADS": "1"}

@@ -48,13 +48,8 @@ def test_out_of_bag_probs_use_only_members_that_held_the_image_out() -> None:
 
 def test_sequential_fallback_writes_the_same_kind_of_bundle(tiny_dataset: Path, tmp_path: Path) -> None:
     config = Path(__file__).parents[1] / "configs/smoke.yaml"
-    over = {
-        "data.image_size": 48,
-        "train.epochs": 2,
-        "ensemble.members": 2,
-        "ensemble.bootstrap": True,
-        "ensemble.packed": False,
-    }
+    over = {"data.image_size": 48, "train.epochs": 2, "ensemble.members": 2, "ensemble.bootstrap": True,
+            "ensemble.packed": False}
     run = train_run(config, tiny_dataset, tmp_path / "seq", overrides=over)
     meta = read_meta(run.run_dir)
     assert meta["members"] == 2 and not (run.run_dir / "members").exists()

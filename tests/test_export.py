@@ -45,9 +45,8 @@ def _test_images(predictor: Predictor, tiny_dataset: Path) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name", ["single", "ensemble"])
-def test_parity_and_dynamic_batch(
-    name: str, runs: dict[str, Path], exported: dict[str, Path], tiny_dataset: Path
-) -> None:
+def test_parity_and_dynamic_batch(name: str, runs: dict[str, Path], exported: dict[str, Path],
+                                  tiny_dataset: Path) -> None:
     predictor = Predictor.load(runs[name])
     images = _test_images(predictor, tiny_dataset)
     ref = predictor.predict_images(images)
@@ -85,7 +84,8 @@ def test_parity_check_catches_a_different_model(runs: dict[str, Path], exported:
 
 
 @pytest.mark.parametrize("name", ["single", "ensemble"])
-def test_onnx_engine_matches_torch_engine(name: str, runs: dict[str, Path], tiny_dataset: Path, tmp_path: Path) -> None:
+def test_onnx_engine_matches_torch_engine(name: str, runs: dict[str, Path], tiny_dataset: Path,
+                                          tmp_path: Path) -> None:
     run = shutil.copytree(runs[name], tmp_path / "run")
     assert not (run / ONNX_NAME).exists()
     tables = {}
@@ -143,14 +143,13 @@ def test_dynamo_exporter_also_matches(trained_run: Path, tmp_path: Path) -> None
 @pytest.fixture(scope="module")
 def int8_ensemble(trained_ensemble: Path, tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("int8") / "model.int8.onnx"
-    assert (
-        main(["export", str(trained_ensemble), "--out", str(out), "--quantize", "int8", "--data", str(tiny_dataset)])
-        == 0
-    )
+    assert main(["export", str(trained_ensemble), "--out", str(out), "--quantize", "int8",
+                 "--data", str(tiny_dataset)]) == 0
     return out
 
 
-def test_int8_agrees_with_fp32_on_real_images(trained_ensemble: Path, tiny_dataset: Path, int8_ensemble: Path) -> None:
+def test_int8_agrees_with_fp32_on_real_images(trained_ensemble: Path, tiny_dataset: Path,
+                                              int8_ensemble: Path) -> None:
     info = quantization_info(int8_ensemble)
     assert info is not None and info["nodes"]  # the smoke model's 32- and 64-channel convs
     agree = info["agreement"]
@@ -166,14 +165,11 @@ def test_int8_agrees_with_fp32_on_real_images(trained_ensemble: Path, tiny_datas
     assert np.mean(a.probs.argmax(1) == b.probs.argmax(1)) >= INT8_MIN_LABEL_AGREEMENT
 
 
-def test_int8_export_prints_agreement(
-    trained_ensemble: Path, tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
+def test_int8_export_prints_agreement(trained_ensemble: Path, tiny_dataset: Path, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "q.onnx"
-    assert (
-        main(["export", str(trained_ensemble), "--out", str(out), "--quantize", "int8", "--data", str(tiny_dataset)])
-        == 0
-    )
+    assert main(["export", str(trained_ensemble), "--out", str(out), "--quantize", "int8",
+                 "--data", str(tiny_dataset)]) == 0
     printed = capsys.readouterr().out
     found = re.search(r"int8 vs fp32 on 27 images: max \|probability difference\| (\S+), same label on (\S+)%", printed)
     assert found and float(found.group(1)) <= INT8_MAX_PROB_DIFF and float(found.group(2)) >= 98
@@ -189,34 +185,18 @@ def test_int8_export_prints_agreement(
     assert same >= INT8_MIN_LABEL_AGREEMENT
 
 
-def test_int8_beyond_the_limits_is_refused(
-    trained_ensemble: Path, tiny_dataset: Path, exported: dict[str, Path], tmp_path: Path
-) -> None:
+def test_int8_beyond_the_limits_is_refused(trained_ensemble: Path, tiny_dataset: Path, exported: dict[str, Path],
+                                           tmp_path: Path) -> None:
     calibration, check = int8_images(Predictor.load(trained_ensemble), tiny_dataset)
     with pytest.raises(AgreementError, match="disagrees with fp32"):
         quantize_int8(exported["ensemble"], tmp_path / "q.onnx", calibration, check, max_prob_diff=0.0)
     assert list(tmp_path.iterdir()) == []  # nothing written, no temporary file left
 
 
-def test_bench_times_an_int8_export(trained_ensemble: Path, int8_ensemble: Path, capsys: pytest.CaptureFixture) -> None:
-    assert (
-        main(
-            [
-                "bench",
-                "predict",
-                str(trained_ensemble),
-                "--engine",
-                "onnx",
-                "--onnx",
-                str(int8_ensemble),
-                "--runs",
-                "3",
-                "--batch-size",
-                "4",
-            ]
-        )
-        == 0
-    )
+def test_bench_times_an_int8_export(trained_ensemble: Path, int8_ensemble: Path,
+                                    capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", "predict", str(trained_ensemble), "--engine", "onnx", "--onnx", str(int8_ensemble),
+                 "--runs", "3", "--batch-size", "4"]) == 0
     assert re.search(r"onnx int8 +batch 1: p50", capsys.readouterr().out)
 
 

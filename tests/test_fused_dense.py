@@ -188,17 +188,8 @@ def _fit_seed_cnn(run_dir: Path, epochs: int, resume: bool) -> tuple[dict[str, t
     plan = plan_members(labels, members=1, bootstrap=True, seed=0)
     model = build_model("seed_cnn", image_size=96).to(memory_format=torch.channels_last)
     cfg = TrainConfig(epochs=epochs, batch_size=8, lr=1e-3, early_stopping_patience=0, precision="bf16")
-    state = fit(
-        model,
-        torch.as_tensor(images),
-        torch.as_tensor(labels),
-        plan,
-        cfg,
-        Augmenter(resolve_params("seed"), seed=1),
-        amp_dtype=torch.bfloat16,
-        run_dir=run_dir,
-        resume=resume,
-    )
+    state = fit(model, torch.as_tensor(images), torch.as_tensor(labels), plan, cfg,
+                Augmenter(resolve_params("seed"), seed=1), amp_dtype=torch.bfloat16, run_dir=run_dir, resume=resume)
     assert model.fc1.master is not None
     history = [{k: v for k, v in h.items() if k not in ("seconds", "images_per_second")} for h in state.history]
     return {k: v.clone() for k, v in model.state_dict().items()}, history

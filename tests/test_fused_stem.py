@@ -46,7 +46,8 @@ def _run(fn: Callable[..., torch.Tensor], args: list[torch.Tensor], groups: int,
     return out
 
 
-@pytest.mark.parametrize(("members", "cout", "h", "w"), [(1, 32, 17, 20), (2, 32, 33, 31), (2, 20, 9, 8), (3, 5, 4, 4)])
+@pytest.mark.parametrize(("members", "cout", "h", "w"), [(1, 32, 17, 20), (2, 32, 33, 31), (2, 20, 9, 8),
+                                                         (3, 5, 4, 4)])
 def test_matches_eager_fp32(kernel: None, members: int, cout: int, h: int, w: int) -> None:
     """Values and gradients (weight, bias, input) of random fp32 data, any channel count and odd sizes."""
     torch.manual_seed(members * 100 + h)
@@ -116,9 +117,8 @@ def _seed_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[floa
 
 
 @pytest.mark.parametrize(("members", "micro_batch"), [(1, 0), (2, 3)])
-def test_seed_cnn_training_step_same_with_and_without_kernel(
-    kernel: None, monkeypatch: pytest.MonkeyPatch, members: int, micro_batch: int
-) -> None:
+def test_seed_cnn_training_step_same_with_and_without_kernel(kernel: None, monkeypatch: pytest.MonkeyPatch,
+                                                             members: int, micro_batch: int) -> None:
     torch.manual_seed(2)
     x, y = torch.randn(5, members, SIZE, SIZE), torch.randint(0, 3, (5, members))
     torch.manual_seed(0)
@@ -217,9 +217,8 @@ def eager_pool_relu(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize(("n", "c", "h", "w"), [(2, 64, 14, 12), (3, 20, 9, 11), (1, 128, 7, 6), (2, 5, 2, 3)])
-def test_pool_relu_matches_eager_exactly(
-    kernel: None, dtype: torch.dtype, channels_last: bool, n: int, c: int, h: int, w: int
-) -> None:
+def test_pool_relu_matches_eager_exactly(kernel: None, dtype: torch.dtype, channels_last: bool, n: int, c: int,
+                                         h: int, w: int) -> None:
     """Small integers: ties in the window (first maximum wins), outputs of exactly 0 (no gradient), NaN (kept, and
     its gradient flows as through relu), odd sizes (last row/column never selected). Bit-identical values and
     gradients, in the input's dtype; the output is channels_last."""
@@ -258,9 +257,8 @@ def test_pool_relu_random_bf16_under_autocast(kernel: None) -> None:
 
 @pytest.mark.parametrize("amp", [False, True])
 @pytest.mark.parametrize(("members", "micro_batch"), [(1, 0), (2, 3)])
-def test_seed_cnn_step_identical_with_and_without_pool_kernel(
-    kernel: None, monkeypatch: pytest.MonkeyPatch, amp: bool, members: int, micro_batch: int
-) -> None:
+def test_seed_cnn_step_identical_with_and_without_pool_kernel(kernel: None, monkeypatch: pytest.MonkeyPatch, amp: bool,
+                                                              members: int, micro_batch: int) -> None:
     """The pool kernel changes no bit of a training step (fp32 and bf16 autocast): loss and every gradient equal."""
     torch.manual_seed(2)
     x = torch.randn(5, members, SIZE, SIZE).contiguous(memory_format=torch.channels_last)

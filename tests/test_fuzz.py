@@ -47,13 +47,9 @@ from lungxray.predict import Predictor
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 EXAMPLES = int(os.environ.get("LUNGXRAY_FUZZ_EXAMPLES", "150"))
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    database=None,
-    derandomize=not os.environ.get("LUNGXRAY_FUZZ_RANDOM"),
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
+                derandomize=not os.environ.get("LUNGXRAY_FUZZ_RANDOM"),
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 def _seeds() -> list[bytes]:
@@ -71,27 +67,15 @@ SEEDS = _seeds()
 
 def _predictor(size: int, standardize: str, crop: float) -> Predictor:
     """A real (untrained) bundle under the given input contract; preprocessing reads only the contract."""
-    meta = {
-        "classes": ["covid", "normal", "pneumonia"],
-        "members": 2,
-        "temperature": 1.0,
-        "refer_threshold": 0.5,
-        "input": {
-            "size": size,
-            "channels": 1,
-            "mean": 0.5,
-            "std": 0.25,
-            "standardize": standardize,
-            "crop_border": crop,
-        },
-    }
+    meta = {"classes": ["covid", "normal", "pneumonia"], "members": 2, "temperature": 1.0, "refer_threshold": 0.5,
+            "input": {"size": size, "channels": 1, "mean": 0.5, "std": 0.25, "standardize": standardize,
+                      "crop_border": crop}}
     return Predictor(Bundle(model=MODEL, meta=meta, path=Path(".")), torch.device("cpu"))
 
 
 MODEL = build_model("compact_cnn", num_classes=3, members=2, width=4).eval()
-contracts = st.tuples(
-    st.sampled_from([32, 41]), st.sampled_from(["none", "equalize", "clahe"]), st.sampled_from([0.0, 0.1, 0.35])
-)
+contracts = st.tuples(st.sampled_from([32, 41]), st.sampled_from(["none", "equalize", "clahe"]),
+                      st.sampled_from([0.0, 0.1, 0.35]))
 
 
 def _check(predictor: Predictor, data: bytes, name: str = "fuzz") -> np.ndarray | None:
@@ -141,40 +125,21 @@ def test_random_bytes_through_predictor_preprocess(data: bytes, contract: tuple[
 
 # ------------------------------------------------------------------------------------------------------ DICOM
 
-_SYNTAXES = [
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    DeflatedExplicitVRLittleEndian,
-    RLELossless,
-    JPEGBaseline8Bit,
-]
+_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian,
+             RLELossless, JPEGBaseline8Bit]
 _PHOTOMETRIC = ["MONOCHROME1", "MONOCHROME2", "RGB", "PALETTE COLOR", "YBR_FULL", "YBR_FULL_422", "", "GARBAGE"]
-_NUMBERS = st.one_of(
-    st.integers(-70000, 70000),
-    st.floats(allow_nan=True, allow_infinity=True, width=32),
-    st.sampled_from([0, 1, -1, 1e30, "abc", "", "1\\2", "nan"]),
-)
+_NUMBERS = st.one_of(st.integers(-70000, 70000), st.floats(allow_nan=True, allow_infinity=True, width=32),
+                     st.sampled_from([0, 1, -1, 1e30, "abc", "", "1\\2", "nan"]))
 
 
 _FUZZ_VALUES: dict[str, st.SearchStrategy[Any]] = {
-    "Rows": st.integers(0, 70000),
-    "Columns": st.integers(0, 70000),
-    "BitsAllocated": st.sampled_from([1, 8, 32, 64]),
-    "BitsStored": st.integers(0, 40),
-    "HighBit": st.integers(0, 40),
-    "PixelRepresentation": st.sampled_from([1, 2]),
-    "SamplesPerPixel": st.sampled_from([0, 3, 4]),
-    "PhotometricInterpretation": st.sampled_from(_PHOTOMETRIC),
-    "NumberOfFrames": st.sampled_from([0, 2, "x"]),
-    "PlanarConfiguration": st.sampled_from([0, 1, 7]),
-    "RescaleSlope": _NUMBERS,
-    "RescaleIntercept": _NUMBERS,
-    "WindowCenter": _NUMBERS,
-    "WindowWidth": _NUMBERS,
+    "Rows": st.integers(0, 70000), "Columns": st.integers(0, 70000), "BitsAllocated": st.sampled_from([1, 8, 32, 64]),
+    "BitsStored": st.integers(0, 40), "HighBit": st.integers(0, 40), "PixelRepresentation": st.sampled_from([1, 2]),
+    "SamplesPerPixel": st.sampled_from([0, 3, 4]), "PhotometricInterpretation": st.sampled_from(_PHOTOMETRIC),
+    "NumberOfFrames": st.sampled_from([0, 2, "x"]), "PlanarConfiguration": st.sampled_from([0, 1, 7]),
+    "RescaleSlope": _NUMBERS, "RescaleIntercept": _NUMBERS, "WindowCenter": _NUMBERS, "WindowWidth": _NUMBERS,
     "VOILUTFunction": st.sampled_from(["LINEAR_EXACT", "SIGMOID", "BOGUS"]),
-    "TransferSyntaxUID": st.sampled_from(_SYNTAXES),
-    "PixelData": st.binary(max_size=3000),
+    "TransferSyntaxUID": st.sampled_from(_SYNTAXES), "PixelData": st.binary(max_size=3000),
 }
 
 
@@ -183,14 +148,8 @@ def dicom_files(draw: st.DrawFn) -> bytes:
     """A valid small DICOM image, then up to five of its image-describing elements set to drawn values."""
     rows, cols = draw(st.integers(1, 40)), draw(st.integers(1, 40))
     values: dict[str, Any] = {
-        "Rows": rows,
-        "Columns": cols,
-        "BitsAllocated": 16,
-        "BitsStored": 12,
-        "HighBit": 11,
-        "PixelRepresentation": 0,
-        "SamplesPerPixel": 1,
-        "PhotometricInterpretation": draw(st.sampled_from(["MONOCHROME1", "MONOCHROME2"])),
+        "Rows": rows, "Columns": cols, "BitsAllocated": 16, "BitsStored": 12, "HighBit": 11, "PixelRepresentation": 0,
+        "SamplesPerPixel": 1, "PhotometricInterpretation": draw(st.sampled_from(["MONOCHROME1", "MONOCHROME2"])),
         "TransferSyntaxUID": draw(st.sampled_from([ExplicitVRLittleEndian, ImplicitVRLittleEndian])),
         "PixelData": draw(st.binary(min_size=2 * rows * cols, max_size=2 * rows * cols)),
     }
@@ -236,14 +195,10 @@ DICOM_SEEDS = [
 
 
 @FUZZ
-@given(
-    st.sampled_from(DICOM_SEEDS),
-    st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=10),
-    st.one_of(st.none(), st.integers(0, 10**6)),
-)
-def test_byte_mutated_dicom_by_suffix(
-    tmp_path_factory: pytest.TempPathFactory, seed: bytes, edits: list[tuple[int, int]], cut: int | None
-) -> None:
+@given(st.sampled_from(DICOM_SEEDS), st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1,
+                                              max_size=10), st.one_of(st.none(), st.integers(0, 10**6)))
+def test_byte_mutated_dicom_by_suffix(tmp_path_factory: pytest.TempPathFactory, seed: bytes,
+                                      edits: list[tuple[int, int]], cut: int | None) -> None:
     """From a .dcm path (decoded as DICOM whatever the bytes) and from bytes (sniffed): either way, one error."""
     data = bytearray(seed)
     for pos, value in edits:

@@ -34,7 +34,8 @@ SIZE = 64
 
 
 def _predictor(model: nn.Module, classes: list[str]) -> Predictor:
-    meta = {"classes": classes, "members": model.members, "input": {"size": SIZE, "mean": INPUT_MEAN, "std": INPUT_STD}}
+    meta = {"classes": classes, "members": model.members,
+            "input": {"size": SIZE, "mean": INPUT_MEAN, "std": INPUT_STD}}
     return Predictor(Bundle(model, meta, Path(".")))
 
 
@@ -167,11 +168,7 @@ def test_gallery_shows_every_mistake_and_fills_with_correct_ones() -> None:
 
 def test_cam_names_are_unique() -> None:
     assert cam_names(["a/x.png", "b/x.jpg", "x-2.png", "c/x.png"]) == [
-        "x_cam.png",
-        "x-2_cam.png",
-        "x-2-2_cam.png",
-        "x-3_cam.png",
-    ]
+        "x_cam.png", "x-2_cam.png", "x-2-2_cam.png", "x-3_cam.png"]
 
 
 def test_predict_cam_writes_readable_pngs(trained_run: Path, tiny_dataset: Path, tmp_path: Path) -> None:
@@ -181,7 +178,8 @@ def test_predict_cam_writes_readable_pngs(trained_run: Path, tiny_dataset: Path,
         shutil.copy(f, tmp_path / "in" / folder / f"x{f.suffix}")
     (tmp_path / "in" / "broken.png").write_bytes(b"not an image")
     out_csv, cam_dir = tmp_path / "pred.csv", tmp_path / "cams"
-    assert main(["predict", str(trained_run), str(tmp_path / "in"), "--cam", str(cam_dir), "--csv", str(out_csv)]) == 0
+    assert main(["predict", str(trained_run), str(tmp_path / "in"), "--cam", str(cam_dir),
+                 "--csv", str(out_csv)]) == 0
     assert sorted(p.name for p in cam_dir.iterdir()) == ["x-2_cam.png", "x_cam.png"]
     for png in cam_dir.iterdir():
         with Image.open(png) as im:

@@ -148,9 +148,8 @@ def test_dicom_monochrome1_is_monochrome2_inverted(tmp_path: Path) -> None:
 def test_dicom_rescale_and_window_are_honoured(tmp_path: Path) -> None:
     pixels = np.tile(np.arange(0, 1001, 10, dtype=np.uint16), (4, 1))  # stored 0..1000
     # modality values -1000..1000; the window covers exactly that range, so the output is a 0..1 ramp
-    path = _dicom_file(
-        tmp_path / "w.dcm", pixels, RescaleSlope=2, RescaleIntercept=-1000, WindowCenter=0, WindowWidth=2000
-    )
+    path = _dicom_file(tmp_path / "w.dcm", pixels, RescaleSlope=2, RescaleIntercept=-1000, WindowCenter=0,
+                       WindowWidth=2000)
     gray = read_grayscale(path)
     np.testing.assert_allclose(gray[0], pixels[0] / 1000.0, atol=2e-3)
     narrow = read_grayscale(_dicom_file(tmp_path / "n.dcm", pixels, WindowCenter=250, WindowWidth=100))

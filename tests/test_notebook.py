@@ -38,12 +38,8 @@ def test_notebook_executes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     params.source += f"\nRUN_DIR = {str(tmp_path / 'quickstart')!r}  # injected by the test"
     # Executed from examples/, as a user opening it in Jupyter would; a failing cell raises CellExecutionError.
-    NotebookClient(
-        nb,
-        timeout=240,
-        kernel_name="python3",
-        resources={"metadata": {"path": str(NOTEBOOK.parent)}},
-    ).execute()
+    NotebookClient(nb, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}},
+                   ).execute()
 
     assert (tmp_path / "quickstart" / "meta.json").is_file()
     cells = {c.source.splitlines()[0]: c for c in nb.cells if c.cell_type == "code"}

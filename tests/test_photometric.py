@@ -163,21 +163,10 @@ def _fit(run_dir, epochs: int, resume: bool, photometric: bool = True) -> dict[s
     labels = torch.arange(24) % 3
     plan = plan_members(labels.numpy(), 1, False, 0, True, np.arange(0, 24, 4))
     model = build_model("compact_cnn", num_classes=3, members=1, width=4, image_size=32)
-    cfg = dataclasses.replace(
-        TrainConfig(), epochs=epochs, batch_size=8, precision="fp32", channels_last=False, early_stopping_patience=0
-    )
-    fit(
-        model,
-        images,
-        labels,
-        plan,
-        cfg,
-        Augmenter(GEOMETRY["seed"], seed=1),
-        seed=0,
-        run_dir=run_dir,
-        resume=resume,
-        photometric=PhotometricAugmenter(PRESETS["strong"], seed=2) if photometric else None,
-    )
+    cfg = dataclasses.replace(TrainConfig(), epochs=epochs, batch_size=8, precision="fp32", channels_last=False,
+                              early_stopping_patience=0)
+    fit(model, images, labels, plan, cfg, Augmenter(GEOMETRY["seed"], seed=1), seed=0, run_dir=run_dir,
+        resume=resume, photometric=PhotometricAugmenter(PRESETS["strong"], seed=2) if photometric else None)
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 

@@ -19,17 +19,8 @@ def _csv(path: Path) -> list[dict[str, str]]:
 
 
 def test_run_folder_is_a_complete_bundle(trained_run: Path) -> None:
-    for name in (
-        "model.safetensors",
-        "meta.json",
-        "config.yaml",
-        "metrics.json",
-        "history.json",
-        "report.md",
-        "predictions_test.csv",
-        "figures/learning_curves.png",
-        "figures/confusion_test.png",
-    ):
+    for name in ("model.safetensors", "meta.json", "config.yaml", "metrics.json", "history.json", "report.md",
+                 "predictions_test.csv", "figures/learning_curves.png", "figures/confusion_test.png"):
         assert (trained_run / name).is_file(), name
     assert not (trained_run / "checkpoint.json").exists()  # removed once the bundle is complete
     meta = read_meta(trained_run)

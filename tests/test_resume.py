@@ -49,9 +49,9 @@ TIMING_HISTORY = ("seconds", "images_per_second")
 TIMING_METRICS = ("total_seconds", "train_seconds", "load_seconds", "train_images_per_second")
 
 
-def _fit(
-    run_dir: Path, epochs: int, resume: bool, seed: int = 0, plan_seed: int = 0, ema_epochs: float = 0.0
-) -> tuple[dict, list]:
+
+def _fit(run_dir: Path, epochs: int, resume: bool, seed: int = 0, plan_seed: int = 0,
+         ema_epochs: float = 0.0) -> tuple[dict, list]:
     """Fresh model, optimizer and augmenter (as a new process would build them), then fit."""
     from lungxray.train import fit
 
@@ -62,16 +62,8 @@ def _fit(
     plan = plan_members(labels.numpy(), members=2, bootstrap=True, seed=plan_seed)
     model = build_model("compact_cnn", num_classes=3, members=2, width=4, dropout=0.3)
     model = model.to(memory_format=torch.channels_last)  # as train_run has it: the optimizer state follows suit
-    cfg = TrainConfig(
-        epochs=epochs,
-        batch_size=8,
-        lr=3e-3,
-        monitor="val_accuracy",
-        plateau_patience=1,
-        early_stopping_patience=2,
-        precision="fp32",
-        ema_epochs=ema_epochs,
-    )
+    cfg = TrainConfig(epochs=epochs, batch_size=8, lr=3e-3, monitor="val_accuracy", plateau_patience=1,
+                      early_stopping_patience=2, precision="fp32", ema_epochs=ema_epochs)
     augmenter = Augmenter(resolve_params("seed"), seed=seed + 1)
     try:
         state = fit(model, images, labels, plan, cfg, augmenter, seed=seed, run_dir=run_dir, resume=resume)
@@ -132,9 +124,8 @@ def test_resume_with_a_weight_average_equals_an_uninterrupted_fit(tmp_path: Path
 
 
 @pytest.mark.parametrize(("before", "after"), [(0.0, 1.0), (1.0, 0.0)])
-def test_resume_refuses_a_checkpoint_with_another_averaging_setting(
-    tmp_path: Path, before: float, after: float
-) -> None:
+def test_resume_refuses_a_checkpoint_with_another_averaging_setting(tmp_path: Path, before: float,
+                                                                    after: float) -> None:
     _fit(tmp_path, epochs=1, resume=False, ema_epochs=before)
     with pytest.raises(CheckpointError, match="weight average"):
         _fit(tmp_path, epochs=2, resume=True, ema_epochs=after)
@@ -166,16 +157,8 @@ def test_stale_temp_files_are_ignored_and_cleaned(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ a real process, SIGKILLed
 
 # one thread: on a shared 2-core machine two OpenMP threads per process are ~20x slower, not faster
-OVERRIDES = {
-    "data.image_size": 32,
-    "train.epochs": 6,
-    "train.batch_size": 16,
-    "train.lr": 0.003,
-    "train.threads": 1,
-    "train.deterministic": True,
-    "ensemble.members": 2,
-    "ensemble.bootstrap": True,
-}
+OVERRIDES = {"data.image_size": 32, "train.epochs": 6, "train.batch_size": 16, "train.lr": 0.003, "train.threads": 1,
+             "train.deterministic": True, "ensemble.members": 2, "ensemble.bootstrap": True}
 
 
 def _cli(*args: str) -> list[str]:
@@ -300,13 +283,8 @@ def _tiny_bundle(run_dir: Path) -> None:
     from lungxray.bundle import save_bundle
 
     model = build_model("compact_cnn", num_classes=3, members=1, width=4)
-    meta = {
-        "classes": ["covid", "normal", "pneumonia"],
-        "arch": "compact_cnn",
-        "arch_args": {"width": 4},
-        "members": 1,
-        "input": {"size": 32, "channels": 1, "mean": 0.5, "std": 0.25},
-    }
+    meta = {"classes": ["covid", "normal", "pneumonia"], "arch": "compact_cnn", "arch_args": {"width": 4},
+            "members": 1, "input": {"size": 32, "channels": 1, "mean": 0.5, "std": 0.25}}
     save_bundle(run_dir, model, meta)
 
 
@@ -357,16 +335,8 @@ def test_sequential_members_resume_after_a_kill_between_their_two_files(tmp_path
     def run(resume: bool) -> list[dict[str, torch.Tensor]]:
         seed_everything(0, deterministic=True)
         states, _ = fit_sequential(
-            lambda: build_model("compact_cnn", num_classes=3, members=1, width=4),
-            images,
-            labels,
-            plan,
-            cfg,
-            lambda k: Augmenter(resolve_params("seed"), seed=1 + k),
-            seed=0,
-            run_dir=tmp_path,
-            resume=resume,
-        )
+            lambda: build_model("compact_cnn", num_classes=3, members=1, width=4), images, labels, plan, cfg,
+            lambda k: Augmenter(resolve_params("seed"), seed=1 + k), seed=0, run_dir=tmp_path, resume=resume)
         return states
 
     threads = torch.get_num_threads()

@@ -101,9 +101,8 @@ def test_validation_of_bootstrap_members_is_out_of_bag(trained_ensemble: Path, t
     result = run_benchmark(trained_ensemble, tiny_dataset, split="validation", shifts=["blur"], saliency=False)
     assert result["out_of_bag"] and result["images"] == metrics["validation"]["metrics"]["n"]
     assert result["clean"]["accuracy"] == pytest.approx(metrics["validation"]["metrics"]["accuracy"])
-    levels = run_benchmark(
-        trained_ensemble, tiny_dataset, split="validation", shifts=["blur", "invert"], saliency=False, levels=[1, 5]
-    )
+    levels = run_benchmark(trained_ensemble, tiny_dataset, split="validation", shifts=["blur", "invert"],
+                           saliency=False, levels=[1, 5])
     assert [(c["shift"], c["level"]) for c in levels["cells"]] == [("blur", 1), ("blur", 5), ("invert", 1)]
     assert levels["levels"] == [1, 5]
     with pytest.raises(ValueError, match=r"levels must lie in 1\.\.5"):
@@ -112,9 +111,8 @@ def test_validation_of_bootstrap_members_is_out_of_bag(trained_ensemble: Path, t
     assert tta["images"] == result["images"]
 
 
-def test_cli_writes_files_and_one_report_section(
-    trained_run: Path, tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_cli_writes_files_and_one_report_section(trained_run: Path, tiny_dataset: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     assert main(["robustness", str(run), "--data", str(tiny_dataset), "--quick", "--no-saliency"]) == 0
@@ -137,17 +135,10 @@ def _write_external(root: Path) -> dict[str, int]:
     rng = np.random.default_rng(5)
     counts = {}
     layouts = {
-        "hospital_a": [
-            ("Covid", ".png", "L", (64, 64)),
-            ("NORMAL", ".jpg", "RGB", (80, 100)),
-            ("Viral Pneumonia", ".bmp", "L", (120, 90)),
-        ],
-        "hospital_b": [
-            ("COVID-19", ".tif", "I;16", (70, 70)),
-            ("normal", ".png", "RGBA", (64, 64)),
-            ("PNEUMONIA", ".jpeg", "L", (96, 96)),
-            ("Tuberculosis", ".png", "L", (64, 64)),
-        ],
+        "hospital_a": [("Covid", ".png", "L", (64, 64)), ("NORMAL", ".jpg", "RGB", (80, 100)),
+                       ("Viral Pneumonia", ".bmp", "L", (120, 90))],
+        "hospital_b": [("COVID-19", ".tif", "I;16", (70, 70)), ("normal", ".png", "RGBA", (64, 64)),
+                       ("PNEUMONIA", ".jpeg", "L", (96, 96)), ("Tuberculosis", ".png", "L", (64, 64))],
     }
     for source, folders in layouts.items():
         counts[source] = 0

@@ -289,9 +289,8 @@ CONFIG_CASES = {
 
 
 @pytest.mark.parametrize("case", list(CONFIG_CASES))
-def test_config_errors_are_one_line(
-    case: str, tmp_path: Path, tiny_dataset: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_config_errors_are_one_line(case: str, tmp_path: Path, tiny_dataset: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
     text, extra, pattern = CONFIG_CASES[case]
     config = tmp_path / "run.yaml"
     config.write_text("name: x\n" + text)
@@ -313,28 +312,19 @@ def test_data_errors_are_one_line(tmp_path: Path, tiny_dataset: Path, capsys: py
         return main(["train", "--config", str(SMOKE), "--data", str(data), "--out", str(tmp_path / "r"), *extra])
 
     _assert_one_line_error(train(tmp_path / "nowhere"), capsys, "train", r"data folder not found: .*nowhere")
-    _assert_one_line_error(
-        main(["train", "--config", str(tmp_path / "none.yaml")]),
-        capsys,
-        "train",
-        r"config file not found: .*none\.yaml",
-    )
+    _assert_one_line_error(main(["train", "--config", str(tmp_path / "none.yaml")]), capsys, "train",
+                           r"config file not found: .*none\.yaml")
     (tmp_path / "empty").mkdir()
     _assert_one_line_error(train(tmp_path / "empty"), capsys, "train", r"no images found in class sub-folders")
     data = tmp_path / "data"
     shutil.copytree(tiny_dataset, data)
     _good(data, "test/Tuberculosis", 2, 0)  # test/ has a class that train/ lacks
-    _assert_one_line_error(
-        train(data, "--set", "data.image_size=32"),
-        capsys,
-        "train",
-        r"test/ has images of class\(es\) tuberculosis that the training split lacks",
-    )
+    _assert_one_line_error(train(data, "--set", "data.image_size=32"), capsys, "train",
+                           r"test/ has images of class\(es\) tuberculosis that the training split lacks")
 
 
-def test_bundle_errors_are_one_line(
-    corrupt_run: tuple[Path, dict, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_bundle_errors_are_one_line(corrupt_run: tuple[Path, dict, str], tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
     run_dir, image = corrupt_run[0], tmp_path / "x.png"
     image.write_bytes(encode(Image.fromarray(gradient()), "PNG"))
     cases = [
@@ -349,25 +339,15 @@ def test_bundle_errors_are_one_line(
         _assert_one_line_error(main(["evaluate", str(bundle), "--data", str(tmp_path)]), capsys, "evaluate", pattern)
     not_a_folder = tmp_path / "file.txt"
     not_a_folder.write_text("x")
-    _assert_one_line_error(
-        main(["evaluate", str(run_dir), "--data", str(not_a_folder)]),
-        capsys,
-        "evaluate",
-        r"(data folder not found|not a folder): .*file\.txt",
-    )
+    _assert_one_line_error(main(["evaluate", str(run_dir), "--data", str(not_a_folder)]), capsys, "evaluate",
+                           r"(data folder not found|not a folder): .*file\.txt")
 
 
 def test_a_real_process_prints_one_line_and_exits_2(tmp_path: Path) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text("name: x\ntrain:\n  epochs: [1, 2]\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "lungxray", "train", "--config", str(config), "--data", str(tmp_path)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = subprocess.run([sys.executable, "-m", "lungxray", "train", "--config", str(config), "--data", str(tmp_path)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["lungxray train: error: train.epochs: expected an integer, got [1, 2]"]

@@ -11,35 +11,11 @@ ROOT = Path(__file__).parents[1]
 
 
 def select(data: Path, out: Path, *extra: str) -> dict:
-    cmd = [
-        sys.executable,
-        str(ROOT / "bench/select_oob.py"),
-        "--config",
-        str(ROOT / "configs/smoke.yaml"),
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--seeds",
-        "0",
-        "--threads",
-        "1",
-        "--shift-top",
-        "1",
-        "--set",
-        "data.image_size=48",
-        "--set",
-        "train.epochs=2",
-        "--set",
-        "ensemble.members=2",
-        "--set",
-        "ensemble.bootstrap=true",
-        "--candidate",
-        "base",
-        "--candidate",
-        "ls:train.label_smoothing=0.1",
-        *extra,
-    ]
+    cmd = [sys.executable, str(ROOT / "bench/select_oob.py"), "--config", str(ROOT / "configs/smoke.yaml"),
+           "--data", str(data), "--out", str(out), "--seeds", "0", "--threads", "1", "--shift-top", "1",
+           "--set", "data.image_size=48", "--set", "train.epochs=2", "--set", "ensemble.members=2",
+           "--set", "ensemble.bootstrap=true",
+           "--candidate", "base", "--candidate", "ls:train.label_smoothing=0.1", *extra]
     printed = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     result = json.loads((out / "selection.json").read_text())
     result["printed"] = printed

@@ -26,17 +26,8 @@ from lungxray import cli
 from lungxray.predict import Predictor, load_predictor
 from lungxray.serve import ServeSettings, create_app, serve_in_thread
 
-SCHEMA = {
-    "label",
-    "probabilities",
-    "uncertainty",
-    "disagreement",
-    "refer",
-    "refer_threshold",
-    "overlay_png_base64",
-    "classes",
-    "model",
-}
+SCHEMA = {"label", "probabilities", "uncertainty", "disagreement", "refer", "refer_threshold", "overlay_png_base64",
+          "classes", "model"}
 
 
 class Client:
@@ -159,7 +150,7 @@ def _bad_uploads() -> dict[str, tuple[dict[str, Any], int, str]]:
     big = b"\x89PNG\r\n\x1a\n" + bytes(30 * 1024 * 1024)
 
     async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: the limit must be counted while reading
-        yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n\r\n'
+        yield b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.png\"\r\n\r\n"
         for _ in range(30):
             yield bytes(1024 * 1024)
         yield b"\r\n--b--\r\n"
@@ -168,18 +159,13 @@ def _bad_uploads() -> dict[str, tuple[dict[str, Any], int, str]]:
         "empty": ({"files": {"file": ("x.png", b"", "image/png")}}, 422, "empty"),
         "text named png": ({"files": {"file": ("notes.png", b"patient notes\n" * 20, "image/png")}}, 415, "notes.png"),
         "truncated jpeg": ({"files": {"file": ("cut.jpg", jpeg[: len(jpeg) // 2], "image/jpeg")}}, 422, "cut.jpg"),
-        "corrupt png header": (
-            {"files": {"file": ("h.png", b"\x89PNG\r\n\x1a\n" + bytes(40), "image/png")}},
-            422,
-            "h.png",
-        ),
+        "corrupt png header": ({"files": {"file": ("h.png", b"\x89PNG\r\n\x1a\n" + bytes(40), "image/png")}}, 422,
+                               "h.png"),
         "30 MB upload": ({"files": {"file": ("big.png", big, "image/png")}}, 413, "limit"),
-        "30 MB chunked": (
-            {"content": chunked(), "headers": {"content-type": "multipart/form-data; boundary=b"}},
-            413,
-            "limit",
-        ),
-        "20000x20000 png": ({"files": {"file": ("bomb.png", png_claiming(20000, 20000), "image/png")}}, 413, "pixels"),
+        "30 MB chunked": ({"content": chunked(), "headers": {"content-type": "multipart/form-data; boundary=b"}},
+                          413, "limit"),
+        "20000x20000 png": ({"files": {"file": ("bomb.png", png_claiming(20000, 20000), "image/png")}}, 413,
+                            "pixels"),
         "missing field": ({"files": {"image": ("x.png", _png(_xray()), "image/png")}}, 422, "'file'"),
         "no body": ({}, 422, "'file'"),
         "json body": ({"json": {"file": "x.png"}}, 422, "'file'"),
@@ -244,9 +230,8 @@ def test_overload_is_503_not_a_pileup(predictor: Predictor) -> None:
     with serve_in_thread(app) as base, ThreadPoolExecutor(3) as pool:
         replica = app.state.engine.pool.get()  # the model is busy
         try:
-            futures = [
-                pool.submit(httpx.post, f"{base}/predict", files={"file": ("x.png", png)}, timeout=30) for _ in range(3)
-            ]
+            futures = [pool.submit(httpx.post, f"{base}/predict", files={"file": ("x.png", png)}, timeout=30)
+                       for _ in range(3)]
             deadline = time.monotonic() + 20
             while sum(f.done() for f in futures) < 2 and time.monotonic() < deadline:
                 time.sleep(0.02)

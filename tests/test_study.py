@@ -12,30 +12,10 @@ from lungxray.study import load_study
 
 STUDY = Path(__file__).parents[1] / "configs/study.yaml"
 REQUIRED_ROWS = {
-    "plain",
-    "l2",
-    "dropout",
-    "batchnorm",
-    "augment",
-    "lr_es",
-    "batch_growth",
-    "flip",
-    "arch_compact_cnn",
-    "arch_resnet_small",
-    "arch_seed_cnn_bn",
-    "ens5_boot_seed",
-    "ens5_boot_intense",
-    "ens10_boot_seed",
-    "ens10_boot_intense",
-    "ens5_plain",
-    "ens10_plain",
-    "rob_clahe",
-    "rob_equalize",
-    "rob_photometric",
-    "rob_crop",
-    "rob_curves",
-    "rob_mixup",
-    "rob_erase",
+    "plain", "l2", "dropout", "batchnorm", "augment", "lr_es", "batch_growth", "flip", "arch_compact_cnn",
+    "arch_resnet_small", "arch_seed_cnn_bn", "ens5_boot_seed", "ens5_boot_intense", "ens10_boot_seed",
+    "ens10_boot_intense", "ens5_plain", "ens10_plain", "rob_clahe", "rob_equalize", "rob_photometric", "rob_crop",
+    "rob_curves", "rob_mixup", "rob_erase",
 }
 
 

@@ -38,9 +38,8 @@ def test_real_proc_stat_gives_a_plausible_figure() -> None:
 
 
 @pytest.mark.parametrize(("busy", "expected"), [(0.1, None), (1.5, "PASSIVE"), (None, "PASSIVE")])
-def test_spin_only_when_the_cpu_is_free(
-    monkeypatch: pytest.MonkeyPatch, busy: float | None, expected: str | None
-) -> None:
+def test_spin_only_when_the_cpu_is_free(monkeypatch: pytest.MonkeyPatch, busy: float | None,
+                                        expected: str | None) -> None:
     monkeypatch.setattr(waitpolicy, "busy_cpus", lambda: busy)
     monkeypatch.delitem(sys.modules, "torch", raising=False)  # as in a fresh `lungxray` process
     env: dict[str, str] = {}
@@ -63,23 +62,8 @@ def test_a_real_command_reports_its_policy(tmp_path: Path) -> None:
     """`lungxray bench train` in a fresh process: the JSON says which policy its OpenMP threads ran with."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     env["PYTHONPATH"] = str(ROOT / "src")
-    cmd = [
-        sys.executable,
-        "-m",
-        "lungxray",
-        "bench",
-        "train",
-        "--arch",
-        "compact_cnn",
-        "--steps",
-        "2",
-        "--batch-size",
-        "4",
-        "--image-size",
-        "64",
-        "--no-peak",
-        "--json",
-    ]
+    cmd = [sys.executable, "-m", "lungxray", "bench", "train", "--arch", "compact_cnn", "--steps", "2",
+           "--batch-size", "4", "--image-size", "64", "--no-peak", "--json"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=True).stdout
-    policy = json.loads(out[out.index("{") :])["omp_wait_policy"]
+    policy = json.loads(out[out.index("{"):])["omp_wait_policy"]
     assert policy in ("PASSIVE", "libgomp default (spin, then sleep)")

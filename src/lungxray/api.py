@@ -137,11 +137,8 @@ class Model:
         rows = [
             ("bundle", str(self.path)),
             ("classes", ", ".join(self.classes)),
-            (
-                "architecture",
-                f"{meta.get('arch')} × {meta.get('members')} member(s)"
-                f"{' (bootstrap)' if meta.get('bootstrap') else ''}",
-            ),
+            ("architecture", f"{meta.get('arch')} × {meta.get('members')} member(s)"
+             f"{' (bootstrap)' if meta.get('bootstrap') else ''}"),
             ("input", f"{meta['input']['size']}×{meta['input']['size']} grayscale"),
             ("temperature", _num(meta.get("temperature"))),
             ("refer threshold", _num(meta.get("refer_threshold"))),
@@ -150,13 +147,8 @@ class Model:
         return _table(f"lungxray model {meta.get('name', '')}", [("", [v for _, v in rows])], [k for k, _ in rows])
 
 
-def load(
-    run_dir: str | os.PathLike[str],
-    device: str = "cpu",
-    *,
-    engine: Literal["torch", "onnx"] = "torch",
-    onnx: str | os.PathLike[str] | None = None,
-) -> Model:
+def load(run_dir: str | os.PathLike[str], device: str = "cpu", *, engine: Literal["torch", "onnx"] = "torch",
+         onnx: str | os.PathLike[str] | None = None) -> Model:
     """Load a trained model from its bundle folder (what `train` or `lungxray train` wrote).
 
     `device` is cpu, cuda or auto; `engine="onnx"` scores with ONNX Runtime (same results, exported on first use);
@@ -232,12 +224,8 @@ class Run:
         path = Path(run_dir)
         read_meta(path)  # a clear BundleError for a folder that is not a finished run
         history = path / "history.json"
-        return cls(
-            path,
-            load_config(path / "config.yaml"),
-            json.loads((path / "metrics.json").read_text()),
-            json.loads(history.read_text()) if history.is_file() else [],
-        )
+        return cls(path, load_config(path / "config.yaml"), json.loads((path / "metrics.json").read_text()),
+                   json.loads(history.read_text()) if history.is_file() else [])
 
     @property
     def test_accuracy(self) -> float | None:
@@ -408,10 +396,8 @@ class Evaluation:
     def __str__(self) -> str:
         iv = self.result["overall"]["intervals"]
         lines = [f"{self.images} images: accuracy {_iv(iv['accuracy'])}, macro F1 {_iv(iv['macro_f1'])}"]
-        lines += [
-            f"  {source}: accuracy {_iv(scores['intervals']['accuracy'])}"
-            for source, scores in self.result["sources"].items()
-        ]
+        lines += [f"  {source}: accuracy {_iv(scores['intervals']['accuracy'])}"
+                  for source, scores in self.result["sources"].items()]
         return "\n".join([*lines, f"report: {self.report}"])
 
     def _repr_html_(self) -> str:
@@ -461,34 +447,27 @@ def _iv(iv: Mapping[str, Any] | None) -> str:
     return f"{_pct(iv['value'])} ({_pct(iv['low'])}–{_pct(iv['high'])})"
 
 
-def _table(caption: str, columns: list[tuple[str, list[str]]], row_names: list[str], notes: Sequence[str] = ()) -> str:
+def _table(caption: str, columns: list[tuple[str, list[str]]], row_names: list[str],
+           notes: Sequence[str] = ()) -> str:
     """A compact HTML table: one row per name, one column per (header, values)."""
     e = html.escape
     head = "".join(f"<th>{e(h)}</th>" for h, _ in columns)
     thead = f"<thead><tr><th></th>{head}</tr></thead>" if any(h for h, _ in columns) else ""
     body = "".join(
         f"<tr><th style='text-align:left'>{e(name)}</th>"
-        + "".join(f"<td style='text-align:left'>{e(values[i])}</td>" for _, values in columns)
-        + "</tr>"
+        + "".join(f"<td style='text-align:left'>{e(values[i])}</td>" for _, values in columns) + "</tr>"
         for i, name in enumerate(row_names)
     )
     foot = "".join(f"<div style='font-size:smaller'>{e(n)}</div>" for n in notes)
-    return (
-        f"<div><table><caption style='text-align:left'><b>{e(caption)}</b></caption>"
-        f"{thead}<tbody>{body}</tbody></table>{foot}</div>"
-    )
+    return (f"<div><table><caption style='text-align:left'><b>{e(caption)}</b></caption>"
+            f"{thead}<tbody>{body}</tbody></table>{foot}</div>")
 
 
 def _scores_html(caption: str, columns: list[tuple[str, dict[str, Any]]], notes: Sequence[str]) -> str:
     """Key figures of scored splits side by side: headline metrics with 95% intervals, recall per class, ECE."""
     classes = list(columns[0][1]["metrics"]["per_class"])
-    keys = [
-        ("accuracy", "accuracy"),
-        ("balanced_accuracy", "balanced accuracy"),
-        ("macro_f1", "macro F1"),
-        ("macro_roc_auc", "macro ROC AUC"),
-        *((f"recall_{c}", f"recall {c}") for c in classes),
-    ]
+    keys = [("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro F1"),
+            ("macro_roc_auc", "macro ROC AUC"), *((f"recall_{c}", f"recall {c}") for c in classes)]
     names = [label for _, label in keys] + ["ECE (calibrated)", "referred / accuracy of the rest"]
     cols = []
     for header, scores in columns:

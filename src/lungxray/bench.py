@@ -99,9 +99,8 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
     return info
 
 
-def peak_flops(
-    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, size: int | None = None, repeats: int = 5
-) -> float:
+def peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, size: int | None = None,
+               repeats: int = 5) -> float:
     """Best achieved FLOP/s of large square matmuls: the practical ceiling the models are compared with.
 
     On a shared CPU the smaller size often wins (less time to be preempted), so both are tried.
@@ -190,20 +189,8 @@ def bench_train(
         torch.cuda.reset_peak_memory_stats(dev)
     _sync(dev)
     t0 = time.perf_counter()
-    train_one_epoch(
-        step_model,
-        images,
-        labels,
-        plan,
-        optimizer_,
-        augmenter,
-        state,
-        cfg,
-        np.random.default_rng(0),
-        amp_dtype,
-        None,
-        on_step=on_step,
-    )
+    train_one_epoch(step_model, images, labels, plan, optimizer_, augmenter, state, cfg,
+                    np.random.default_rng(0), amp_dtype, None, on_step=on_step)
     times = np.diff([t0, *stamps])[warmup:]  # (steps,) seconds per timed step
     rate = batch_size * members / float(np.median(times))
     result: dict[str, Any] = {
@@ -259,22 +246,10 @@ def _scratch_bundle(folder: Path, arch: str, members: int, image_size: int) -> P
     args = {"image_size": image_size}
     model = build_model(arch, members=members, **args)
     meta = {
-        "name": f"bench-{arch}",
-        "classes": ["covid", "normal", "pneumonia"],
-        "arch": arch,
-        "arch_args": args,
-        "members": members,
-        "bootstrap": False,
-        "temperature": 1.0,
-        "refer_threshold": 1.0,
-        "input": {
-            "size": image_size,
-            "channels": 1,
-            "mean": INPUT_MEAN,
-            "std": INPUT_STD,
-            "standardize": "none",
-            "crop_border": 0.0,
-        },
+        "name": f"bench-{arch}", "classes": ["covid", "normal", "pneumonia"], "arch": arch, "arch_args": args,
+        "members": members, "bootstrap": False, "temperature": 1.0, "refer_threshold": 1.0,
+        "input": {"size": image_size, "channels": 1, "mean": INPUT_MEAN, "std": INPUT_STD, "standardize": "none",
+                  "crop_border": 0.0},
     }
     return save_bundle(folder, model, meta)
 
@@ -331,14 +306,8 @@ def bench_predict(
                 result["engines"][engine]["model"] = str(onnx_path or folder / "model.onnx")
                 result["engines"][engine]["quantization"] = quant
         meta = predictor.meta
-        result.update(
-            arch=meta["arch"],
-            members=int(meta["members"]),
-            image_size=int(meta["input"]["size"]),
-            device=device,
-            runs=runs,
-            **machine_info(device),
-        )
+        result.update(arch=meta["arch"], members=int(meta["members"]), image_size=int(meta["input"]["size"]),
+                      device=device, runs=runs, **machine_info(device))
     return result
 
 
@@ -371,27 +340,14 @@ def bench_epochs(
     records: list[dict[str, Any]] = []
 
     def on_epoch(record: dict[str, Any]) -> None:
-        records.append(
-            {
-                "epoch": record["epoch"],
-                "seconds": record["seconds"],
-                "images_per_second": record["images_per_second"],
-                "rss_mb": _rss_mb(),
-                "peak_rss_mb": _peak_rss_mb(),
-                "gpu_mb": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
-            }
-        )
+        records.append({
+            "epoch": record["epoch"], "seconds": record["seconds"], "images_per_second": record["images_per_second"],
+            "rss_mb": _rss_mb(), "peak_rss_mb": _peak_rss_mb(),
+            "gpu_mb": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
+        })
 
-    fit(
-        model,
-        torch.as_tensor(images, device=dev),
-        torch.as_tensor(labels, device=dev),
-        plan,
-        cfg,
-        Augmenter(resolve_params("seed"), seed=1, device=dev),
-        amp_dtype=amp_dtype,
-        on_epoch=on_epoch,
-    )
+    fit(model, torch.as_tensor(images, device=dev), torch.as_tensor(labels, device=dev), plan, cfg,
+        Augmenter(resolve_params("seed"), seed=1, device=dev), amp_dtype=amp_dtype, on_epoch=on_epoch)
     return records
 
 

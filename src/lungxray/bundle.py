@@ -98,10 +98,7 @@ def load_bundle(run_dir: str | Path, device: str | torch.device = "cpu") -> Bund
         raise BundleError(f"{run_dir} has no {WEIGHTS}")
     try:
         model = build_model(
-            meta["arch"],
-            num_classes=len(meta["classes"]),
-            in_channels=1,
-            members=meta["members"],
+            meta["arch"], num_classes=len(meta["classes"]), in_channels=1, members=meta["members"],
             **meta["arch_args"],
         )
         model.load_state_dict(load_file(str(run_dir / WEIGHTS), device=str(device)))

@@ -170,10 +170,8 @@ def load_checkpoint(
     best = {k[5:]: v.to(device) for k, v in tensors.items() if k.startswith("best.")}
     saved_average = {k[8:]: v for k, v in tensors.items() if k.startswith("average.")}
     if (average is not None) != bool(saved_average):
-        raise CheckpointError(
-            f"{path}: written {'with' if saved_average else 'without'} a weight average "
-            "(train.ema_epochs), which this run's config.yaml does not match"
-        )
+        raise CheckpointError(f"{path}: written {'with' if saved_average else 'without'} a weight average "
+                              "(train.ema_epochs), which this run's config.yaml does not match")
     if average is not None:
         average.load(saved_average)
     _restore_optimizer(optimizer, tensors, meta["optimizer"])

@@ -18,14 +18,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default="configs/reference.yaml", help="YAML run configuration")
     p.add_argument("--data", help="dataset folder (default: $LUNGXRAY_DATA, data/covid19-dataset, ...)")
     p.add_argument("--out", help="run folder to create (default runs/<config name>)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.epochs=5 (repeatable)",
-    )
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=5 (repeatable)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
 
@@ -58,10 +52,8 @@ def summary(metrics: dict, run_dir: Path) -> str:
     validation = metrics.get("validation")
     if validation:  # the figure the model was chosen and stopped on, before the test figure it was not
         kind = str(metrics.get("validation_kind") or "validation")
-        lines.append(
-            f"{kind} accuracy {_iv(validation['intervals']['accuracy'])}  "
-            f"({validation['metrics']['n']} images, what early stopping and model choice look at)"
-        )
+        lines.append(f"{kind} accuracy {_iv(validation['intervals']['accuracy'])}  "
+                     f"({validation['metrics']['n']} images, what early stopping and model choice look at)")
     if test:
         iv = test["intervals"]
         m = test["metrics"]
@@ -96,12 +88,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("paths", nargs="+")
     p.add_argument("--csv", help="write the rows to this CSV (default: print CSV to stdout)")
     p.add_argument("--device", default="cpu")
-    p.add_argument(
-        "--engine",
-        choices=("torch", "onnx"),
-        default="torch",
-        help="onnx: ONNX Runtime on RUN_DIR/model.onnx (exported on first use, parity-checked)",
-    )
+    p.add_argument("--engine", choices=("torch", "onnx"), default="torch",
+                   help="onnx: ONNX Runtime on RUN_DIR/model.onnx (exported on first use, parity-checked)")
     p.add_argument("--onnx", metavar="FILE", help="run this ONNX export of RUN_DIR (e.g. an int8 one) in ONNX Runtime")
     p.add_argument("--cam", metavar="DIR", help="also write a Grad-CAM overlay DIR/<image stem>_cam.png per image")
 
@@ -143,16 +131,10 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir")
     p.add_argument("--out", required=True, help="ONNX file to write, e.g. model.onnx")
     p.add_argument("--opset", type=int, default=17)
-    p.add_argument(
-        "--quantize",
-        choices=("int8",),
-        help="opt-in int8 model: faster on CPU, approximate (agreement with fp32 checked and printed)",
-    )
-    p.add_argument(
-        "--data",
-        help="with --quantize: dataset folder whose train/ images calibrate it and whose test/ "
-        "images check it (default: the bundle's training data)",
-    )
+    p.add_argument("--quantize", choices=("int8",),
+                   help="opt-in int8 model: faster on CPU, approximate (agreement with fp32 checked and printed)")
+    p.add_argument("--data", help="with --quantize: dataset folder whose train/ images calibrate it and whose test/ "
+                                  "images check it (default: the bundle's training data)")
 
 
 def _run_data(args: argparse.Namespace) -> Path:
@@ -170,17 +152,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
         from lungxray.quantize import export_int8
 
         out, parity, agree = export_int8(args.run_dir, args.out, _run_data(args), args.opset)
-        print(
-            f"wrote {out} (int8); fp32 export vs PyTorch: max |probability difference| {parity:.2e}; int8 vs fp32 "
-            f"on {agree.images} images: max |probability difference| {agree.max_prob_diff:.3g}, same label on "
-            f"{100 * agree.label_agreement:.1f}%"
-        )
+        print(f"wrote {out} (int8); fp32 export vs PyTorch: max |probability difference| {parity:.2e}; int8 vs fp32 "
+              f"on {agree.images} images: max |probability difference| {agree.max_prob_diff:.3g}, same label on "
+              f"{100 * agree.label_agreement:.1f}%")
         return 0
     out, diff = export_checked(args.run_dir, args.out, args.opset)
-    print(
-        f"wrote {out}; ONNX Runtime vs PyTorch: max |probability difference| {diff:.2e} "
-        f"(tolerance {PARITY_TOLERANCE:g})"
-    )
+    print(f"wrote {out}; ONNX Runtime vs PyTorch: max |probability difference| {diff:.2e} "
+          f"(tolerance {PARITY_TOLERANCE:g})")
     return 0
 
 
@@ -189,38 +167,22 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (0 picks a free one)")
-    p.add_argument("--workers-threads", type=int, default=4, metavar="N", help="threads that decode and run inference")
-    p.add_argument(
-        "--replicas",
-        type=int,
-        default=1,
-        help="model copies that run requests in parallel (PyTorch threads are split among them)",
-    )
+    p.add_argument("--workers-threads", type=int, default=4, metavar="N",
+                   help="threads that decode and run inference")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="model copies that run requests in parallel (PyTorch threads are split among them)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload")
     p.add_argument("--device", default="cpu")
-    p.add_argument(
-        "--engine",
-        choices=["torch", "onnx"],
-        default="torch",
-        help="what computes the scores: PyTorch, or ONNX Runtime on RUN_DIR/model.onnx",
-    )
+    p.add_argument("--engine", choices=["torch", "onnx"], default="torch",
+                   help="what computes the scores: PyTorch, or ONNX Runtime on RUN_DIR/model.onnx")
     p.add_argument("--onnx", metavar="FILE", help="serve this export of RUN_DIR instead (e.g. an int8 one)")
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from lungxray.serve import run_server
 
-    run_server(
-        args.run_dir,
-        args.host,
-        args.port,
-        args.workers_threads,
-        args.max_upload_mb,
-        args.device,
-        args.replicas,
-        args.engine,
-        args.onnx,
-    )
+    run_server(args.run_dir, args.host, args.port, args.workers_threads, args.max_upload_mb, args.device,
+               args.replicas, args.engine, args.onnx)
     return 0
 
 
@@ -246,12 +208,8 @@ def _add_robustness(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("robustness", help="shift benchmark: scores under graded acquisition shifts, saliency check")
     p.add_argument("run_dir")
     p.add_argument("--data", help="labelled folder (default: the one the run was trained on)")
-    p.add_argument(
-        "--split",
-        choices=("test", "validation"),
-        default="test",
-        help="test/ (report) or the run's validation images (to compare variants on)",
-    )
+    p.add_argument("--split", choices=("test", "validation"), default="test",
+                   help="test/ (report) or the run's validation images (to compare variants on)")
     p.add_argument("--quick", action="store_true", help="six shifts at three severities (for tests)")
     p.add_argument("--shift", dest="shifts", action="append", metavar="NAME", help="only these shifts (repeatable)")
     p.add_argument("--levels", type=int, nargs="+", metavar="L", help="only these severities 1-5 (e.g. 1 3 5)")
@@ -266,32 +224,19 @@ def _cmd_robustness(args: argparse.Namespace) -> int:
     from lungxray.report import shift_table
     from lungxray.robustness import run_benchmark, write_benchmark
 
-    result = run_benchmark(
-        args.run_dir,
-        _run_data(args),
-        quick=args.quick,
-        split=args.split,
-        tta=args.tta,
-        saliency=args.saliency,
-        seed=args.seed,
-        shifts=args.shifts,
-        device=args.device,
-        levels=args.levels,
-    )
+    result = run_benchmark(args.run_dir, _run_data(args), quick=args.quick, split=args.split, tta=args.tta,
+                           saliency=args.saliency, seed=args.seed, shifts=args.shifts, device=args.device,
+                           levels=args.levels)
     out_dir = write_benchmark(result, args.run_dir, args.out)
     s, clean = result["summary"], result["clean"]
     print("\n".join(shift_table(result)))
-    print(
-        f"clean macro F1 {clean['macro_f1']:.3f} (accuracy {clean['accuracy']:.3f}); mean under shift: "
-        f"macro F1 {s['mean_macro_f1']:.3f}, accuracy {s['mean_accuracy']:.3f}; held-out shifts: macro F1 "
-        f"{s['held_out_macro_f1'] if s['held_out_macro_f1'] is not None else float('nan'):.3f}"
-    )
+    print(f"clean macro F1 {clean['macro_f1']:.3f} (accuracy {clean['accuracy']:.3f}); mean under shift: "
+          f"macro F1 {s['mean_macro_f1']:.3f}, accuracy {s['mean_accuracy']:.3f}; held-out shifts: macro F1 "
+          f"{s['held_out_macro_f1'] if s['held_out_macro_f1'] is not None else float('nan'):.3f}")
     sal = result["saliency"]
     if sal and sal["central_mass"] is not None:
-        print(
-            f"saliency: {sal['central_mass']:.2f} of Grad-CAM mass central (uniform {sal['uniform_central']:.2f}),"
-            f" {sal['corner_mass']:.2f} in corners (uniform {sal['uniform_corner']:.2f})"
-        )
+        print(f"saliency: {sal['central_mass']:.2f} of Grad-CAM mass central (uniform {sal['uniform_central']:.2f}),"
+              f" {sal['corner_mass']:.2f} in corners (uniform {sal['uniform_corner']:.2f})")
     print(f"report: {out_dir / 'robustness.md'}")
     return 0
 
@@ -307,9 +252,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--members", type=int, default=1, help="packed ensemble members")
     t.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     t.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), help="default: train.precision")
-    t.add_argument(
-        "--channels-last", action=argparse.BooleanOptionalAction, default=None, help="default: train.channels_last"
-    )
+    t.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: train.channels_last")
     t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: train.compile")
     t.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all cores)")
     t.add_argument("--image-size", type=int, default=256)
@@ -322,24 +266,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--device", default="cpu")
     r.add_argument("--runs", type=int, default=100, help="batch-1 predictions timed")
     r.add_argument("--batch-size", type=int, default=64, help="batch for the throughput figure")
-    r.add_argument(
-        "--engine",
-        dest="engines",
-        action="append",
-        choices=("torch", "onnx"),
-        help="engine to time (repeatable; default both)",
-    )
-    r.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        help="CPU threads (0 = each engine's default: all cores for torch, 1 for onnx)",
-    )
-    r.add_argument(
-        "--onnx",
-        metavar="FILE",
-        help="onnx engine: time this export of RUN_DIR (e.g. an int8 one) instead of RUN_DIR/model.onnx",
-    )
+    r.add_argument("--engine", dest="engines", action="append", choices=("torch", "onnx"),
+                   help="engine to time (repeatable; default both)")
+    r.add_argument("--threads", type=int, default=0,
+                   help="CPU threads (0 = each engine's default: all cores for torch, 1 for onnx)")
+    r.add_argument("--onnx", metavar="FILE", help="onnx engine: time this export of RUN_DIR (e.g. an int8 one) "
+                                                 "instead of RUN_DIR/model.onnx")
     r.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -350,34 +282,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     if args.bench_command == "train":
         result = bench.bench_train(
-            args.arch,
-            args.batch_size,
-            args.steps,
-            args.warmup,
-            args.members,
-            args.device,
-            args.precision,
-            args.channels_last,
-            args.compile,
-            args.threads,
-            args.image_size,
-            with_peak=args.peak,
+            args.arch, args.batch_size, args.steps, args.warmup, args.members, args.device, args.precision,
+            args.channels_last, args.compile, args.threads, args.image_size, with_peak=args.peak,
         )
         print(json.dumps(result, indent=2) if args.json else bench.format_train(result))
         return 0
     if args.runs < 1 or args.batch_size < 1:
         raise ValueError("--runs and --batch-size must be at least 1")
-    result = bench.bench_predict(
-        args.run_dir,
-        args.arch,
-        args.members,
-        args.device,
-        args.runs,
-        args.batch_size,
-        tuple(args.engines or ("torch", "onnx")),
-        args.threads,
-        args.onnx,
-    )
+    result = bench.bench_predict(args.run_dir, args.arch, args.members, args.device, args.runs, args.batch_size,
+                                 tuple(args.engines or ("torch", "onnx")), args.threads, args.onnx)
     print(json.dumps(result, indent=2) if args.json else bench.format_predict(result))
     return 0
 
@@ -407,8 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
     )
     # before anything imports torch (the commands import it lazily): spin on a free CPU, sleep on a shared one
     log.debug("%s", choose_wait_policy(args.command))  # train logs the setting with its device and threads

@@ -61,9 +61,8 @@ class _Deployable(nn.Module):
     channel directly instead of K identical copies of it.
     """
 
-    def __init__(
-        self, model: nn.Module, members: int, mean: float, std: float, temperature: float, shared_stem: bool = False
-    ) -> None:
+    def __init__(self, model: nn.Module, members: int, mean: float, std: float, temperature: float,
+                 shared_stem: bool = False) -> None:
         super().__init__()
         self.model, self.members, self.shared_stem = model, members, shared_stem
         self.mean, self.std, self.temperature = float(mean), float(std), float(temperature)
@@ -140,13 +139,8 @@ def _to_onnx_bytes(module: nn.Module, example: Tensor, opset: int, dynamo: bool)
             log.info("the dynamo exporter emits opset >= 18; using 18 instead of %d", opset)
             opset = 18
         program = torch.onnx.export(
-            module,
-            (example,),
-            dynamo=True,
-            opset_version=opset,
-            verbose=False,
-            dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
-            input_names=[INPUT_NAME],
+            module, (example,), dynamo=True, opset_version=opset, verbose=False,
+            dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, input_names=[INPUT_NAME],
             output_names=list(OUTPUT_NAMES),
         )
         if program is None:
@@ -159,14 +153,9 @@ def _to_onnx_bytes(module: nn.Module, example: Tensor, opset: int, dynamo: bool)
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         torch.onnx.export(
-            module,
-            (example,),
-            buf,  # type: ignore[arg-type]  # the TorchScript exporter writes to file objects
-            dynamo=False,
-            opset_version=opset,
-            do_constant_folding=True,
-            dynamic_axes={n: {0: "batch"} for n in (INPUT_NAME, *OUTPUT_NAMES)},
-            input_names=[INPUT_NAME],
+            module, (example,), buf,  # type: ignore[arg-type]  # the TorchScript exporter writes to file objects
+            dynamo=False, opset_version=opset, do_constant_folding=True,
+            dynamic_axes={n: {0: "batch"} for n in (INPUT_NAME, *OUTPUT_NAMES)}, input_names=[INPUT_NAME],
             output_names=list(OUTPUT_NAMES),
         )
     return buf.getvalue()
@@ -177,10 +166,8 @@ def _with_metadata(data: bytes, meta: dict[str, Any], fingerprint: str) -> bytes
 
     proto = onnx.load_from_string(data)
     contract = meta["input"]
-    proto.doc_string = (
-        "lungxray model: input 'image' float32 (N, 1, S, S) raw pixels 0..255 after the bundle's "
-        "preprocessing; outputs 'probs' (N, C) calibrated, 'member_probs' (N, K, C)."
-    )
+    proto.doc_string = ("lungxray model: input 'image' float32 (N, 1, S, S) raw pixels 0..255 after the bundle's "
+                        "preprocessing; outputs 'probs' (N, C) calibrated, 'member_probs' (N, K, C).")
     props = {
         "lungxray.classes": json.dumps(list(meta["classes"])),
         "lungxray.input": json.dumps(contract, default=str),
@@ -196,9 +183,8 @@ def _with_metadata(data: bytes, meta: dict[str, Any], fingerprint: str) -> bytes
     return proto.SerializeToString()
 
 
-def export_checked(
-    run_dir: str | Path, out_path: str | Path, opset: int = 17, *, dynamo: bool = False, check: bool = True
-) -> tuple[Path, float | None]:
+def export_checked(run_dir: str | Path, out_path: str | Path, opset: int = 17, *, dynamo: bool = False,
+                   check: bool = True) -> tuple[Path, float | None]:
     """`export_onnx`, also returning the parity check's max |probability difference| (None without `check`)."""
     run_dir, out = Path(run_dir), Path(out_path)
     read_meta(run_dir)  # a clear BundleError for a folder that is not a model
@@ -207,18 +193,11 @@ def export_checked(
     size = int(meta["input"]["size"])
     contract, temperature = meta["input"], float(meta.get("temperature", 1.0))
     dense = _shared_input_stem(model, bundle.members, size)
-    module = _Deployable(
-        model if dense is None else dense,
-        bundle.members,
-        contract["mean"],
-        contract["std"],
-        temperature,
-        shared_stem=dense is not None,
-    )
+    module = _Deployable(model if dense is None else dense, bundle.members, contract["mean"], contract["std"],
+                         temperature, shared_stem=dense is not None)
     example = torch.full((2, 1, size, size), 128.0)
-    data = _with_metadata(
-        _to_onnx_bytes(module.eval(), example, opset, dynamo), meta, bundle_fingerprint(run_dir, meta)
-    )
+    data = _with_metadata(_to_onnx_bytes(module.eval(), example, opset, dynamo), meta,
+                          bundle_fingerprint(run_dir, meta))
 
     diff: float | None = None
 
@@ -232,9 +211,8 @@ def export_checked(
     return atomic_write(out, write), diff
 
 
-def export_onnx(
-    run_dir: str | Path, out_path: str | Path, opset: int = 17, *, dynamo: bool = False, check: bool = True
-) -> Path:
+def export_onnx(run_dir: str | Path, out_path: str | Path, opset: int = 17, *, dynamo: bool = False,
+                check: bool = True) -> Path:
     """Export the whole bundle at `run_dir` to `out_path` (written atomically); see the module docstring.
 
     With `check` the file lands only after ONNX Runtime reproduced PyTorch's probabilities within 1e-4
@@ -272,9 +250,8 @@ def _session(path: str | Path, device: str = "cpu", threads: int = ONNX_THREADS)
     providers = ["CPUExecutionProvider"]
     if torch.device(device).type == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise RuntimeError(
-                "the onnx engine has no CUDA provider here (onnxruntime CPU build); use --device cpu or --engine torch"
-            )
+            raise RuntimeError("the onnx engine has no CUDA provider here (onnxruntime CPU build); "
+                               "use --device cpu or --engine torch")
         providers.insert(0, "CUDAExecutionProvider")
     options = ort.SessionOptions()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -298,9 +275,8 @@ def _run_session(session: Any, images: np.ndarray, batch_size: int = 64) -> tupl
     return np.concatenate(probs), np.concatenate(member)
 
 
-def parity_check(
-    predictor: Predictor, onnx_path: str | Path, images: np.ndarray | None = None, tolerance: float = PARITY_TOLERANCE
-) -> float:
+def parity_check(predictor: Predictor, onnx_path: str | Path, images: np.ndarray | None = None,
+                 tolerance: float = PARITY_TOLERANCE) -> float:
     """Max |difference| of probabilities and member probabilities, ONNX Runtime vs PyTorch; raises above it."""
     if images is None:
         images = parity_images(int(predictor.meta["input"]["size"]))
@@ -308,10 +284,8 @@ def parity_check(
     probs, member = _run_session(_session(onnx_path), images)
     diff = float(max(np.abs(probs - ref.probs).max(), np.abs(member - ref.member_probs).max()))
     if not diff <= tolerance:  # also catches NaN
-        raise ParityError(
-            f"ONNX parity check failed: max |probability difference| {diff:.3g} > {tolerance:g} "
-            f"between ONNX Runtime and PyTorch on {len(images)} images"
-        )
+        raise ParityError(f"ONNX parity check failed: max |probability difference| {diff:.3g} > {tolerance:g} "
+                          f"between ONNX Runtime and PyTorch on {len(images)} images")
     return diff
 
 
@@ -328,9 +302,8 @@ def ensure_onnx(run_dir: str | Path) -> Path:
     else:
         log.info("exporting %s for the onnx engine (first use)", path)
     if not os.access(run_dir, os.W_OK):
-        raise RuntimeError(
-            f"{run_dir} is not writable: run `lungxray export {run_dir} --out FILE` elsewhere, or use --engine torch"
-        )
+        raise RuntimeError(f"{run_dir} is not writable: run `lungxray export {run_dir} --out FILE` elsewhere, "
+                           f"or use --engine torch")
     return export_onnx(run_dir, path)
 
 
@@ -345,14 +318,8 @@ class OnnxPredictor(Predictor):
     session: Any = None
 
     @classmethod
-    def load(
-        cls,
-        run_dir: str | Path,
-        device: str = "cpu",
-        *,
-        onnx_path: str | Path | None = None,
-        threads: int = ONNX_THREADS,
-    ) -> OnnxPredictor:
+    def load(cls, run_dir: str | Path, device: str = "cpu", *, onnx_path: str | Path | None = None,
+             threads: int = ONNX_THREADS) -> OnnxPredictor:
         """The bundle at `run_dir` run by ONNX Runtime from RUN/model.onnx, or from `onnx_path` (an exported or
         int8 file of this very bundle: one exported before the bundle changed is refused)."""
         if onnx_path is None:

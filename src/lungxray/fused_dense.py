@@ -53,12 +53,8 @@ class DenseMaster:
 
     def usable(self, x: Tensor) -> bool:
         return (
-            x.device.type == "cpu"
-            and torch.is_grad_enabled()
-            and self.weight.requires_grad
-            and bf16_autocast()
-            and not (dist.is_available() and dist.is_initialized())
-            and not tracing()
+            x.device.type == "cpu" and torch.is_grad_enabled() and self.weight.requires_grad and bf16_autocast()
+            and not (dist.is_available() and dist.is_initialized()) and not tracing()
         )
 
     def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
@@ -82,10 +78,8 @@ class DenseMaster:
             raise RuntimeError(f"the fused kernels are unavailable now ({reason}); rebuild the optimizer")
         p, g = self.weight, self.group
         if p.grad is not None:  # e.g. a loss term on the weight itself: AdamW just stepped it from that alone
-            raise RuntimeError(
-                "a DenseMaster weight also received an autograd gradient (a penalty on the weight?); "
-                "build the optimizer without attach_dense_masters for such a loss"
-            )
+            raise RuntimeError("a DenseMaster weight also received an autograd gradient (a penalty on the weight?); "
+                               "build the optimizer without attach_dense_masters for such a loss")
         state = optimizer.state[p]
         if not state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -99,20 +93,8 @@ class DenseMaster:
             raise RuntimeError("DenseMaster.step needs contiguous weight and moments")
         lr, wd, eps = float(g["lr"]), float(g["weight_decay"]), float(g["eps"])
         lib.seed_adamw_bf16(  # coefficients in double, as torch's fused AdamW computes them
-            p.data_ptr(),
-            self.grad16.data_ptr(),
-            m.data_ptr(),
-            v.data_ptr(),
-            self.w16.data_ptr(),
-            p.numel(),
-            1 - lr * wd,
-            lr / (1 - beta1**t),
-            beta1,
-            1 - beta1,
-            beta2,
-            1 - beta2,
-            math.sqrt(1 - beta2**t),
-            eps,
+            p.data_ptr(), self.grad16.data_ptr(), m.data_ptr(), v.data_ptr(), self.w16.data_ptr(), p.numel(),
+            1 - lr * wd, lr / (1 - beta1**t), beta1, 1 - beta1, beta2, 1 - beta2, math.sqrt(1 - beta2**t), eps,
             torch.get_num_threads(),
         )
         self.version = p._version  # written through its pointer: the version did not move, w16 is current
@@ -161,14 +143,8 @@ def attach_dense_masters(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     masters = []
     for module in model.modules():
         w = getattr(module, "weight", None)
-        if not (
-            isinstance(module, PackedLinear)
-            and module.members == 1
-            and w is not None
-            and w.numel() >= MIN_WEIGHTS
-            and w.device.type == "cpu"
-            and w.dtype == torch.float32
-        ):
+        if not (isinstance(module, PackedLinear) and module.members == 1 and w is not None
+                and w.numel() >= MIN_WEIGHTS and w.device.type == "cpu" and w.dtype == torch.float32):
             continue
         group = next((g for g in optimizer.param_groups if any(p is w for p in g["params"])), None)
         if group is None or group.get("amsgrad") or group.get("maximize") or group.get("differentiable"):

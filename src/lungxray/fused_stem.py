@@ -44,18 +44,8 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "ENV_SWITCH",
-    "bf16_autocast",
-    "fused_available",
-    "fused_pool_relu",
-    "fused_stem",
-    "kernel_info",
-    "library",
-    "tracing",
-    "use_fused_pool_relu",
-    "use_fused_stem",
-]
+__all__ = ["ENV_SWITCH", "bf16_autocast", "fused_available", "fused_pool_relu", "fused_stem", "kernel_info",
+           "library", "tracing", "use_fused_pool_relu", "use_fused_stem"]
 
 ENV_SWITCH = "LUNGXRAY_FUSED"  # "0" turns the kernel off
 SOURCE = Path(__file__).with_name("csrc") / "seed_stem.c"
@@ -132,14 +122,8 @@ def _load() -> ctypes.CDLL | None:
                 lib.seed_pool_relu_forward.argtypes = [ptr] * 3 + [i64] * 4 + [i32, i32]
                 lib.seed_pool_relu_backward.argtypes = [ptr] * 3 + [i64] * 4 + [i32, i32]
                 lib.seed_adamw_bf16.argtypes = [ptr] * 5 + [i64] + [ctypes.c_float] * 8 + [i32]
-                for fn in (
-                    lib.seed_stem_forward,
-                    lib.seed_stem_backward_weight,
-                    lib.seed_stem_backward_input,
-                    lib.seed_pool_relu_forward,
-                    lib.seed_pool_relu_backward,
-                    lib.seed_adamw_bf16,
-                ):
+                for fn in (lib.seed_stem_forward, lib.seed_stem_backward_weight, lib.seed_stem_backward_input,
+                           lib.seed_pool_relu_forward, lib.seed_pool_relu_backward, lib.seed_adamw_bf16):
                     fn.restype = None
                 _state["lib"], _state["path"] = lib, str(path)
             except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
@@ -191,9 +175,8 @@ class _FusedStem(torch.autograd.Function):
         b32 = bias.detach().to(torch.float32).contiguous()
         out = torch.empty((n, ho, wo, kc), dtype=torch.bfloat16 if out_bf16 else torch.float32)
         code = torch.empty((n, ho, wo, kc), dtype=torch.uint8)
-        lib.seed_stem_forward(
-            _ptr(x32), _ptr(wt), _ptr(b32), _ptr(out), _ptr(code), n, k, c, h, w, int(out_bf16), torch.get_num_threads()
-        )
+        lib.seed_stem_forward(_ptr(x32), _ptr(wt), _ptr(b32), _ptr(out), _ptr(code), n, k, c, h, w, int(out_bf16),
+                              torch.get_num_threads())
         ctx.save_for_backward(x32, weight, code)
         ctx.groups = groups
         return out.permute(0, 3, 1, 2)  # (N, K*C, Ho, Wo), channels_last
@@ -213,17 +196,15 @@ class _FusedStem(torch.autograd.Function):
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             dw32 = torch.empty((kc, 9), dtype=torch.float32)
             db32 = torch.empty((kc,), dtype=torch.float32)
-            lib.seed_stem_backward_weight(
-                _ptr(x32), _ptr(g), _ptr(code), _ptr(dw32), _ptr(db32), n, k, c, h, w, int(g_bf16), threads
-            )
+            lib.seed_stem_backward_weight(_ptr(x32), _ptr(g), _ptr(code), _ptr(dw32), _ptr(db32), n, k, c, h, w,
+                                          int(g_bf16), threads)
             dw = dw32.view(weight.shape).to(weight.dtype) if ctx.needs_input_grad[1] else None
             db = db32.to(weight.dtype) if ctx.needs_input_grad[2] else None
         if ctx.needs_input_grad[0]:
             w32 = weight.detach().to(torch.float32).reshape(kc, 9).contiguous()
             dx32 = torch.empty((n, k, h, w), dtype=torch.float32)
-            lib.seed_stem_backward_input(
-                _ptr(w32), _ptr(g), _ptr(code), _ptr(dx32), n, k, c, h, w, int(g_bf16), threads
-            )
+            lib.seed_stem_backward_input(_ptr(w32), _ptr(g), _ptr(code), _ptr(dx32), n, k, c, h, w, int(g_bf16),
+                                         threads)
             dx = dx32
         return dx, dw, db, None, None
 
@@ -252,26 +233,12 @@ def use_fused_stem(conv: torch.nn.Module, x: Tensor) -> bool:
     if not isinstance(conv, torch.nn.Conv2d) or conv.bias is None:
         return False
     w = conv.weight
-    if (
-        x.device.type != "cpu"
-        or w.device.type != "cpu"
-        or w.dtype != torch.float32
-        or x.dim() != 4
-        or x.dtype not in (torch.float32, torch.bfloat16)
-    ):
+    if (x.device.type != "cpu" or w.device.type != "cpu" or w.dtype != torch.float32 or x.dim() != 4
+            or x.dtype not in (torch.float32, torch.bfloat16)):
         return False
-    if (
-        conv.kernel_size != (3, 3)
-        or conv.stride != (1, 1)
-        or conv.padding != (0, 0)
-        or conv.dilation != (1, 1)
-        or conv.padding_mode != "zeros"
-        or w.shape[1] != 1
-        or x.shape[1] != conv.groups
-        or w.shape[0] % conv.groups
-        or x.shape[-1] < 4
-        or x.shape[-2] < 4
-    ):
+    if (conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.padding != (0, 0) or conv.dilation != (1, 1)
+            or conv.padding_mode != "zeros" or w.shape[1] != 1 or x.shape[1] != conv.groups
+            or w.shape[0] % conv.groups or x.shape[-1] < 4 or x.shape[-2] < 4):
         return False
     if torch.is_autocast_enabled("cpu") and not bf16_autocast():
         return False
@@ -313,9 +280,8 @@ class _FusedPoolReLU(torch.autograd.Function):
         dtype = torch.bfloat16 if grad.dtype == torch.bfloat16 else torch.float32
         g = grad.to(dtype).permute(0, 2, 3, 1).contiguous()  # free when grad is channels_last
         dx = torch.empty((n, h, w, c), dtype=dtype)
-        lib.seed_pool_relu_backward(
-            _ptr(g), _ptr(code), _ptr(dx), n, h, w, c, int(dtype == torch.bfloat16), torch.get_num_threads()
-        )
+        lib.seed_pool_relu_backward(_ptr(g), _ptr(code), _ptr(dx), n, h, w, c, int(dtype == torch.bfloat16),
+                                    torch.get_num_threads())
         return dx.permute(0, 3, 1, 2)  # channels_last; autograd casts it to the input's dtype if they differ
 
 
@@ -324,14 +290,8 @@ def use_fused_pool_relu(x: Tensor) -> bool:
     least 2x2, no tracing or export."""
     if tracing():  # fused_available() below also honours LUNGXRAY_FUSED=0
         return False
-    if (
-        x.device.type != "cpu"
-        or x.dim() != 4
-        or x.dtype not in (torch.float32, torch.bfloat16)
-        or x.shape[-1] < 2
-        or x.shape[-2] < 2
-        or x.numel() == 0
-    ):
+    if (x.device.type != "cpu" or x.dim() != 4 or x.dtype not in (torch.float32, torch.bfloat16)
+            or x.shape[-1] < 2 or x.shape[-2] < 2 or x.numel() == 0):
         return False
     return fused_available()
 

@@ -99,9 +99,8 @@ def _member_cams_batch(predictor: Predictor, batch: np.ndarray, target: np.ndarr
     return _normalise(cams).cpu().numpy().astype(np.float32), t.cpu().numpy()
 
 
-def _run(
-    predictor: Predictor, images: np.ndarray, target: np.ndarray | None, batch_size: int = 16
-) -> tuple[np.ndarray, np.ndarray]:
+def _run(predictor: Predictor, images: np.ndarray, target: np.ndarray | None,
+         batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """All images in batches, in eval mode and fp32, leaving the model exactly as found (mode, flags, .grad)."""
     target = _check_images(predictor, images, target)
     model = _packed(predictor)
@@ -167,10 +166,8 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarr
 
     image, cam = np.asarray(image), np.asarray(cam, dtype=np.float32)
     if image.ndim != 2 or cam.shape != image.shape:
-        raise ValueError(
-            f"overlay expects a grayscale image (S, S) and a heatmap of the same shape, "
-            f"got {image.shape} and {cam.shape}"
-        )
+        raise ValueError(f"overlay expects a grayscale image (S, S) and a heatmap of the same shape, "
+                         f"got {image.shape} and {cam.shape}")
     if not 0 <= alpha <= 1:
         raise ValueError(f"overlay: alpha must lie in [0, 1], got {alpha}")
     gray = image.astype(np.float32) / (255.0 if image.dtype == np.uint8 else max(float(image.max()), 1e-12))
@@ -201,9 +198,8 @@ def cam_names(paths: Sequence[str | Path]) -> list[str]:
     return names
 
 
-def write_cams(
-    predictor: Predictor, paths: Sequence[str | Path], out_dir: str | Path, batch_size: int = 16
-) -> dict[str, Path]:
+def write_cams(predictor: Predictor, paths: Sequence[str | Path], out_dir: str | Path,
+               batch_size: int = 16) -> dict[str, Path]:
     """Write `out_dir/<stem>_cam.png` (overlay of the predicted class) per readable image; {path: png}."""
     from lungxray.files import write_bytes
 
@@ -228,9 +224,8 @@ def write_cams(
     return written
 
 
-def gallery_indices(
-    y_true: np.ndarray, y_pred: np.ndarray, n: int = GALLERY_SIZE, limit: int = GALLERY_MAX
-) -> np.ndarray:
+def gallery_indices(y_true: np.ndarray, y_pred: np.ndarray, n: int = GALLERY_SIZE,
+                    limit: int = GALLERY_MAX) -> np.ndarray:
     """Every misclassified image (up to `limit`), then correct ones round-robin over classes up to `n`."""
     wrong = np.flatnonzero(y_true != y_pred)[:limit]
     right = [list(np.flatnonzero((y_true == c) & (y_true == y_pred))) for c in np.unique(y_true)]
@@ -242,13 +237,8 @@ def gallery_indices(
     return np.asarray(sorted(chosen), dtype=np.int64)
 
 
-def saliency_summary(
-    predictor: Predictor,
-    images: np.ndarray,
-    labels: np.ndarray,
-    figure: Path | None = None,
-    margin: float = CENTRAL_MARGIN,
-) -> dict[str, Any]:
+def saliency_summary(predictor: Predictor, images: np.ndarray, labels: np.ndarray, figure: Path | None = None,
+                  margin: float = CENTRAL_MARGIN) -> dict[str, Any]:
     """Grad-CAM on the test images: central-mass summary for metrics.json and a gallery figure for the report."""
     member, preds = _run(predictor, images, None)
     cams = member.mean(axis=1)
@@ -274,17 +264,11 @@ def saliency_summary(
         from lungxray.report import plot_cam_gallery
 
         idx = gallery_indices(labels, preds)
-        titles = [
-            f"true {classes[labels[i]]}\npred {classes[preds[i]]}"
-            f"{'' if labels[i] == preds[i] else ' (WRONG)'}  c={mass[i]:.2f}"
-            for i in idx
-        ]
+        titles = [f"true {classes[labels[i]]}\npred {classes[preds[i]]}"
+                  f"{'' if labels[i] == preds[i] else ' (WRONG)'}  c={mass[i]:.2f}" for i in idx]
         plot_cam_gallery([overlay(images[i], cams[i]) for i in idx], titles, figure)
         out["gallery"] = figure.name
     if out["central_mass_mean"] is not None and not math.isnan(out["central_mass_mean"]):
-        log.info(
-            "test saliency: %.2f of Grad-CAM mass in the central region (uniform would be %.2f)",
-            out["central_mass_mean"],
-            out["uniform_baseline"],
-        )
+        log.info("test saliency: %.2f of Grad-CAM mass in the central region (uniform would be %.2f)",
+                 out["central_mass_mean"], out["uniform_baseline"])
     return out

@@ -301,19 +301,10 @@ def _has_hooks(module: nn.Module) -> bool:
 def _pool_relu_block(block: ConvBlock) -> bool:
     """conv -> 2x2/2 max-pool -> ReLU as written (no BN, no hooks): what the fused kernels compute after the conv."""
     pool = block.pool
-    return bool(
-        isinstance(pool, nn.MaxPool2d)
-        and pool.kernel_size in (2, (2, 2))
-        and pool.stride in (2, (2, 2))
-        and pool.padding in (0, (0, 0))
-        and pool.dilation in (1, (1, 1))
-        and not pool.ceil_mode
-        and not pool.return_indices
-        and block.relu
-        and not block.pool_first
-        and isinstance(block.bn, nn.Identity)
-        and not _has_hooks(block)
-    )
+    return bool(isinstance(pool, nn.MaxPool2d) and pool.kernel_size in (2, (2, 2)) and pool.stride in (2, (2, 2))
+                and pool.padding in (0, (0, 0)) and pool.dilation in (1, (1, 1)) and not pool.ceil_mode
+                and not pool.return_indices and block.relu and not block.pool_first
+                and isinstance(block.bn, nn.Identity) and not _has_hooks(block))
 
 
 # ------------------------------------------------------------------------------------------------ models

@@ -77,51 +77,25 @@ PRESETS: dict[str, PhotometricParams] = {
     "none": PhotometricParams(),
     # Differences between modern digital detectors of one kind: mild curves, some softening, light noise.
     "light": PhotometricParams(
-        gamma=1.25,
-        contrast=1.2,
-        brightness=0.05,
-        p_curve=0.8,
-        detail=(-0.5, 0.5),
-        sigma=(0.5, 1.5),
-        p_detail=0.5,
-        noise=0.02,
-        p_noise=0.4,
-        jpeg_quality=(50, 95),
-        p_jpeg=0.3,
+        gamma=1.25, contrast=1.2, brightness=0.05, p_curve=0.8, detail=(-0.5, 0.5), sigma=(0.5, 1.5),
+        p_detail=0.5, noise=0.02, p_noise=0.4, jpeg_quality=(50, 95), p_jpeg=0.3,
     ),
     # Only the grey-level curve (gamma, window/level), as strong as `strong`: the contrast shortcut of this
     # dataset without blurring or burying the fine opacities that separate viral pneumonia from normal.
     "curves": PhotometricParams(gamma=1.8, contrast=1.5, brightness=0.1, p_curve=0.9),
     # Film scans, phone photos of monitors, publication figures: strong curves, blur, noise, heavy JPEG.
     "strong": PhotometricParams(
-        gamma=1.8,
-        contrast=1.5,
-        brightness=0.1,
-        p_curve=0.9,
-        detail=(-1.0, 1.0),
-        sigma=(0.5, 2.5),
-        p_detail=0.7,
-        noise=0.05,
-        p_noise=0.5,
-        jpeg_quality=(15, 90),
-        p_jpeg=0.5,
+        gamma=1.8, contrast=1.5, brightness=0.1, p_curve=0.9, detail=(-1.0, 1.0), sigma=(0.5, 2.5),
+        p_detail=0.7, noise=0.05, p_noise=0.5, jpeg_quality=(15, 90), p_jpeg=0.5,
     ),
 }
 
 # IJG standard luminance quantisation table (JPEG Annex K), the base of every libjpeg quality setting.
-_JPEG_LUMA = torch.tensor(
-    [
-        [16, 11, 10, 16, 24, 40, 51, 61],
-        [12, 12, 14, 19, 26, 58, 60, 55],
-        [14, 13, 16, 24, 40, 57, 69, 56],
-        [14, 17, 22, 29, 51, 87, 80, 62],
-        [18, 22, 37, 56, 68, 109, 103, 77],
-        [24, 35, 55, 64, 81, 104, 113, 92],
-        [49, 64, 78, 87, 103, 121, 120, 101],
-        [72, 92, 95, 98, 112, 100, 103, 99],
-    ],
-    dtype=torch.float32,
-)
+_JPEG_LUMA = torch.tensor([
+    [16, 11, 10, 16, 24, 40, 51, 61], [12, 12, 14, 19, 26, 58, 60, 55], [14, 13, 16, 24, 40, 57, 69, 56],
+    [14, 17, 22, 29, 51, 87, 80, 62], [18, 22, 37, 56, 68, 109, 103, 77], [24, 35, 55, 64, 81, 104, 113, 92],
+    [49, 64, 78, 87, 103, 121, 120, 101], [72, 92, 95, 98, 112, 100, 103, 99],
+], dtype=torch.float32)
 
 
 def _dct_matrix(n: int = 8) -> torch.Tensor:
@@ -198,14 +172,8 @@ class PhotometricAugmenter:
     exactly what an uninterrupted run would, without the checkpoint having to store this generator.
     """
 
-    def __init__(
-        self,
-        params: PhotometricParams,
-        seed: int = 0,
-        device: str | torch.device = "cpu",
-        mean: float = INPUT_MEAN,
-        std: float = INPUT_STD,
-    ) -> None:
+    def __init__(self, params: PhotometricParams, seed: int = 0, device: str | torch.device = "cpu",
+                 mean: float = INPUT_MEAN, std: float = INPUT_STD) -> None:
         self.params, self.seed = params, int(seed)
         self.device = torch.device(device)
         self.mean, self.std = float(mean), float(std)
@@ -227,9 +195,8 @@ class PhotometricAugmenter:
             "gamma": torch.where(curve, _log_uniform(u[:, 1], pr.gamma), one),
             "contrast": torch.where(curve, _log_uniform(u[:, 2], pr.contrast), one),
             "brightness": torch.where(curve, (2 * u[:, 3] - 1) * pr.brightness, 0 * one),
-            "detail": torch.where(
-                u[:, 4] < pr.p_detail, pr.detail[0] + u[:, 5] * (pr.detail[1] - pr.detail[0]), 0 * one
-            ),
+            "detail": torch.where(u[:, 4] < pr.p_detail, pr.detail[0] + u[:, 5] * (pr.detail[1] - pr.detail[0]),
+                                  0 * one),
             "sigma": pr.sigma[0] + u[:, 6] * (pr.sigma[1] - pr.sigma[0]),
             "noise": torch.where(u[:, 7] < pr.p_noise, u[:, 8] * pr.noise, 0 * one),
             "jpeg": torch.where(  # quality 0 = no JPEG round trip

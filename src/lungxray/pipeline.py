@@ -109,24 +109,16 @@ def calibrate(val_probs: np.ndarray, val_labels: np.ndarray, cfg: RunConfig) -> 
     return {"temperature": float(temperature), "refer_threshold": float(threshold)}
 
 
-def score(
-    pred_meta: dict[str, Any],
-    member_logits: np.ndarray,
-    labels: np.ndarray,
-    classes: list[str],
-    paths: list[str],
-    seed: int,
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def score(pred_meta: dict[str, Any], member_logits: np.ndarray, labels: np.ndarray, classes: list[str],
+          paths: list[str], seed: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Metrics with bootstrap intervals, calibration before/after, referral, and one row per image."""
     pred = make_predictions(member_logits, pred_meta)
     raw = make_predictions(member_logits, {**pred_meta, "temperature": 1.0})
     correct = pred.probs.argmax(1) == labels
     out = {
         "metrics": metrics.classification_metrics(labels, pred.probs, classes),
-        "intervals": {
-            k: v.to_dict()
-            for k, v in metrics.bootstrap_intervals(labels, pred.probs, classes, n_resamples=2000, seed=seed).items()
-        },
+        "intervals": {k: v.to_dict() for k, v in metrics.bootstrap_intervals(
+            labels, pred.probs, classes, n_resamples=2000, seed=seed).items()},
         "ece_uncalibrated": metrics.expected_calibration_error(raw.probs, labels),
         "ece_calibrated": metrics.expected_calibration_error(pred.probs, labels),
         "refer": metrics.selective_accuracy(correct, pred.uncertainty, pred_meta["refer_threshold"]),
@@ -135,14 +127,9 @@ def score(
         "reliability": {k: v.tolist() for k, v in metrics.reliability_curve(pred.probs, labels).items()},
     }
     rows = [
-        {
-            "path": p,
-            "true": classes[t],
-            "label": classes[int(pred.probs[i].argmax())],
-            **{f"prob_{c}": float(pred.probs[i, j]) for j, c in enumerate(classes)},
-            "uncertainty": float(pred.uncertainty[i]),
-            "refer": bool(pred.refer[i]),
-        }
+        {"path": p, "true": classes[t], "label": classes[int(pred.probs[i].argmax())],
+         **{f"prob_{c}": float(pred.probs[i, j]) for j, c in enumerate(classes)},
+         "uncertainty": float(pred.uncertainty[i]), "refer": bool(pred.refer[i])}
         for i, (p, t) in enumerate(zip(paths, labels, strict=True))
     ]
     return out, rows
@@ -166,12 +153,8 @@ def train_run(
     run_dir = Path(out)
     if resume and read_run_info(run_dir).get("complete"):  # killed after its last write, or resumed twice
         log.info("%s is complete; nothing to resume", run_dir)
-        return RunResult(
-            run_dir,
-            cfg,
-            json.loads((run_dir / "metrics.json").read_text()),
-            json.loads((run_dir / "history.json").read_text()),
-        )
+        return RunResult(run_dir, cfg, json.loads((run_dir / "metrics.json").read_text()),
+                         json.loads((run_dir / "history.json").read_text()))
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "config.yaml", cfg.to_yaml())  # first, so `--resume` can rebuild the run
     write_json(run_dir / RUN_INFO, {"data": str(Path(data).resolve()), "complete": False})
@@ -181,9 +164,8 @@ def train_run(
     seed_everything(cfg.seed, cfg.train.deterministic)
     threads = set_threads(cfg.train.threads or ctx.threads)
     amp_dtype = resolve_precision(dev, cfg.train.precision)
-    log.info(
-        "device %s, %s, %d threads (OpenMP wait: %s)", dev, str(amp_dtype).replace("torch.", ""), threads, wait_policy()
-    )
+    log.info("device %s, %s, %d threads (OpenMP wait: %s)", dev, str(amp_dtype).replace("torch.", ""), threads,
+             wait_policy())
 
     t0 = time.perf_counter()
     with distributed.main_first():  # under torchrun rank 0 decodes and caches, the other ranks read the cache
@@ -208,21 +190,12 @@ def train_run(
     local_plan, local_model, ks = distributed.local_share(plan, model, augmenter, ens.packed or ens.members == 1)
     if ens.packed or ens.members == 1:
         state = fit(
-            local_model,
-            pool_images,
-            pool_labels,
-            local_plan,
-            cfg.train,
-            augmenter,
-            seed=cfg.seed,
-            amp_dtype=amp_dtype,
-            run_dir=distributed.checkpoint_dir(run_dir),
-            resume=resume,
+            local_model, pool_images, pool_labels, local_plan, cfg.train, augmenter,
+            seed=cfg.seed, amp_dtype=amp_dtype, run_dir=distributed.checkpoint_dir(run_dir), resume=resume,
             photometric=make_photometric(cfg.augment.photometric, seed=cfg.seed + 2, device=dev),
         )
         state = distributed.collect_members(local_model, model, state, ks)  # rank 0 stacks all members
     else:
-
         def build() -> torch.nn.Module:
             net = build_model(cfg.model.arch, num_classes=len(ds.classes), members=1, **arch_args)
             return net.to(dev, memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -231,16 +204,8 @@ def train_run(
             return Augmenter(cfg.augment.params(preset), seed=cfg.seed + 1 + 1000 * k, device=dev)
 
         member_states, state = fit_sequential(
-            build,
-            pool_images,
-            pool_labels,
-            plan,
-            cfg.train,
-            make_augmenter,
-            seed=cfg.seed,
-            amp_dtype=amp_dtype,
-            run_dir=run_dir,
-            resume=resume,
+            build, pool_images, pool_labels, plan, cfg.train, make_augmenter,
+            seed=cfg.seed, amp_dtype=amp_dtype, run_dir=run_dir, resume=resume,
             make_photometric=lambda k: make_photometric(cfg.augment.photometric, cfg.seed + 2 + 1000 * k, dev),
         )
         model.load_state_dict(stack_members(member_states))
@@ -248,90 +213,48 @@ def train_run(
         return RunResult(run_dir=run_dir, config=cfg, metrics=distributed.share_from_main(None))
 
     meta: dict[str, Any] = {
-        "name": cfg.name,
-        "classes": ds.classes,
-        "arch": cfg.model.arch,
-        "arch_args": arch_args,
-        "members": ens.members,
-        "bootstrap": ens.bootstrap,
-        "input": {
-            "size": cfg.data.image_size,
-            "channels": 1,
-            "mean": INPUT_MEAN,
-            "std": INPUT_STD,
-            "standardize": cfg.data.standardize,
-            "crop_border": cfg.data.crop_border,
-        },
-        "seed": cfg.seed,
-        "package_version": __version__,
-        "torch_version": torch.__version__,
-        "git_commit": git_commit(),
-        "data": {"root": str(ds.root), "fingerprint": ds.fingerprint},
+        "name": cfg.name, "classes": ds.classes, "arch": cfg.model.arch, "arch_args": arch_args,
+        "members": ens.members, "bootstrap": ens.bootstrap,
+        "input": {"size": cfg.data.image_size, "channels": 1, "mean": INPUT_MEAN, "std": INPUT_STD,
+                  "standardize": cfg.data.standardize, "crop_border": cfg.data.crop_border},
+        "seed": cfg.seed, "package_version": __version__, "torch_version": torch.__version__,
+        "git_commit": git_commit(), "data": {"root": str(ds.root), "fingerprint": ds.fingerprint},
     }
     predictor = Predictor(bundle=Bundle(model=model, meta=meta, path=run_dir), device=dev)
     pool_logits = predictor.member_logits(images[pool])
     val_probs, val_labels, val_index = validation_probs(pool_logits, ds.labels[pool], plan)
     meta.update(calibrate(val_probs, val_labels, cfg))
-    val_scores, _ = score(
-        meta,
-        np.log(np.clip(val_probs, 1e-12, None))[:, None, :],
-        val_labels,
-        ds.classes,
-        [ds.paths[pool[i]] for i in val_index],
-        cfg.seed,
-    )
-    results: dict[str, Any] = {
-        "validation": val_scores,
-        "validation_kind": "out-of-bag" if plan.bootstrap else "holdout",
-        "test": None,
-    }
+    val_scores, _ = score(meta, np.log(np.clip(val_probs, 1e-12, None))[:, None, :], val_labels, ds.classes,
+                          [ds.paths[pool[i]] for i in val_index], cfg.seed)
+    results: dict[str, Any] = {"validation": val_scores, "validation_kind": "out-of-bag" if plan.bootstrap
+                               else "holdout", "test": None}
     test_rows: list[dict[str, Any]] = []
     if len(test):
         test_logits = predictor.member_logits(images[test])
-        results["test"], test_rows = score(
-            meta, test_logits, ds.labels[test], ds.classes, [ds.paths[i] for i in test], cfg.seed
-        )
+        results["test"], test_rows = score(meta, test_logits, ds.labels[test], ds.classes,
+                                           [ds.paths[i] for i in test], cfg.seed)
         # Grad-CAM on the test images: where the model looks (shortcut check) and a gallery for the report.
-        results["saliency"] = saliency_summary(
-            predictor, images[test], ds.labels[test], run_dir / "figures" / "gradcam_test.png"
-        )
+        results["saliency"] = saliency_summary(predictor, images[test], ds.labels[test],
+                                               run_dir / "figures" / "gradcam_test.png")
         results["saliency_central_mass"] = results["saliency"]["central_mass_mean"]
     total_seconds = time.perf_counter() - started
     results["timing"] = {
-        "total_seconds": total_seconds,
-        "train_seconds": state.train_seconds,
-        "load_seconds": load_seconds,
-        "epochs": state.epoch,
-        "images_seen": state.images_seen,
+        "total_seconds": total_seconds, "train_seconds": state.train_seconds, "load_seconds": load_seconds,
+        "epochs": state.epoch, "images_seen": state.images_seen,
         "train_images_per_second": state.images_seen / max(state.train_seconds, 1e-9),
-        "device": str(dev),
-        "precision": str(amp_dtype).replace("torch.", ""),
-        "threads": threads,
+        "device": str(dev), "precision": str(amp_dtype).replace("torch.", ""), "threads": threads,
     }
     results["data"] = {
-        "classes": ds.classes,
-        "counts": ds.class_counts(),
-        "pool": len(pool),
-        "holdout": len(holdout),
-        "test": len(test),
-        "skipped": [s.__dict__ for s in ds.skipped],
-        "duplicates": dup_summary,
+        "classes": ds.classes, "counts": ds.class_counts(), "pool": len(pool), "holdout": len(holdout),
+        "test": len(test), "skipped": [s.__dict__ for s in ds.skipped], "duplicates": dup_summary,
         "duplicate_pairs": [d.__dict__ for d in duplicates],
     }
     results["members"] = {"best_epoch": state.member_best_epoch, "stopped": state.member_stopped}
-    meta["metrics"] = {
-        "validation": val_scores["metrics"],
-        "test": results["test"]["metrics"] if results["test"] else None,
-    }
+    meta["metrics"] = {"validation": val_scores["metrics"],
+                       "test": results["test"]["metrics"] if results["test"] else None}
     save_bundle(run_dir, model, meta, cfg.to_yaml())
-    write_json(
-        run_dir / "plan.json",
-        {
-            "train_index": plan.train_index,
-            "val_mask": plan.val_mask.astype(int),
-            "pool_paths": [ds.paths[i] for i in pool],
-        },
-    )
+    write_json(run_dir / "plan.json", {"train_index": plan.train_index, "val_mask": plan.val_mask.astype(int),
+                                       "pool_paths": [ds.paths[i] for i in pool]})
     write_json(run_dir / "metrics.json", results)
     write_json(run_dir / "history.json", state.history)
     if test_rows:
@@ -341,7 +264,8 @@ def train_run(
     shutil.rmtree(run_dir / "members", ignore_errors=True)  # sequential members' resume files
     shutil.rmtree(run_dir / distributed.RANKS_DIR, ignore_errors=True)  # members-over-ranks checkpoints
     write_json(run_dir / RUN_INFO, {"data": str(Path(data).resolve()), "complete": True})
-    return RunResult(run_dir=run_dir, config=cfg, metrics=distributed.share_from_main(results), history=state.history)
+    return RunResult(run_dir=run_dir, config=cfg, metrics=distributed.share_from_main(results),
+                     history=state.history)
 
 
 def read_run_info(run_dir: str | Path) -> dict[str, Any]:
@@ -369,9 +293,8 @@ def find_data(explicit: str | Path | None = None) -> Path:
     )
 
 
-def evaluate_run(
-    run_dir: str | Path, data: str | Path, out: str | Path | None = None, seed: int = 0, device: str = "cpu"
-) -> dict[str, Any]:
+def evaluate_run(run_dir: str | Path, data: str | Path, out: str | Path | None = None, seed: int = 0,
+                 device: str = "cpu") -> dict[str, Any]:
     """Score a bundle on a labelled folder (its test/ split when it has one, else every image).
 
     Folders whose names map to no class of the model are skipped and listed; with several top-level sources
@@ -390,17 +313,13 @@ def evaluate_run(
     logits = predictor.member_logits(images)
     labels, paths = ds.labels[idx], [ds.paths[i] for i in idx]
     overall, rows = score(meta, logits, labels, classes, paths, seed)
-    result: dict[str, Any] = {
-        "data": str(data),
-        "images": len(idx),
-        "overall": overall,
-        "skipped": [s.__dict__ for s in ds.skipped],
-        "sources": {},
-    }
+    result: dict[str, Any] = {"data": str(data), "images": len(idx), "overall": overall,
+                              "skipped": [s.__dict__ for s in ds.skipped], "sources": {}}
     sources = ds.sources[idx]
     for source in sorted(set(sources) - {""}):
         sel = np.flatnonzero(sources == source)
-        result["sources"][source], _ = score(meta, logits[sel], labels[sel], classes, [paths[i] for i in sel], seed)
+        result["sources"][source], _ = score(meta, logits[sel], labels[sel], classes,
+                                             [paths[i] for i in sel], seed)
     out_dir = Path(out) if out else Path(run_dir) / "evaluation"
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "evaluation.json", result)

@@ -58,18 +58,10 @@ class Predictions:
         """The rows of `lungxray predict`: one per image, then one per skipped input with its error."""
         names = self.names or [f"<image {i}>" for i in range(len(self))]
         rows: list[dict[str, Any]] = [
-            {
-                "path": name,
-                "label": label,
-                **{f"prob_{c}": float(p) for c, p in zip(self.classes, probs, strict=True)},
-                "uncertainty": float(unc),
-                "disagreement": float(dis),
-                "refer": bool(ref),
-                "error": "",
-            }
+            {"path": name, "label": label, **{f"prob_{c}": float(p) for c, p in zip(self.classes, probs, strict=True)},
+             "uncertainty": float(unc), "disagreement": float(dis), "refer": bool(ref), "error": ""}
             for name, label, probs, unc, dis, ref in zip(
-                names, self.labels, self.probs, self.uncertainty, self.disagreement, self.refer, strict=True
-            )
+                names, self.labels, self.probs, self.uncertainty, self.disagreement, self.refer, strict=True)
         ]
         return rows + [{"path": name, "error": error} for name, error in self.skipped]
 
@@ -162,9 +154,8 @@ class Predictor:
 ENGINES = ("torch", "onnx")
 
 
-def load_predictor(
-    run_dir: str | Path, device: str = "cpu", engine: str = "torch", onnx_path: str | Path | None = None
-) -> Predictor:
+def load_predictor(run_dir: str | Path, device: str = "cpu", engine: str = "torch",
+                   onnx_path: str | Path | None = None) -> Predictor:
     """A Predictor for `engine`: "torch" runs the bundle; "onnx" runs RUN/model.onnx in ONNX Runtime (exported,
     parity-checked, on first use or when stale; see `export.OnnxPredictor`). Both give the same Predictions.
     `onnx_path` (implies "onnx") runs another export of this bundle instead, e.g. an int8 one."""
@@ -183,8 +174,7 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
     for p in map(Path, paths):
         if p.is_dir():
             out.extend(
-                f
-                for f in sorted(p.rglob("*"))
+                f for f in sorted(p.rglob("*"))
                 if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")
             )
         else:

@@ -90,14 +90,8 @@ def lung_field_box(image: np.ndarray, margin: float = 0.08) -> tuple[int, int, i
     index = np.arange(1, n + 1)
     sizes = ndi.sum(dark, labels, index)
     centres = ndi.center_of_mass(dark, labels, index)
-    lungs = sorted(
-        (
-            (size, i)
-            for size, i, (cy, cx) in zip(sizes, index, centres, strict=True)
-            if size > 0.015 * h * w and 0.15 * h < cy < 0.8 * h and 0.12 * w < cx < 0.88 * w
-        ),
-        reverse=True,
-    )
+    lungs = sorted(((size, i) for size, i, (cy, cx) in zip(sizes, index, centres, strict=True)
+                    if size > 0.015 * h * w and 0.15 * h < cy < 0.8 * h and 0.12 * w < cx < 0.88 * w), reverse=True)
     if not lungs:
         return None
     ys, xs = np.nonzero(np.isin(labels, [i for _, i in lungs[:2]]))
@@ -128,11 +122,8 @@ def prepare(images: np.ndarray, standardize: str = "none", border: float = 0.0) 
         return images
     single = images.ndim == 2
     batch = images[None] if single else images
-    steps = [
-        {"lungs": crop_lungs, "equalize": equalize, "clahe": clahe}[name]
-        for name in standardize.split("+")
-        if name != "none"
-    ]
+    steps = [{"lungs": crop_lungs, "equalize": equalize, "clahe": clahe}[name]
+             for name in standardize.split("+") if name != "none"]
 
     def one(img: np.ndarray) -> np.ndarray:
         img = crop_border(img, border)

@@ -23,15 +23,8 @@ from lungxray.predict import Predictor
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "Agreement",
-    "AgreementError",
-    "agreement",
-    "export_int8",
-    "int8_images",
-    "quantization_info",
-    "quantize_int8",
-]
+__all__ = ["Agreement", "AgreementError", "agreement", "export_int8", "int8_images", "quantization_info",
+           "quantize_int8"]
 
 _QUANT_KEY = "lungxray.quantization"
 INT8_MIN_GROUP_CHANNELS = 32
@@ -60,11 +53,8 @@ def agreement(reference: str | Path, candidate: str | Path, images: np.ndarray) 
     return Agreement(len(images), float(np.abs(got - ref).max()), float((got.argmax(1) == ref.argmax(1)).mean()))
 
 
-def int8_images(
-    predictor: Predictor,
-    data: str | Path,
-    calibration: int = INT8_CALIBRATION_IMAGES,
-) -> tuple[np.ndarray, np.ndarray]:
+def int8_images(predictor: Predictor, data: str | Path, calibration: int = INT8_CALIBRATION_IMAGES,
+                ) -> tuple[np.ndarray, np.ndarray]:
     """(calibration, check) images preprocessed under the bundle's contract, from a dataset folder.
 
     Calibration images are an evenly spaced sample of DATA/train (of DATA itself when it has no train/ folder),
@@ -99,24 +89,14 @@ def _int8_nodes(model: Any) -> list[str]:
     the 1-channel stem 5.4 ms against 1.0 ms), so quantizing every Conv made the whole model slower than fp32.
     """
     shapes = {t.name: list(t.dims) for t in model.graph.initializer}
-    return [
-        n.name
-        for n in model.graph.node
-        if n.op_type == "Conv"
-        and len(shapes.get(n.input[1], [])) == 4
-        and shapes[n.input[1]][1] >= INT8_MIN_GROUP_CHANNELS
-    ]
+    return [n.name for n in model.graph.node
+            if n.op_type == "Conv" and len(shapes.get(n.input[1], [])) == 4
+            and shapes[n.input[1]][1] >= INT8_MIN_GROUP_CHANNELS]
 
 
-def quantize_int8(
-    fp32_path: str | Path,
-    out_path: str | Path,
-    calibration: np.ndarray,
-    check: np.ndarray,
-    *,
-    max_prob_diff: float = INT8_MAX_PROB_DIFF,
-    min_label_agreement: float = INT8_MIN_LABEL_AGREEMENT,
-) -> tuple[Path, Agreement]:
+def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: np.ndarray, check: np.ndarray, *,
+                  max_prob_diff: float = INT8_MAX_PROB_DIFF,
+                  min_label_agreement: float = INT8_MIN_LABEL_AGREEMENT) -> tuple[Path, Agreement]:
     """Static int8 quantization (QDQ, per-channel weights, min/max calibration) of an exported fp32 model.
 
     Only the wide convolutions are quantized (`_int8_nodes`); normalisation, the stem, softmax and the ensemble
@@ -152,42 +132,26 @@ def quantize_int8(
             quant_pre_process(str(fp32_path), str(folded))
             nodes = _int8_nodes(onnx.load(str(folded)))
             if not nodes:
-                raise AgreementError(
-                    f"{fp32_path}: no convolution with >= {INT8_MIN_GROUP_CHANNELS} input "
-                    f"channels per group, int8 would not be faster"
-                )
-            quantize_static(
-                str(folded),
-                str(tmp),
-                Reader(),
-                quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                op_types_to_quantize=["Conv"],
-                nodes_to_quantize=nodes,
-                calibrate_method=CalibrationMethod.MinMax,
-            )
+                raise AgreementError(f"{fp32_path}: no convolution with >= {INT8_MIN_GROUP_CHANNELS} input "
+                                     f"channels per group, int8 would not be faster")
+            quantize_static(str(folded), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            op_types_to_quantize=["Conv"], nodes_to_quantize=nodes,
+                            calibrate_method=CalibrationMethod.MinMax)
         result = agreement(fp32_path, tmp, check)
         if not (result.max_prob_diff <= max_prob_diff and result.label_agreement >= min_label_agreement):
             raise AgreementError(
                 f"int8 model disagrees with fp32 on {result.images} images: max |probability difference| "
                 f"{result.max_prob_diff:.3g} (limit {max_prob_diff:g}), same label on "
-                f"{100 * result.label_agreement:.1f}% (limit {100 * min_label_agreement:g}%)"
-            )
+                f"{100 * result.label_agreement:.1f}% (limit {100 * min_label_agreement:g}%)")
         model = onnx.load(str(tmp))
         del model.metadata_props[:]
         model.metadata_props.extend(source.metadata_props)
         entry = model.metadata_props.add()
         entry.key = _QUANT_KEY
-        entry.value = json.dumps(
-            {
-                "scheme": "int8 static, QDQ, per-channel weights, min/max calibration",
-                "nodes": nodes,
-                "calibration_images": len(calibration),
-                "agreement": asdict(result),
-            }
-        )
+        entry.value = json.dumps({"scheme": "int8 static, QDQ, per-channel weights, min/max calibration",
+                                  "nodes": nodes, "calibration_images": len(calibration),
+                                  "agreement": asdict(result)})
         onnx.save(model, str(tmp))
 
     path = atomic_write(out, write)
@@ -195,12 +159,8 @@ def quantize_int8(
     return path, result
 
 
-def export_int8(
-    run_dir: str | Path,
-    out_path: str | Path,
-    data: str | Path,
-    opset: int = 17,
-) -> tuple[Path, float, Agreement]:
+def export_int8(run_dir: str | Path, out_path: str | Path, data: str | Path, opset: int = 17,
+                ) -> tuple[Path, float, Agreement]:
     """Export the bundle (parity-checked fp32), then quantize it with calibration images from `data`.
 
     Returns the int8 file, the fp32 parity figure and the int8 model's agreement with the fp32 one.
@@ -210,13 +170,8 @@ def export_int8(
     with tempfile.TemporaryDirectory(prefix="lungxray-export-") as work:
         fp32, diff = export_checked(run_dir, Path(work) / ONNX_NAME, opset)
         path, result = quantize_int8(fp32, out_path, calibration, check)
-    log.info(
-        "int8 %s: max |probability difference| %.3g against fp32 on %d images, same label on %.1f%%",
-        path,
-        result.max_prob_diff,
-        result.images,
-        100 * result.label_agreement,
-    )
+    log.info("int8 %s: max |probability difference| %.3g against fp32 on %d images, same label on %.1f%%",
+             path, result.max_prob_diff, result.images, 100 * result.label_agreement)
     return path, float(diff or 0.0), result
 
 

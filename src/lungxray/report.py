@@ -57,16 +57,10 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> Path:
         epochs = [h["epoch"] for h in run]
         first = k == min(runs)
         for ax, key in ((axes[0], "loss"), (axes[1], "accuracy")):
-            ax.plot(
-                epochs, [h[f"train_{key}"] for h in run], color="tab:blue", alpha=0.8, label="train" if first else None
-            )
-            ax.plot(
-                epochs,
-                [h[f"val_{key}"] for h in run],
-                color="tab:orange",
-                alpha=0.8,
-                label="validation" if first else None,
-            )
+            ax.plot(epochs, [h[f"train_{key}"] for h in run], color="tab:blue", alpha=0.8,
+                    label="train" if first else None)
+            ax.plot(epochs, [h[f"val_{key}"] for h in run], color="tab:orange", alpha=0.8,
+                    label="validation" if first else None)
         axes[2].plot(epochs, [h["lr"] for h in run], color="tab:green")
         twin.plot(epochs, [h["batch_size"] for h in run], color="tab:red")
     for ax, title in ((axes[0], "loss"), (axes[1], "accuracy")):
@@ -84,15 +78,8 @@ def plot_confusion(confusion: list[list[int]], classes: Sequence[str], path: Pat
         for j in range(cm.shape[1]):
             color = "white" if cm[i, j] > cm.max() / 2 else "black"
             ax.text(j, i, str(cm[i, j]), ha="center", va="center", color=color)
-    ax.set(
-        xticks=range(len(classes)),
-        yticks=range(len(classes)),
-        xticklabels=classes,
-        yticklabels=classes,
-        xlabel="predicted",
-        ylabel="true",
-        title=title,
-    )
+    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes, yticklabels=classes,
+           xlabel="predicted", ylabel="true", title=title)
     return save_figure(fig, path)
 
 
@@ -121,25 +108,16 @@ def plot_cam_gallery(overlays: Sequence[np.ndarray], titles: Sequence[str], path
 
 def saliency_section(saliency: dict[str, Any]) -> list[str]:
     """Where the test-set Grad-CAM mass lies: near the uniform baseline or below it hints at shortcut learning."""
-    lines = [
-        "## Saliency (Grad-CAM, test split)",
-        "",
-        f"Central mass: {_pct(saliency.get('central_mass_mean'))} of the saliency lies inside the image minus "
-        f"a {100 * saliency['margin']:.0f}% band on every edge (uniform maps give "
-        f"{_pct(saliency['uniform_baseline'])}; far below that, the model reads borders, corners or burned-in "
-        f"text rather than the lungs). Correct {_pct(saliency.get('correct'))}, wrong "
-        f"{_pct(saliency.get('wrong'))}; per true class: "
-        + ", ".join(f"{c} {_pct(v)}" for c, v in saliency.get("per_true_class", {}).items())
-        + ".",
-        "",
-    ]
+    lines = ["## Saliency (Grad-CAM, test split)", "",
+             f"Central mass: {_pct(saliency.get('central_mass_mean'))} of the saliency lies inside the image minus "
+             f"a {100 * saliency['margin']:.0f}% band on every edge (uniform maps give "
+             f"{_pct(saliency['uniform_baseline'])}; far below that, the model reads borders, corners or burned-in "
+             f"text rather than the lungs). Correct {_pct(saliency.get('correct'))}, wrong "
+             f"{_pct(saliency.get('wrong'))}; per true class: "
+             + ", ".join(f"{c} {_pct(v)}" for c, v in saliency.get("per_true_class", {}).items()) + ".", ""]
     if saliency.get("gallery"):
-        lines += [
-            "Overlays for the predicted class (all misclassified test images, then correct ones; c = central mass):",
-            "",
-            f"![Grad-CAM gallery](figures/{saliency['gallery']})",
-            "",
-        ]
+        lines += ["Overlays for the predicted class (all misclassified test images, then correct ones; "
+                  "c = central mass):", "", f"![Grad-CAM gallery](figures/{saliency['gallery']})", ""]
     return lines
 
 
@@ -156,59 +134,34 @@ def _iv(iv: dict[str, Any] | None) -> str:
 def metrics_section(scores: dict[str, Any], classes: Sequence[str], title: str) -> list[str]:
     """Markdown for one scored split: headline metrics with intervals, per-class table, confusion."""
     m, iv = scores["metrics"], scores["intervals"]
-    lines = [
-        f"## {title}",
-        "",
-        f"{m['n']} images. 95% percentile-bootstrap intervals over images (2,000 resamples).",
-        "",
-        "| metric | value (95% CI) |",
-        "|---|---|",
-    ]
+    lines = [f"## {title}", "", f"{m['n']} images. 95% percentile-bootstrap intervals over images (2,000 resamples).",
+             "", "| metric | value (95% CI) |", "|---|---|"]
     for key in ("accuracy", "balanced_accuracy", "macro_precision", "macro_recall", "macro_f1", "macro_roc_auc"):
         lines.append(f"| {key.replace('_', ' ')} | {_iv(iv.get(key))} |")
-    lines += [
-        "",
-        "| class | precision | recall (sensitivity) | F1 | specificity | ROC AUC | support |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    lines += ["", "| class | precision | recall (sensitivity) | F1 | specificity | ROC AUC | support |",
+              "|---|---|---|---|---|---|---|"]
     for c in classes:
         pc = m["per_class"][c]
         auc = "n/a" if pc.get("roc_auc") is None else f"{pc['roc_auc']:.3f}"
-        lines.append(
-            f"| {c} | {_iv(iv.get(f'precision_{c}'))} | {_iv(iv.get(f'recall_{c}'))} | "
-            f"{_iv(iv.get(f'f1_{c}'))} | {_pct(pc['specificity'])} | {auc} | {pc['support']} |"
-        )
+        lines.append(f"| {c} | {_iv(iv.get(f'precision_{c}'))} | {_iv(iv.get(f'recall_{c}'))} | "
+                     f"{_iv(iv.get(f'f1_{c}'))} | {_pct(pc['specificity'])} | {auc} | {pc['support']} |")
     cm = m["confusion"]
-    lines += [
-        "",
-        "Confusion matrix (rows true, columns predicted):",
-        "",
-        "| | " + " | ".join(classes) + " |",
-        "|---" * (len(classes) + 1) + "|",
-    ]
+    lines += ["", "Confusion matrix (rows true, columns predicted):", "",
+              "| | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
     lines += [f"| **{c}** | " + " | ".join(str(v) for v in row) + " |" for c, row in zip(classes, cm, strict=True)]
     ref = scores.get("refer") or {}
-    lines += [
-        "",
-        f"Calibration: ECE {scores['ece_uncalibrated']:.3f} before temperature scaling, "
-        f"{scores['ece_calibrated']:.3f} after.",
-        f"Referral: {_pct(ref.get('referral_rate'))} of images referred; accuracy on the accepted "
-        f"{_pct(ref.get('accuracy'))} (all images: {_pct(m['accuracy'])}).",
-        f"Mean uncertainty: correct {scores.get('mean_uncertainty_correct') or 0:.3f}, "
-        f"wrong {scores.get('mean_uncertainty_wrong') or 0:.3f}.",
-        "",
-    ]
+    lines += ["", f"Calibration: ECE {scores['ece_uncalibrated']:.3f} before temperature scaling, "
+              f"{scores['ece_calibrated']:.3f} after.",
+              f"Referral: {_pct(ref.get('referral_rate'))} of images referred; accuracy on the accepted "
+              f"{_pct(ref.get('accuracy'))} (all images: {_pct(m['accuracy'])}).",
+              f"Mean uncertainty: correct {scores.get('mean_uncertainty_correct') or 0:.3f}, "
+              f"wrong {scores.get('mean_uncertainty_wrong') or 0:.3f}.", ""]
     return lines
 
 
 def data_section(data: dict[str, Any]) -> list[str]:
-    lines = [
-        "## Data",
-        "",
-        f"Classes and counts: {data['counts']}. Training pool {data['pool']} images "
-        f"(validation holdout {data['holdout']}), test {data['test']}.",
-        "",
-    ]
+    lines = ["## Data", "", f"Classes and counts: {data['counts']}. Training pool {data['pool']} images "
+             f"(validation holdout {data['holdout']}), test {data['test']}.", ""]
     dup = data.get("duplicates", {})
     lines += ["### Duplicates", "", f"Found: {dup or 'none'}.", ""]
     pairs = data.get("duplicate_pairs", [])
@@ -222,21 +175,16 @@ def data_section(data: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def write_report(
-    run_dir: Path, cfg: RunConfig, meta: dict[str, Any], results: dict[str, Any], history: list[dict[str, Any]]
-) -> Path:
+def write_report(run_dir: Path, cfg: RunConfig, meta: dict[str, Any], results: dict[str, Any],
+                 history: list[dict[str, Any]]) -> Path:
     """report.md and its figures in the run folder."""
     classes = meta["classes"]
     fig_dir = run_dir / "figures"
     fig_dir.mkdir(exist_ok=True)
-    lines = [
-        f"# Run report: {cfg.name}",
-        "",
-        f"Architecture `{meta['arch']}` {meta['arch_args']}, {meta['members']} member(s)"
-        f"{' (bootstrap)' if meta.get('bootstrap') else ''}; temperature {meta['temperature']:.3f}; "
-        f"git commit {meta.get('git_commit') or 'unknown'}.",
-        "",
-    ]
+    lines = [f"# Run report: {cfg.name}", "",
+             f"Architecture `{meta['arch']}` {meta['arch_args']}, {meta['members']} member(s)"
+             f"{' (bootstrap)' if meta.get('bootstrap') else ''}; temperature {meta['temperature']:.3f}; "
+             f"git commit {meta.get('git_commit') or 'unknown'}.", ""]
     if history:
         plot_history(history, fig_dir / "learning_curves.png")
         lines += ["![learning curves](figures/learning_curves.png)", ""]
@@ -248,25 +196,14 @@ def write_report(
         lines += ["![confusion](figures/confusion_test.png) ![reliability](figures/reliability_test.png)", ""]
     if results.get("saliency"):
         lines += saliency_section(results["saliency"])
-    lines += metrics_section(
-        results["validation"], classes, f"Validation ({results.get('validation_kind', 'holdout')})"
-    )
+    lines += metrics_section(results["validation"], classes,
+                             f"Validation ({results.get('validation_kind', 'holdout')})")
     lines += data_section(results["data"])
     t = results["timing"]
-    lines += [
-        "## Timing",
-        "",
-        f"{t['epochs']} epochs, training {t['train_seconds']:.0f} s "
-        f"({t['train_images_per_second']:.0f} member-images/s on {t['device']}, {t['precision']}, "
-        f"{t['threads']} threads); whole run {t['total_seconds']:.0f} s.",
-        "",
-        "## Configuration",
-        "",
-        "```yaml",
-        cfg.to_yaml().rstrip(),
-        "```",
-        "",
-    ]
+    lines += ["## Timing", "", f"{t['epochs']} epochs, training {t['train_seconds']:.0f} s "
+              f"({t['train_images_per_second']:.0f} member-images/s on {t['device']}, {t['precision']}, "
+              f"{t['threads']} threads); whole run {t['total_seconds']:.0f} s.", "",
+              "## Configuration", "", "```yaml", cfg.to_yaml().rstrip(), "```", ""]
     return write_text(run_dir / "report.md", "\n".join(lines))
 
 
@@ -288,52 +225,36 @@ def shift_table(result: dict[str, Any]) -> list[str]:
     """Markdown table of the shift benchmark: macro F1 (accuracy) per shift and severity, then the means."""
     cells = result["cells"]
     levels = max((c["level"] for c in cells), default=0)
-    lines = [
-        "| shift | simulated by augmentation | " + " | ".join(f"sev {i}" for i in range(1, levels + 1)) + " | mean |",
-        "|---|---|" + "---|" * (levels + 1),
-    ]
+    lines = ["| shift | simulated by augmentation | " + " | ".join(f"sev {i}" for i in range(1, levels + 1))
+             + " | mean |", "|---|---|" + "---|" * (levels + 1)]
     for name, info in result["summary"]["per_shift"].items():
         by_level = {c["level"]: c for c in cells if c["shift"] == name}
-        row = [
-            f"{100 * by_level[i]['macro_f1']:.0f} ({100 * by_level[i]['accuracy']:.0f})" if i in by_level else "–"
-            for i in range(1, levels + 1)
-        ]
-        lines.append(
-            f"| {name} | {info['simulated_by'] or 'no (held out)'} | "
-            + " | ".join(row)
-            + f" | **{100 * info['macro_f1']:.1f}** |"
-        )
+        row = [f"{100 * by_level[i]['macro_f1']:.0f} ({100 * by_level[i]['accuracy']:.0f})" if i in by_level else "–"
+               for i in range(1, levels + 1)]
+        lines.append(f"| {name} | {info['simulated_by'] or 'no (held out)'} | " + " | ".join(row)
+                     + f" | **{100 * info['macro_f1']:.1f}** |")
     return lines
 
 
 def shift_section(result: dict[str, Any], figure: str | None = None) -> list[str]:
     """The shift benchmark for a report: what was done, the headline means, the table, saliency, the figure."""
     s, clean = result["summary"], result["clean"]
-    lines = [
-        "## Robustness to source shift",
-        "",
-        f"{result['images']} {result['split']} images of `{result['data']}`, each shifted before the model's own "
-        f"preprocessing{' (with test-time augmentation)' if result.get('tta') else ''}"
-        f"{'; quick mode' if result.get('quick') else ''}. Cells: macro F1 % (accuracy %).",
-        "",
-        f"- clean: macro F1 {_pct(clean['macro_f1'])}, accuracy {_pct(clean['accuracy'])}",
-        f"- **mean under shift: macro F1 {_pct(s['mean_macro_f1'])}**, accuracy {_pct(s['mean_accuracy'])} "
-        f"(relative to clean: {_pct(s['relative_macro_f1'])})",
-        f"- held-out shifts only ({', '.join(s['held_out_shifts']) or 'none'}): macro F1 "
-        f"{_pct(s['held_out_macro_f1'])}; worst shift: {s['worst_shift']}",
-        "",
-    ]
+    lines = ["## Robustness to source shift", "",
+             f"{result['images']} {result['split']} images of `{result['data']}`, each shifted before the model's own "
+             f"preprocessing{' (with test-time augmentation)' if result.get('tta') else ''}"
+             f"{'; quick mode' if result.get('quick') else ''}. Cells: macro F1 % (accuracy %).", "",
+             f"- clean: macro F1 {_pct(clean['macro_f1'])}, accuracy {_pct(clean['accuracy'])}",
+             f"- **mean under shift: macro F1 {_pct(s['mean_macro_f1'])}**, accuracy {_pct(s['mean_accuracy'])} "
+             f"(relative to clean: {_pct(s['relative_macro_f1'])})",
+             f"- held-out shifts only ({', '.join(s['held_out_shifts']) or 'none'}): macro F1 "
+             f"{_pct(s['held_out_macro_f1'])}; worst shift: {s['worst_shift']}", ""]
     lines += [*shift_table(result), ""]
     sal = result.get("saliency")
     if sal:
-        lines += [
-            f"Saliency (Grad-CAM on the clean images): {_pct(sal['central_mass'])} of the mass in the central "
-            f"region (uniform map {_pct(sal['uniform_central'])}), {_pct(sal['corner_mass'])} in the corners "
-            f"(uniform {_pct(sal['uniform_corner'])}); per class: "
-            + ", ".join(f"{c} {_pct(v)}" for c, v in sal["per_class_central"].items())
-            + ".",
-            "",
-        ]
+        lines += [f"Saliency (Grad-CAM on the clean images): {_pct(sal['central_mass'])} of the mass in the central "
+                  f"region (uniform map {_pct(sal['uniform_central'])}), {_pct(sal['corner_mass'])} in the corners "
+                  f"(uniform {_pct(sal['uniform_corner'])}); per class: "
+                  + ", ".join(f"{c} {_pct(v)}" for c, v in sal["per_class_central"].items()) + ".", ""]
     if figure:
         lines += [f"![shift benchmark]({figure})", ""]
     return lines
@@ -345,21 +266,10 @@ def plot_shifts(result: dict[str, Any], path: Path) -> Path:
     cmap = matplotlib.colormaps["tab20"]
     for i, (name, info) in enumerate(result["summary"]["per_shift"].items()):
         cells = sorted((c for c in result["cells"] if c["shift"] == name), key=lambda c: c["level"])
-        ax.plot(
-            [0] + [c["level"] for c in cells],
-            [result["clean"]["macro_f1"]] + [c["macro_f1"] for c in cells],
-            marker="o",
-            ms=3,
-            color=cmap(i % 20),
-            ls="-" if info["simulated_by"] else "--",
-            label=name,
-        )
+        ax.plot([0] + [c["level"] for c in cells], [result["clean"]["macro_f1"]] + [c["macro_f1"] for c in cells],
+                marker="o", ms=3, color=cmap(i % 20), ls="-" if info["simulated_by"] else "--", label=name)
     ax.axhline(result["summary"]["mean_macro_f1"], color="k", lw=1, ls=":", label="mean under shift")
-    ax.set(
-        xlabel="severity (0 = clean)",
-        ylabel="macro F1",
-        ylim=(0, 1.02),
-        title=f"shift benchmark: {result.get('model') or 'model'} ({result['split']})",
-    )
+    ax.set(xlabel="severity (0 = clean)", ylabel="macro F1", ylim=(0, 1.02),
+           title=f"shift benchmark: {result.get('model') or 'model'} ({result['split']})")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return save_figure(fig, path)

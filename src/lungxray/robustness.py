@@ -121,73 +121,34 @@ def _contrast(x: np.ndarray, c: float, _rng: np.random.Generator) -> np.ndarray:
     return (x - m) * c + m
 
 
-SHIFTS: dict[str, Shift] = {
-    s.name: s
-    for s in (
-        Shift(
-            "gamma_dark",
-            (1.3, 1.6, 2.0, 2.5, 3.2),
-            lambda x, g, r: x**g,
-            "photometric",
-            "gamma > 1: darker mid-tones (another detector's characteristic curve)",
-        ),
-        Shift(
-            "gamma_bright",
-            (1.3, 1.6, 2.0, 2.5, 3.2),
-            lambda x, g, r: x ** (1 / g),
-            "photometric",
-            "gamma < 1: brighter, washed-out mid-tones",
-        ),
-        Shift("contrast_low", (0.75, 0.6, 0.5, 0.4, 0.3), _contrast, "photometric", "flat, low-contrast exposure"),
-        Shift("contrast_high", (1.3, 1.6, 2.0, 2.5, 3.0), _contrast, "photometric", "steep window, clipped tones"),
-        Shift(
-            "equalized",
-            (0.2, 0.4, 0.6, 0.8, 1.0),
-            lambda x, a, r: (1 - a) * x + a * equalize(np.round(x * 255).astype(np.uint8)) / 255.0,
-            "",
-            "histogram-equalised (blend with the raw image)",
-        ),
-        Shift(
-            "blur",
-            (0.5, 1.0, 1.5, 2.0, 3.0),
-            lambda x, s, r: _blur(x, s),
-            "photometric",
-            "Gaussian blur sigma (px at 256): a softer detector MTF",
-        ),
-        Shift(
-            "sharpen",
-            (0.5, 1.0, 2.0, 3.0, 4.0),
-            lambda x, a, r: x + a * (x - _blur(x, 1.5)),
-            "photometric",
-            "unsharp-mask amount: vendor edge enhancement",
-        ),
-        Shift(
-            "noise",
-            (0.02, 0.04, 0.06, 0.09, 0.12),
-            lambda x, sd, r: x + r.normal(0, sd, x.shape),
-            "photometric",
-            "Gaussian noise std (fraction of full scale): low dose",
-        ),
-        Shift("jpeg", (70, 50, 30, 20, 10), _jpeg, "photometric", "JPEG re-compression at quality q"),
-        Shift("downsample", (1.5, 2.0, 3.0, 4.0, 6.0), _downsample, "", "resolution loss by a factor, upsampled back"),
-        Shift("crop", (0.04, 0.08, 0.12, 0.16, 0.2), _crop, "geometric", "tighter collimation: edges cut, zoomed in"),
-        Shift("zoom_out", (0.95, 0.9, 0.85, 0.8, 0.75), _zoom_out, "geometric", "patient smaller in the frame"),
-        Shift("border", (0.03, 0.06, 0.09, 0.12, 0.15), _border, "", "film/scanner frame of this width"),
-        Shift("text", (1, 2, 3, 4, 6), _text, "", "number of burned-in markers (R/L, AP, dates)"),
-        Shift("rotate", (2.0, 4.0, 6.0, 8.0, 12.0), _rotate, "geometric", "rotation in degrees"),
-        Shift("invert", (1.0,), lambda x, _a, r: 1.0 - x, "", "inverted grey scale (MONOCHROME1 read as MONOCHROME2)"),
-    )
-}
+SHIFTS: dict[str, Shift] = {s.name: s for s in (
+    Shift("gamma_dark", (1.3, 1.6, 2.0, 2.5, 3.2), lambda x, g, r: x**g, "photometric",
+          "gamma > 1: darker mid-tones (another detector's characteristic curve)"),
+    Shift("gamma_bright", (1.3, 1.6, 2.0, 2.5, 3.2), lambda x, g, r: x ** (1 / g), "photometric",
+          "gamma < 1: brighter, washed-out mid-tones"),
+    Shift("contrast_low", (0.75, 0.6, 0.5, 0.4, 0.3), _contrast, "photometric", "flat, low-contrast exposure"),
+    Shift("contrast_high", (1.3, 1.6, 2.0, 2.5, 3.0), _contrast, "photometric", "steep window, clipped tones"),
+    Shift("equalized", (0.2, 0.4, 0.6, 0.8, 1.0), lambda x, a, r: (1 - a) * x + a * equalize(
+        np.round(x * 255).astype(np.uint8)) / 255.0, "", "histogram-equalised (blend with the raw image)"),
+    Shift("blur", (0.5, 1.0, 1.5, 2.0, 3.0), lambda x, s, r: _blur(x, s), "photometric",
+          "Gaussian blur sigma (px at 256): a softer detector MTF"),
+    Shift("sharpen", (0.5, 1.0, 2.0, 3.0, 4.0), lambda x, a, r: x + a * (x - _blur(x, 1.5)), "photometric",
+          "unsharp-mask amount: vendor edge enhancement"),
+    Shift("noise", (0.02, 0.04, 0.06, 0.09, 0.12), lambda x, sd, r: x + r.normal(0, sd, x.shape), "photometric",
+          "Gaussian noise std (fraction of full scale): low dose"),
+    Shift("jpeg", (70, 50, 30, 20, 10), _jpeg, "photometric", "JPEG re-compression at quality q"),
+    Shift("downsample", (1.5, 2.0, 3.0, 4.0, 6.0), _downsample, "", "resolution loss by a factor, upsampled back"),
+    Shift("crop", (0.04, 0.08, 0.12, 0.16, 0.2), _crop, "geometric", "tighter collimation: edges cut, zoomed in"),
+    Shift("zoom_out", (0.95, 0.9, 0.85, 0.8, 0.75), _zoom_out, "geometric", "patient smaller in the frame"),
+    Shift("border", (0.03, 0.06, 0.09, 0.12, 0.15), _border, "", "film/scanner frame of this width"),
+    Shift("text", (1, 2, 3, 4, 6), _text, "", "number of burned-in markers (R/L, AP, dates)"),
+    Shift("rotate", (2.0, 4.0, 6.0, 8.0, 12.0), _rotate, "geometric", "rotation in degrees"),
+    Shift("invert", (1.0,), lambda x, _a, r: 1.0 - x, "", "inverted grey scale (MONOCHROME1 read as MONOCHROME2)"),
+)}
 
 # Quick mode (tests, smoke checks): one shift per family, three severities; still the real shifts.
-QUICK: dict[str, tuple[int, ...]] = {
-    "gamma_dark": (1, 3, 5),
-    "blur": (1, 3, 5),
-    "jpeg": (1, 3, 5),
-    "border": (1, 3, 5),
-    "text": (1, 3, 5),
-    "invert": (1,),
-}
+QUICK: dict[str, tuple[int, ...]] = {"gamma_dark": (1, 3, 5), "blur": (1, 3, 5), "jpeg": (1, 3, 5),
+                                     "border": (1, 3, 5), "text": (1, 3, 5), "invert": (1,)}
 
 
 def apply_shift(images: np.ndarray, name: str, level: int, seed: int = 0) -> np.ndarray:
@@ -212,11 +173,8 @@ def tta_views(images: np.ndarray) -> list[np.ndarray]:
     """
     lut = [np.clip(np.round(255 * (np.arange(256) / 255) ** g), 0, 255).astype(np.uint8) for g in (0.8, 1.25)]
     rng = np.random.default_rng(0)
-    zoom = (
-        np.stack([np.clip(np.round(_crop(i.astype(np.float32), 0.025, rng)), 0, 255).astype(np.uint8) for i in images])
-        if len(images)
-        else images
-    )
+    zoom = np.stack([np.clip(np.round(_crop(i.astype(np.float32), 0.025, rng)), 0, 255).astype(np.uint8)
+                     for i in images]) if len(images) else images
     return [images, lut[0][images], lut[1][images], zoom]
 
 
@@ -269,13 +227,8 @@ def benchmark_images(
     return predictor, ds.images[idx], ds.labels[idx], [ds.paths[i] for i in idx], weights
 
 
-def _score(
-    logits: np.ndarray,
-    labels: np.ndarray,
-    meta: dict[str, Any],
-    reference: np.ndarray | None,
-    weights: np.ndarray | None = None,
-) -> dict:
+def _score(logits: np.ndarray, labels: np.ndarray, meta: dict[str, Any], reference: np.ndarray | None,
+           weights: np.ndarray | None = None) -> dict:
     """Accuracy, macro F1, recall; `weights` (N, K) restricts each image to its out-of-bag members."""
     from lungxray.ensemble import out_of_bag_probs
     from lungxray.predict import make_predictions
@@ -288,12 +241,9 @@ def _score(
         probs, _ = out_of_bag_probs(metrics.softmax(logits), mask.T)
     m = metrics.classification_metrics(labels, probs, classes)
     predicted = probs.argmax(1)
-    out = {
-        "accuracy": m["accuracy"],
-        "macro_f1": m["macro_f1"],
-        "recall": {c: v["recall"] for c, v in m["per_class"].items()},
-        "predicted": np.bincount(predicted, minlength=len(classes)).tolist(),
-    }
+    out = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+           "recall": {c: v["recall"] for c, v in m["per_class"].items()},
+           "predicted": np.bincount(predicted, minlength=len(classes)).tolist()}
     if reference is None:
         out["labels"] = predicted.tolist()
     else:  # how many decisions the shift alone changed (ImageNet-P's flip rate)
@@ -316,9 +266,8 @@ def saliency_check(predictor: Any, images: np.ndarray, labels: np.ndarray, margi
     central = central_mass(cams, margin)
     s = cams.shape[-1]
     d = round(s * margin)
-    corners = sum(
-        cams[:, a, b].sum(axis=(1, 2)) for a in (slice(0, d), slice(s - d, s)) for b in (slice(0, d), slice(s - d, s))
-    )
+    corners = sum(cams[:, a, b].sum(axis=(1, 2)) for a in (slice(0, d), slice(s - d, s))
+                  for b in (slice(0, d), slice(s - d, s)))
     total = cams.sum(axis=(1, 2))
     corner = np.where(total > 0, corners / np.where(total > 0, total, 1), np.nan)
     ok = ~np.isnan(central)
@@ -328,11 +277,8 @@ def saliency_check(predictor: Any, images: np.ndarray, labels: np.ndarray, margi
 
     everything = np.ones(len(labels), dtype=bool)
     return {
-        "margin": margin,
-        "central_mass": mean(central, everything),
-        "corner_mass": mean(corner, everything),
-        "uniform_central": (1 - 2 * d / s) ** 2,
-        "uniform_corner": 4 * (d / s) ** 2,
+        "margin": margin, "central_mass": mean(central, everything), "corner_mass": mean(corner, everything),
+        "uniform_central": (1 - 2 * d / s) ** 2, "uniform_corner": 4 * (d / s) ** 2,
         "per_class_central": {c: mean(central, labels == i) for i, c in enumerate(predictor.classes)},
         "empty_maps": int((~ok).sum()),
     }
@@ -345,14 +291,8 @@ def summarize(cells: list[dict[str, Any]], clean: dict[str, Any]) -> dict[str, A
         entry = per_shift.setdefault(c["shift"], {"simulated_by": c["simulated_by"], "f1": [], "acc": []})
         entry["f1"].append(c["macro_f1"])
         entry["acc"].append(c["accuracy"])
-    table = {
-        name: {
-            "simulated_by": e["simulated_by"],
-            "macro_f1": float(np.mean(e["f1"])),
-            "accuracy": float(np.mean(e["acc"])),
-        }
-        for name, e in per_shift.items()
-    }
+    table = {name: {"simulated_by": e["simulated_by"], "macro_f1": float(np.mean(e["f1"])),
+                    "accuracy": float(np.mean(e["acc"]))} for name, e in per_shift.items()}
     held = [t for t in table.values() if not t["simulated_by"]]
 
     def avg(rows: Sequence[dict[str, Any]], key: str) -> float | None:
@@ -362,30 +302,18 @@ def summarize(cells: list[dict[str, Any]], clean: dict[str, Any]) -> dict[str, A
     worst = min(table, key=lambda n: table[n]["macro_f1"]) if table else None
     mean_f1 = avg(rows, "macro_f1")
     return {
-        "clean_macro_f1": clean["macro_f1"],
-        "clean_accuracy": clean["accuracy"],
-        "mean_macro_f1": mean_f1,
-        "mean_accuracy": avg(rows, "accuracy"),
+        "clean_macro_f1": clean["macro_f1"], "clean_accuracy": clean["accuracy"],
+        "mean_macro_f1": mean_f1, "mean_accuracy": avg(rows, "accuracy"),
         "relative_macro_f1": None if mean_f1 is None or clean["macro_f1"] == 0 else mean_f1 / clean["macro_f1"],
-        "held_out_macro_f1": avg(held, "macro_f1"),
-        "held_out_accuracy": avg(held, "accuracy"),
+        "held_out_macro_f1": avg(held, "macro_f1"), "held_out_accuracy": avg(held, "accuracy"),
         "held_out_shifts": [n for n, t in table.items() if not t["simulated_by"]],
-        "worst_shift": worst,
-        "per_shift": table,
+        "worst_shift": worst, "per_shift": table,
     }
 
 
 def run_benchmark(
-    run_dir: str | Path,
-    data: str | Path,
-    *,
-    quick: bool = False,
-    split: str = "test",
-    tta: bool = False,
-    saliency: bool = True,
-    seed: int = 0,
-    shifts: Sequence[str] | None = None,
-    device: str = "cpu",
+    run_dir: str | Path, data: str | Path, *, quick: bool = False, split: str = "test", tta: bool = False,
+    saliency: bool = True, seed: int = 0, shifts: Sequence[str] | None = None, device: str = "cpu",
     levels: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Score a bundle under every (shift, severity) on `split` of `data`; returns a JSON-ready result.
@@ -416,54 +344,21 @@ def run_benchmark(
         shift = SHIFTS[name]
         for level in shift_levels:
             scores = _score(logits_of(apply_shift(images, name, level, seed)), labels, meta, reference, weights)
-            cells.append(
-                {
-                    "shift": name,
-                    "level": level,
-                    "severity": shift.severities[level - 1],
-                    "simulated_by": shift.simulated_by,
-                    **scores,
-                }
-            )
-            log.info(
-                "%-13s level %d: accuracy %.3f  macro F1 %.3f  flips %.3f",
-                name,
-                level,
-                scores["accuracy"],
-                scores["macro_f1"],
-                scores["flip_rate"],
-            )
+            cells.append({"shift": name, "level": level, "severity": shift.severities[level - 1],
+                          "simulated_by": shift.simulated_by, **scores})
+            log.info("%-13s level %d: accuracy %.3f  macro F1 %.3f  flips %.3f", name, level,
+                     scores["accuracy"], scores["macro_f1"], scores["flip_rate"])
     summary = summarize(cells, clean)
-    log.info(
-        "clean macro F1 %.3f; mean under shift %.3f (held-out shifts %.3f)",
-        clean["macro_f1"],
-        summary["mean_macro_f1"],
-        summary["held_out_macro_f1"] or float("nan"),
-    )
+    log.info("clean macro F1 %.3f; mean under shift %.3f (held-out shifts %.3f)", clean["macro_f1"],
+             summary["mean_macro_f1"], summary["held_out_macro_f1"] or float("nan"))
     return {
-        "run": str(run_dir),
-        "model": meta.get("name"),
-        "data": str(data),
-        "split": split,
-        "images": len(labels),
-        "quick": quick,
-        "tta": tta,
-        "seed": seed,
-        "levels": sorted(levels) if levels else None,
+        "run": str(run_dir), "model": meta.get("name"), "data": str(data), "split": split, "images": len(labels),
+        "quick": quick, "tta": tta, "seed": seed, "levels": sorted(levels) if levels else None,
         "out_of_bag": weights is not None,
         "contract": {k: contract.get(k) for k in ("size", "standardize", "crop_border")},
-        "classes": predictor.classes,
-        "clean": clean,
-        "cells": cells,
-        "summary": summary,
-        "shifts": {
-            n: {
-                "severities": list(SHIFTS[n].severities),
-                "simulated_by": SHIFTS[n].simulated_by,
-                "description": SHIFTS[n].description,
-            }
-            for n in chosen
-        },
+        "classes": predictor.classes, "clean": clean, "cells": cells, "summary": summary,
+        "shifts": {n: {"severities": list(SHIFTS[n].severities), "simulated_by": SHIFTS[n].simulated_by,
+                       "description": SHIFTS[n].description} for n in chosen},
         "saliency": saliency_check(predictor, _prepare(images, contract), labels) if saliency else None,
     }
 
@@ -490,7 +385,7 @@ def write_benchmark(result: dict[str, Any], run_dir: str | Path, out: str | Path
         text = report.read_text()
         start, end = text.find(REPORT_BEGIN), text.find(REPORT_END)
         if start >= 0 and end > start:
-            text = text[:start] + section + text[end + len(REPORT_END) :]
+            text = text[:start] + section + text[end + len(REPORT_END):]
         else:
             text = text.rstrip("\n") + "\n\n" + section + "\n"
         write_text(report, text)

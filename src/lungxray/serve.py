@@ -53,22 +53,11 @@ MB = 1024 * 1024
 MULTIPART_SLACK = 64 * 1024  # room for boundaries and part headers on top of the file itself
 FORMATS = "PNG, JPEG, BMP, TIFF, GIF, WebP, JPEG 2000 or DICOM"
 _MAGIC: tuple[bytes, ...] = (
-    b"\x89PNG\r\n\x1a\n",
-    b"\xff\xd8\xff",
-    b"BM",
-    b"II*\x00",
-    b"MM\x00*",
-    b"II+\x00",
-    b"MM\x00+",
-    b"GIF87a",
-    b"GIF89a",
-    b"\x00\x00\x00\x0cjP  \r\n\x87\n",
-    b"\xff\x4f\xff\x51",
+    b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM", b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+", b"GIF87a",
+    b"GIF89a", b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51",
 )
-_PAGE_CSP = (
-    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; "
-    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-)
+_PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data: blob:; "
+             "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
 @dataclass(frozen=True)
@@ -140,20 +129,11 @@ class _Engine:
         self.predictor = predictor
         self.pool: queue.Queue[Predictor] = queue.Queue()
         for i in range(replicas):  # own PyTorch model each (Grad-CAM hooks); an ONNX session is shared (thread-safe)
-            self.pool.put(
-                predictor
-                if i == 0
-                else dataclasses.replace(
-                    predictor,
-                    bundle=Bundle(copy.deepcopy(predictor.bundle.model), predictor.meta, predictor.bundle.path),
-                )
-            )
+            self.pool.put(predictor if i == 0 else dataclasses.replace(
+                predictor, bundle=Bundle(copy.deepcopy(predictor.bundle.model), predictor.meta, predictor.bundle.path)))
         meta = predictor.meta
-        self.model = ModelInfo(
-            name=str(meta.get("name", Path(predictor.bundle.path).name)),
-            members=int(meta["members"]),
-            arch=str(meta["arch"]),
-        )
+        self.model = ModelInfo(name=str(meta.get("name", Path(predictor.bundle.path).name)),
+                               members=int(meta["members"]), arch=str(meta["arch"]))
         threshold = meta.get("refer_threshold")
         self.refer_threshold = None if threshold is None else float(threshold)
 
@@ -249,17 +229,10 @@ async def read_upload(request: Request, limit: int) -> tuple[bytes, str]:
 _PREDICT_BODY = {
     "requestBody": {
         "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {
-                        "file": {"type": "string", "format": "binary", "description": f"one image: {FORMATS}"}
-                    },
-                }
-            }
-        },
+        "content": {"multipart/form-data": {"schema": {
+            "type": "object", "required": ["file"],
+            "properties": {"file": {"type": "string", "format": "binary", "description": f"one image: {FORMATS}"}},
+        }}},
     }
 }
 
@@ -275,11 +248,8 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> F
     limiter = anyio.CapacityLimiter(settings.threads)
     page = _page()
     pending = 0
-    app = FastAPI(
-        title="lungxray",
-        version=__version__,
-        description="Chest X-ray classification with uncertainty and Grad-CAM. Research use only.",
-    )
+    app = FastAPI(title="lungxray", version=__version__,
+                  description="Chest X-ray classification with uncertainty and Grad-CAM. Research use only.")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
@@ -289,19 +259,11 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> F
     async def health() -> Health:
         return Health(status="ok", model=engine.model, classes=predictor.classes)
 
-    @app.post(
-        "/predict",
-        openapi_extra=_PREDICT_BODY,
-        responses={
-            413: {"description": "upload or image too large"},
-            415: {"description": "not a supported image"},
-            422: {"description": "empty, corrupt or missing file"},
-            503: {"description": "too many requests queued"},
-        },
-    )
-    async def predict(
-        request: Request, overlay: bool = Query(True, description="compute the Grad-CAM overlay")
-    ) -> PredictResponse:
+    @app.post("/predict", openapi_extra=_PREDICT_BODY, responses={
+        413: {"description": "upload or image too large"}, 415: {"description": "not a supported image"},
+        422: {"description": "empty, corrupt or missing file"}, 503: {"description": "too many requests queued"}})
+    async def predict(request: Request, overlay: bool = Query(True, description="compute the Grad-CAM overlay")
+                      ) -> PredictResponse:
         """Classify one uploaded image; returns probabilities, uncertainty, referral and a Grad-CAM overlay."""
         nonlocal pending
         data, name = await read_upload(request, settings.max_upload_bytes)
@@ -363,17 +325,9 @@ def _describe(predictor: Predictor) -> str:
     return f"{meta.get('name', '?')}: {meta['arch']} x{meta['members']}, classes {', '.join(predictor.classes)}"
 
 
-def run_server(
-    run_dir: str | Path,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    threads: int = 4,
-    max_upload_mb: float = 20.0,
-    device: str = "cpu",
-    replicas: int = 1,
-    engine: str = "torch",
-    onnx_path: str | Path | None = None,
-) -> None:
+def run_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, threads: int = 4,
+               max_upload_mb: float = 20.0, device: str = "cpu", replicas: int = 1, engine: str = "torch",
+               onnx_path: str | Path | None = None) -> None:
     """Load the bundle once, warm it up, and serve until interrupted (the `lungxray serve` command).
 
     With several CPU replicas, PyTorch's intra-op threads are divided among them: replicas that each spin up

@@ -65,9 +65,8 @@ def load_study(path: str | Path, quick: bool = False) -> Study:
         else:
             config_path = str(base_dir / (item.get("config") or raw.get("base", "seed.yaml")))
         members = overrides.get("ensemble.members", 1)
-        exp = Experiment(
-            item["name"], config_path, overrides, item.get("description", ""), bool(item.get("cv", members == 1))
-        )
+        exp = Experiment(item["name"], config_path, overrides, item.get("description", ""),
+                         bool(item.get("cv", members == 1)))
         if exp.name in rows:
             raise ConfigError(f"{path}: experiment name {exp.name} is used twice")
         load_config(config_path, overrides)  # validate every row before anything runs
@@ -76,35 +75,23 @@ def load_study(path: str | Path, quick: bool = False) -> Study:
     if quick:
         for exp in rows.values():
             exp.overrides = {**exp.overrides, **quick_over}
-    return Study(
-        raw.get("name", path.stem),
-        list(rows.values()),
-        raw.get("baseline", next(iter(rows))),
-        int(quick_over.get("_folds", raw.get("folds", 5))) if quick else int(raw.get("folds", 5)),
-        int(raw.get("repeats", 1)),
-        quick_over,
-    )
+    return Study(raw.get("name", path.stem), list(rows.values()), raw.get("baseline", next(iter(rows))),
+                 int(quick_over.get("_folds", raw.get("folds", 5))) if quick else int(raw.get("folds", 5)),
+                 int(raw.get("repeats", 1)), quick_over)
 
 
 def _tasks(study: Study, out: Path) -> list[dict[str, Any]]:
     tasks: list[dict[str, Any]] = []
     for exp in study.experiments:
         overrides = {k: v for k, v in exp.overrides.items() if not k.startswith("_")}
-        tasks.append(
-            {"run_dir": str(out / exp.name / "final"), "config": exp.config, "overrides": overrides, "fold": None}
-        )
+        tasks.append({"run_dir": str(out / exp.name / "final"), "config": exp.config, "overrides": overrides,
+                      "fold": None})
         if exp.cv:
             for r in range(study.repeats):
                 for k in range(study.folds):
                     over = {**overrides, "seed": overrides.get("seed", 0) + r}
-                    tasks.append(
-                        {
-                            "run_dir": str(out / exp.name / f"r{r}f{k}"),
-                            "config": exp.config,
-                            "overrides": over,
-                            "fold": (k, study.folds),
-                        }
-                    )
+                    tasks.append({"run_dir": str(out / exp.name / f"r{r}f{k}"), "config": exp.config,
+                                  "overrides": over, "fold": (k, study.folds)})
     return tasks
 
 
@@ -187,17 +174,11 @@ def summarise(study: Study, out: Path) -> list[dict[str, Any]]:
             a, b = fold_scores[base]["accuracy"], fold_scores[row["name"]]["accuracy"]
             if len(a) == len(b):
                 diff = metrics.paired_difference(a, b)
-                row |= {
-                    "cv_diff": diff["mean"],
-                    "cv_diff_low": diff["low"],
-                    "cv_diff_high": diff["high"],
-                    "cv_diff_p": diff["p_value"],
-                }
-        row["significant"] = (
-            bool((row.get("cv_diff_p") is not None and row["cv_diff_p"] < 0.05) or row["mcnemar_p"] < 0.05)
-            if row["name"] != base
-            else False
-        )
+                row |= {"cv_diff": diff["mean"], "cv_diff_low": diff["low"], "cv_diff_high": diff["high"],
+                        "cv_diff_p": diff["p_value"]}
+        row["significant"] = bool(
+            (row.get("cv_diff_p") is not None and row["cv_diff_p"] < 0.05) or row["mcnemar_p"] < 0.05
+        ) if row["name"] != base else False
     return rows
 
 

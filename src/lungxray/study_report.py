@@ -24,10 +24,8 @@ def plot_means(rows: list[dict[str, Any]], path: Path) -> Path:
     """Estimated accuracy (CV/OOB) and test accuracy per row, each with its 95% interval."""
     fig, ax = subplots(figsize=(8, 0.38 * len(rows) + 1.2))
     ys = range(len(rows))[::-1]
-    for offset, prefix, color, label in (
-        (0.15, "cv_accuracy", "tab:blue", "CV / out-of-bag"),
-        (-0.15, "test_accuracy", "tab:orange", "test"),
-    ):
+    for offset, prefix, color, label in ((0.15, "cv_accuracy", "tab:blue", "CV / out-of-bag"),
+                                         (-0.15, "test_accuracy", "tab:orange", "test")):
         x = [r[prefix] for r in rows]
         lo = [r[prefix] - r[prefix + "_low"] for r in rows]
         hi = [r[prefix + "_high"] - r[prefix] for r in rows]
@@ -43,7 +41,8 @@ def plot_curves(out: Path, rows: list[dict[str, Any]], path: Path) -> Path:
     """Validation loss per epoch of each row's final run, one small panel per row."""
     cols = 4
     n = len(rows)
-    fig, axes = subplots((n + cols - 1) // cols, cols, figsize=(13, 2.3 * ((n + cols - 1) // cols)), squeeze=False)
+    fig, axes = subplots((n + cols - 1) // cols, cols, figsize=(13, 2.3 * ((n + cols - 1) // cols)),
+                             squeeze=False)
     for ax, row in zip(axes.flat, rows, strict=False):
         history = json.loads((out / row["name"] / "final" / "history.json").read_text())
         members: dict[int, list[dict[str, Any]]] = {}
@@ -67,8 +66,7 @@ def write_study_report(out: Path, study: Any, rows: list[dict[str, Any]], wall: 
     plot_curves(out, rows, out / "curves.png")
     command = "lungxray " + " ".join(sys.argv[1:]) if sys.argv and "lungxray" in sys.argv[0] else "(Python API)"
     lines = [
-        f"# Study: {study.name}{' (quick mode: tiny settings, numbers mean nothing)' if quick else ''}",
-        "",
+        f"# Study: {study.name}{' (quick mode: tiny settings, numbers mean nothing)' if quick else ''}", "",
         f"Command: `{command}`  ",
         f"Commit: {git_commit() or 'unknown'}  ",
         f"Wall time: {wall / 60:.1f} min. Estimates: {study.folds}-fold stratified cross-validation inside the "
@@ -76,18 +74,14 @@ def write_study_report(out: Path, study: Any, rows: list[dict[str, Any]], wall: 
         "validation for ensembles. Test: each row's final model scored once on the test split, 95% percentile "
         "bootstrap interval. Paired comparisons against the baseline row "
         f"`{study.baseline}`: paired t-test on per-fold accuracy differences, and McNemar's test on the test "
-        "predictions. * marks p < 0.05 on either.",
-        "",
+        "predictions. * marks p < 0.05 on either.", "",
         "| row | estimate | accuracy est. (95% CI) | macro F1 est. | test accuracy (95% CI) | test macro F1 | "
         "COVID recall | Δ vs baseline (CV, 95% CI) | p (paired) | p (McNemar) | train s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        diff = (
-            f"{100 * r['cv_diff']:+.1f} ({100 * r['cv_diff_low']:+.1f}…{100 * r['cv_diff_high']:+.1f})"
-            if r.get("cv_diff") is not None
-            else ""
-        )
+        diff = (f"{100 * r['cv_diff']:+.1f} ({100 * r['cv_diff_low']:+.1f}…{100 * r['cv_diff_high']:+.1f})"
+                if r.get("cv_diff") is not None else "")
         p_pair = f"{r['cv_diff_p']:.3f}" if r.get("cv_diff_p") is not None else ""
         lines.append(
             f"| {r['name']}{' *' if r['significant'] else ''} | {r['estimate']} | {_ci(r, 'cv_accuracy')} | "

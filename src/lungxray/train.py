@@ -239,9 +239,8 @@ def train_one_epoch(
         if on_step is not None:
             on_step(b_all)
     if world > 1:
-        sums = distributed.all_reduce_sum(
-            torch.tensor([total_loss, total_correct, total_seen], dtype=torch.float64, device=device)
-        )
+        sums = distributed.all_reduce_sum(torch.tensor([total_loss, total_correct, total_seen], dtype=torch.float64,
+                                                       device=device))
         total_loss, total_correct, total_seen = float(sums[0]), float(sums[1]), int(sums[2])
     return {"train_loss": total_loss / max(total_seen, 1), "train_accuracy": total_correct / max(total_seen, 1)}
 
@@ -305,13 +304,8 @@ def _on_plateau(state: TrainState, cfg: TrainConfig, optimizer: torch.optim.Opti
 
 
 def end_of_epoch(
-    state: TrainState,
-    cfg: TrainConfig,
-    optimizer: torch.optim.Optimizer,
-    val: dict[str, Any],
-    model_state: dict[str, torch.Tensor],
-    best_state: dict[str, torch.Tensor],
-    members: int,
+    state: TrainState, cfg: TrainConfig, optimizer: torch.optim.Optimizer, val: dict[str, Any],
+    model_state: dict[str, torch.Tensor], best_state: dict[str, torch.Tensor], members: int,
 ) -> list[str]:
     """Update per-member early stopping and the shared plateau rule; returns log events."""
     events = []
@@ -328,9 +322,9 @@ def end_of_epoch(
                 state.member_stopped[k] = True
                 events.append(f"member {k} stopped early (best epoch {state.member_best_epoch[k]})")
     active = [k for k in range(members) if not state.member_stopped[k]] or list(range(members))
-    monitor = float(
-        np.mean([_monitor_value(cfg, val["member_val_loss"][k], val["member_val_accuracy"][k]) for k in active])
-    )
+    monitor = float(np.mean([
+        _monitor_value(cfg, val["member_val_loss"][k], val["member_val_accuracy"][k]) for k in active
+    ]))
     if monitor < state.best_monitor - 1e-6:
         state.best_monitor, state.plateau_wait = monitor, 0
     else:
@@ -380,17 +374,12 @@ def fit(
     best_state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     average = WeightAverage(model) if cfg.ema_epochs > 0 else None  # validated and kept instead of the weights
     state = TrainState(
-        lr=cfg.lr,
-        batch_size=cfg.batch_size,
-        member_best=[math.inf] * members,
-        member_best_epoch=[0] * members,
-        member_wait=[0] * members,
-        member_stopped=[False] * members,
+        lr=cfg.lr, batch_size=cfg.batch_size, member_best=[math.inf] * members,
+        member_best_epoch=[0] * members, member_wait=[0] * members, member_stopped=[False] * members,
     )
     if resume and run_dir is not None and has_checkpoint(run_dir):
-        state, best_state, rng = load_checkpoint(
-            run_dir, model, optimizer, augmenter, TrainState, plan=plan, average=average
-        )
+        state, best_state, rng = load_checkpoint(run_dir, model, optimizer, augmenter, TrainState, plan=plan,
+                                                 average=average)
         log.info("resuming %s after epoch %d", run_dir, state.epoch)
     weights = class_weight_table(labels, plan, int(labels.max()) + 1) if cfg.class_weights else None
     step_model: Any = distributed.wrap(model)  # DistributedDataParallel under data-parallel torchrun
@@ -401,20 +390,8 @@ def fit(
         start = time.perf_counter()
         seen_before = state.images_seen
         metrics = train_one_epoch(
-            step_model,
-            images,
-            labels,
-            plan,
-            optimizer,
-            augmenter,
-            state,
-            cfg,
-            rng,
-            amp_dtype,
-            weights,
-            on_step=bar.update if bar is not None else None,
-            photometric=photometric,
-            average=average,
+            step_model, images, labels, plan, optimizer, augmenter, state, cfg, rng, amp_dtype, weights,
+            on_step=bar.update if bar is not None else None, photometric=photometric, average=average,
         )
         train_seconds = time.perf_counter() - start
         if bar is not None:
@@ -426,13 +403,9 @@ def fit(
         state.epoch += 1
         state.train_seconds += train_seconds
         record = {
-            "epoch": state.epoch,
-            "lr": state.lr,
-            "batch_size": state.batch_size,
-            **metrics,
+            "epoch": state.epoch, "lr": state.lr, "batch_size": state.batch_size, **metrics,
             "val_loss": float(np.mean(val["member_val_loss"])),
-            "val_accuracy": float(np.mean(val["member_val_accuracy"])),
-            **val,
+            "val_accuracy": float(np.mean(val["member_val_accuracy"])), **val,
             "seconds": time.perf_counter() - start,
             "images_per_second": (state.images_seen - seen_before) / max(train_seconds, 1e-9),
         }
@@ -442,29 +415,14 @@ def fit(
         state.history.append(record)
         log.info(
             "epoch %d/%d  loss %.4f  acc %.3f  val_loss %.4f  val_acc %.3f  %.0f img/s%s",
-            state.epoch,
-            cfg.epochs,
-            record["train_loss"],
-            record["train_accuracy"],
-            record["val_loss"],
-            record["val_accuracy"],
-            record["images_per_second"],
-            "".join(f"  [{e}]" for e in events),
+            state.epoch, cfg.epochs, record["train_loss"], record["train_accuracy"], record["val_loss"],
+            record["val_accuracy"], record["images_per_second"], "".join(f"  [{e}]" for e in events),
         )
         if on_epoch is not None:
             on_epoch(record)
         if run_dir is not None and distributed.should_write():
-            save_checkpoint(
-                run_dir,
-                model,
-                best_state,
-                optimizer,
-                state,
-                rng,
-                augmenter,
-                plan=plan,
-                average=average.shadow if average is not None else None,
-            )
+            save_checkpoint(run_dir, model, best_state, optimizer, state, rng, augmenter, plan=plan,
+                            average=average.shadow if average is not None else None)
     if cfg.restore_best:
         model.load_state_dict(best_state)
     elif average is not None:
@@ -506,19 +464,9 @@ def fit_sequential(
         else:
             if member_dir is not None:
                 member_dir.mkdir(parents=True, exist_ok=True)
-            state = fit(
-                model,
-                images,
-                labels,
-                plan.member(k),
-                cfg,
-                make_augmenter(k),
-                seed=seed + 1000 * k,
-                amp_dtype=amp_dtype,
-                run_dir=member_dir,
-                resume=resume,
-                photometric=make_photometric(k) if make_photometric is not None else None,
-            )
+            state = fit(model, images, labels, plan.member(k), cfg, make_augmenter(k), seed=seed + 1000 * k,
+                        amp_dtype=amp_dtype, run_dir=member_dir, resume=resume,
+                        photometric=make_photometric(k) if make_photometric is not None else None)
             if member_dir is not None:
                 sd = {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items()}
                 write_json(member_dir / "member.json", dataclasses.asdict(state))  # first: the weights mark "done"
