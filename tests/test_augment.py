@@ -199,7 +199,7 @@ def test_random_erasing_fills_one_rectangle_per_sample() -> None:
         inside = torch.zeros(40, 50, dtype=torch.bool)
         inside[t : t + h, l_ : l_ + w] = True
         assert torch.equal(y[i, 0][~inside], x[i, 0][~inside])  # nothing else touched
-        assert torch.allclose(y[i, 0][inside], (grey[i].float() - INPUT_MEAN) / INPUT_STD)  # one grey level, normalised
+        assert torch.allclose(y[i, 0][inside], ((grey[i] - INPUT_MEAN) / INPUT_STD).float())  # one grey level
         fractions.append(h * w / (40 * 50))
     assert min(fractions) > 0.015 and max(fractions) < 0.45 and np.std(fractions) > 0.05
 
@@ -223,3 +223,10 @@ def test_erasing_is_a_config_override() -> None:
     assert load_config(smoke, ["augment.erase_prob=0.5"]).augment.params().erase_prob == 0.5
     with pytest.raises(ConfigError, match="erase_prob"):
         load_config(smoke, ["augment.erase_prob=2"])
+
+
+def test_erasing_without_geometry_leaves_the_input_alone() -> None:
+    x = torch.rand(8, 1, 24, 24)
+    before = x.clone()
+    y = Augmenter(AugmentParams(erase_prob=1.0), seed=0)(x)
+    assert torch.equal(x, before) and not torch.equal(y, before)  # the erased copy is new, the caller's batch intact

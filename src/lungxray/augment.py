@@ -218,7 +218,8 @@ class Augmenter:
         q = {k: p[k].to(device=x.device, dtype=work) for k in _KEYS}
         trivial = [q[k] == 0 for k in ("theta", "tx", "ty", "shear")] + [q[k] == 1 for k in ("zx", "zy")]
         if bool(torch.stack(trivial).all()):  # no geometry for any sample: keep pixels bit-exact
-            return self._erase(self._flip(x, p), p)
+            flipped = self._flip(x, p)
+            return self._erase(flipped, p, owned=flipped is not x)
         lin, shift = _xy_matrices(q)  # (N,2,2), (N,2) in pixels about the centre
         # Pixels -> align_corners=True normalised coords: u = D @ (x - centre), D = diag(2/(W-1), 2/(H-1)).
         d = torch.tensor([2.0 / (w - 1), 2.0 / (h - 1)], device=x.device, dtype=work)
@@ -226,7 +227,7 @@ class Augmenter:
         grid = _affine_grid(theta, h, w)  # (N, H, W, 2)
         y = F.grid_sample(x.to(work), grid, mode="bilinear", padding_mode="border", align_corners=True)
         y = y.to(x.dtype)
-        return self._erase(self._flip(y, p), p)
+        return self._erase(self._flip(y, p), p, owned=True)  # grid_sample made y
 
     @staticmethod
     def _flip(y: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -236,18 +237,20 @@ class Augmenter:
         return torch.where(flip.view(-1, 1, 1, 1), y.flip(-1), y)
 
     @staticmethod
-    def _erase(y: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Fill each sample's rectangle with its grey level (normalised like the batch); one masked write."""
-        if "erase" not in p or not bool((p["erase"][:, 2] > 0).any()):
+    def _erase(y: torch.Tensor, p: dict[str, torch.Tensor], owned: bool) -> torch.Tensor:
+        """Fill each chosen sample's rectangle with its grey level (normalised like the batch).
+
+        One slice write per erased sample, in place when `y` is a tensor this call made (`owned`): a mask over
+        the whole batch measured ~8% of a training step on 2 cores, the slice writes well under 1%.
+        """
+        boxes = [(i, box) for i, box in enumerate(p["erase"].tolist()) if box[2] > 0] if "erase" in p else []
+        if not boxes:
             return y
-        e = p["erase"].to(y.device, torch.float32)
-        h, w = y.shape[-2:]
-        rows = torch.arange(h, device=y.device, dtype=torch.float32).view(1, h, 1)
-        cols = torch.arange(w, device=y.device, dtype=torch.float32).view(1, 1, w)
-        top, left, eh, ew = (e[:, i].view(-1, 1, 1) for i in range(4))
-        inside = (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew)  # (N, H, W)
-        fill = ((e[:, 4] - INPUT_MEAN) / INPUT_STD).view(-1, 1, 1, 1).to(y.dtype)
-        return torch.where(inside.unsqueeze(1), fill, y)
+        out = y if owned else y.clone()
+        for i, (top, left, height, width, grey) in boxes:
+            t, l_ = int(top), int(left)
+            out[i, :, t : t + int(height), l_ : l_ + int(width)] = (grey - INPUT_MEAN) / INPUT_STD
+        return out
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Sample and apply; identity params return ``x`` itself without drawing random numbers."""
