@@ -11,26 +11,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
-import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from lungxray.augment import PRESETS, Augmenter
+from lungxray.bench import latencies
 from lungxray.train import mixup_batch
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    return float(np.median(latencies(fn, repeats, warmup=2))) * 1000
 
 
 def main() -> None:

@@ -226,7 +226,8 @@ def bench_train(
     return result
 
 
-def _latencies(fn: Callable[[], Any], runs: int, warmup: int = 3) -> np.ndarray:
+def latencies(fn: Callable[[], Any], runs: int, warmup: int = 3) -> np.ndarray:
+    """Seconds per call of `fn`, `runs` timed calls after `warmup` untimed ones."""
     for _ in range(warmup):
         fn()
     out = np.empty(runs)
@@ -293,8 +294,8 @@ def bench_predict(
             size = int(predictor.meta["input"]["size"])
             images = _synthetic_images(batch_size, size, torch.device("cpu")).numpy()
             one = images[:1]
-            lat = _latencies(functools.partial(predictor.member_logits, one), runs)
-            big = _latencies(functools.partial(predictor.member_logits, images, batch_size=batch_size), 5, warmup=1)
+            lat = latencies(functools.partial(predictor.member_logits, one), runs)
+            big = latencies(functools.partial(predictor.member_logits, images, batch_size=batch_size), 5, warmup=1)
             result["engines"][engine] = {
                 "latency_ms_p50": float(np.percentile(lat, 50) * 1e3),
                 "latency_ms_p99": float(np.percentile(lat, 99) * 1e3),

@@ -138,13 +138,11 @@ def member_losses(
     if weights is None and mix is None:
         return ce(targets).mean(0)
     rows = torch.arange(k, device=targets.device)
-
-    def weight(t: torch.Tensor) -> torch.Tensor:
-        return weights[rows, t] if weights is not None else torch.ones_like(t, dtype=torch.float32)  # (B, K)
-
     parts = [(targets, 1.0)] if mix is None else [(targets, mix[1]), (mix[0], 1.0 - mix[1])]
-    loss = sum(share * weight(t) * ce(t) for t, share in parts)
-    norm = sum(share * weight(t) for t, share in parts)
+    loss, norm = 0.0, 0.0
+    for t, share in parts:
+        w = share * weights[rows, t] if weights is not None else share  # (B, K): one of the two is a tensor
+        loss, norm = loss + w * ce(t), norm + w
     return loss.sum(0) / norm.sum(0)  # type: ignore[union-attr]
 
 
