@@ -139,11 +139,11 @@ def member_losses(
         return ce(targets).mean(0)
     rows = torch.arange(k, device=targets.device)
     parts = [(targets, 1.0)] if mix is None else [(targets, mix[1]), (mix[0], 1.0 - mix[1])]
-    loss, norm = 0.0, 0.0
+    loss, norm = flat.new_zeros(b, k), flat.new_zeros(b, k)
     for t, share in parts:
-        w = share * weights[rows, t] if weights is not None else share  # (B, K): one of the two is a tensor
+        w = share * weights[rows, t] if weights is not None else share  # a (B, K) tensor or a number
         loss, norm = loss + w * ce(t), norm + w
-    return loss.sum(0) / norm.sum(0)  # type: ignore[union-attr]
+    return loss.sum(0) / norm.sum(0)
 
 
 def mixup_batch(
