@@ -40,16 +40,18 @@ def expected_sklearn(y: np.ndarray, probs: np.ndarray, c: int) -> dict:
     labels = list(range(c))
     pred = probs.argmax(1)
     p, r, f, s = skm.precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
-    mp, mr, mf, _ = skm.precision_recall_fscore_support(y, pred, labels=labels, average="macro", zero_division=0)
+    in_y = sorted(set(y.tolist()))  # macro averages leave classes without an image out
+    mp, mr, mf, _ = skm.precision_recall_fscore_support(y, pred, labels=in_y, average="macro", zero_division=0)
     (tn, fp), _ = skm.multilabel_confusion_matrix(y, pred, labels=labels).transpose(1, 2, 0)
     present = [k for k in labels if 0 < np.sum(y == k) < y.size]
     auc = [skm.roc_auc_score(y == k, probs[:, k]) if k in present else None for k in labels]
-    if len(present) < c:
-        macro_auc = None
-    elif c == 2:
-        macro_auc = skm.roc_auc_score(y, probs[:, 1])
-    else:
-        macro_auc = skm.roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=labels)
+    macro_auc = float(np.mean([a for a in auc if a is not None])) if present else None
+    # undefined per-class figures are None: no image (recall), never predicted (precision), neither (F1)
+    p = [p[k] if np.sum(pred == k) else None for k in labels]
+    r = [r[k] if np.sum(y == k) else None for k in labels]
+    f = [f[k] if np.sum(y == k) + np.sum(pred == k) else None for k in labels]
+    spec = np.divide(tn, tn + fp, out=np.zeros(c), where=tn + fp > 0)
+    spec = [spec[k] if np.sum(y == k) < y.size else None for k in labels]
     return {
         "accuracy": skm.accuracy_score(y, pred),
         "balanced_accuracy": skm.balanced_accuracy_score(y, pred),
@@ -61,7 +63,7 @@ def expected_sklearn(y: np.ndarray, probs: np.ndarray, c: int) -> dict:
         "recall": r,
         "f1": f,
         "support": s,
-        "specificity": np.divide(tn, tn + fp, out=np.zeros(c), where=tn + fp > 0),
+        "specificity": spec,
         "auc": auc,
         "macro_roc_auc": macro_auc,
         "confusion": skm.confusion_matrix(y, pred, labels=labels),
@@ -94,7 +96,8 @@ def test_classification_metrics_match_sklearn_on_random_cases() -> None:
         for k, name in enumerate(names):
             pc = got["per_class"][name]
             for key in ("precision", "recall", "f1", "specificity"):
-                assert close(pc[key], float(exp[key][k])), (key, kind)
+                want = exp[key][k]
+                assert close(pc[key], None if want is None else float(want)), (key, kind, pc[key], want)
             assert pc["support"] == exp["support"][k]
             assert close(pc["roc_auc"], exp["auc"][k]), (kind, k)
         json.dumps(got, allow_nan=False)  # JSON-ready: undefined AUCs are None, not NaN
@@ -183,14 +186,14 @@ def test_bootstrap_matches_materialised_resamples() -> None:
     r = 100
     got = M.bootstrap_intervals(y, probs, CLASSES, n_resamples=r, seed=11)
     idx = np.random.default_rng(11).integers(0, 66, size=(r, 66))  # same draws as the implementation
-    acc, f1, auc, rec = [], [], [], []
+    bal, f1, auc, f1c = [], [], [], []
     for i in idx:
         yt, pr = y[i], probs[i]
-        acc.append(skm.accuracy_score(yt, pr.argmax(1)))
+        bal.append(skm.balanced_accuracy_score(yt, pr.argmax(1)))
         f1.append(skm.f1_score(yt, pr.argmax(1), labels=[0, 1, 2], average="macro", zero_division=0))
         auc.append(skm.roc_auc_score(yt, pr, multi_class="ovr", labels=[0, 1, 2]))
-        rec.append(skm.recall_score(yt == 0, pr.argmax(1) == 0))
-    for key, vals in (("accuracy", acc), ("macro_f1", f1), ("macro_roc_auc", auc), ("recall_covid", rec)):
+        f1c.append(skm.f1_score(yt == 0, pr.argmax(1) == 0))
+    for key, vals in (("balanced_accuracy", bal), ("macro_f1", f1), ("macro_roc_auc", auc), ("f1_covid", f1c)):
         assert (got[key].low, got[key].high) == pytest.approx(tuple(np.percentile(vals, [2.5, 97.5])))
 
 
@@ -229,9 +232,40 @@ def test_bootstrap_with_absent_and_unpredicted_classes() -> None:
     y = np.array([0, 0, 1, 1, 0, 1, 0, 1])  # class 2 absent from y_true and never predicted
     probs = np.array([[0.8, 0.2, 0.0]] * 4 + [[0.3, 0.7, 0.0]] * 4)
     iv = M.bootstrap_intervals(y, probs, CLASSES, n_resamples=300)
-    assert iv["recall_pneumonia"] == M.Interval(0.0, 0.0, 0.0)
-    assert iv["macro_roc_auc"].to_dict() == {"value": None, "low": None, "high": None}
+    assert iv["recall_pneumonia"].to_dict() == {"value": None, "low": None, "high": None}  # no image: n/a
+    assert iv["precision_pneumonia"].to_dict() == {"value": None, "low": None, "high": None}  # never predicted
+    assert iv["macro_roc_auc"].value == 0.5  # over the two classes with an AUC
     assert 0.0 <= iv["accuracy"].low <= iv["accuracy"].value == 0.5 <= iv["accuracy"].high <= 1.0
+
+
+def test_macro_scores_leave_absent_classes_out() -> None:
+    """A folder with two of three classes, every image right: 100% macro F1, not 66.7%; the third class n/a."""
+    y = np.array([0, 0, 0, 1, 1])
+    probs = np.eye(3)[y] * 0.9 + 0.1 / 3
+    got = M.classification_metrics(y, probs, CLASSES)
+    assert got["accuracy"] == 1.0 and got["macro_f1"] == 1.0 and got["macro_precision"] == 1.0
+    assert got["absent_classes"] == ["pneumonia"]
+    assert got["per_class"]["pneumonia"]["precision"] is None and got["per_class"]["pneumonia"]["recall"] is None
+    assert got["macro_roc_auc"] == 1.0
+    iv = M.bootstrap_intervals(y, probs, CLASSES, n_resamples=200)
+    assert iv["macro_f1"].value == 1.0
+    assert M.format_interval(iv["recall_pneumonia"]) == "n/a"
+
+
+def test_proportions_get_wilson_intervals_that_never_collapse() -> None:
+    """26/26 COVID recall: a percentile bootstrap says 100-100; Wilson (as scipy computes it) says 87.1-100."""
+    for k, n in ((26, 26), (0, 10), (61, 66), (3, 7), (1, 1)):
+        iv = M.wilson_interval(k, n)
+        ref = stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        assert (iv.value, iv.low, iv.high) == pytest.approx((k / n, ref.low, ref.high))
+        assert iv.high - iv.low > 0.05
+    assert M.wilson_interval(26, 26).low == pytest.approx(0.8713, abs=1e-4)
+    assert M.format_interval(M.wilson_interval(0, 0)) == "n/a"
+    y = np.zeros(26, dtype=int)
+    probs = np.tile([0.9, 0.05, 0.05], (26, 1))
+    iv = M.bootstrap_intervals(y, probs, CLASSES, n_resamples=200)
+    assert iv["recall_covid"].value == 1.0 and iv["recall_covid"].low < 0.9  # not "100.0% (100.0%-100.0%)"
+    assert iv["accuracy"] == M.wilson_interval(26, 26)
 
 
 def test_bootstrap_is_fast() -> None:

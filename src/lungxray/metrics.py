@@ -2,8 +2,12 @@
 
 Everything here takes numpy arrays (labels as ints ``0..C-1``, probabilities as ``(N, C)``) and returns
 floats, arrays or JSON-ready dicts; nothing knows about torch or files. Test sets are small (~66 images), so
-every test metric gets a percentile-bootstrap interval; bootstraps are vectorised over resamples (an
-``(R, N)`` matrix of resample counts) so thousands of resamples cost milliseconds.
+every test metric gets an interval. Proportions (accuracy, per-class recall and precision) get Wilson score
+intervals: a percentile bootstrap collapses to a point at 0/n and n/n (26/26 COVID recall would read
+"100% (100-100)"), Wilson's never does. Figures that are no single proportion (F1, macro averages, ROC AUC)
+keep a percentile bootstrap, vectorised over resamples (an ``(R, N)`` matrix of resample counts) so thousands
+of resamples cost milliseconds. Macro averages run over the classes present in ``y_true`` only (a class with no
+image has no recall to average), and per-class figures without data are None ("n/a"), never 0.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from scipy import optimize, stats
 
 _EPS = float(np.finfo(np.float64).eps)
 _BOOT_KEYS = ("accuracy", "macro_f1", "macro_precision", "macro_recall", "balanced_accuracy")
+PROPORTION_METHOD = "Wilson score"  # the interval of accuracy, recall_<class> and precision_<class>
 
 
 @dataclass(frozen=True)
@@ -66,8 +71,12 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -
     return np.bincount(t * num_classes + p, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
-def _confusion_scores(cm: np.ndarray) -> dict[str, np.ndarray]:
-    """Scores from stacked confusion matrices (..., C, C); per-class arrays end in C. Zero division -> 0."""
+def _confusion_scores(cm: np.ndarray, present: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Scores from stacked confusion matrices (..., C, C); per-class arrays end in C. Zero division -> 0.
+
+    Macro averages run over the `present` classes (default: those with images in y_true; the bootstrap passes
+    the full set's, so every resample averages the same classes). A class with no image is left out of them.
+    """
     cm = cm.astype(np.float64)
     tp = np.diagonal(cm, axis1=-2, axis2=-1)
     support, predicted = cm.sum(-1), cm.sum(-2)
@@ -75,15 +84,18 @@ def _confusion_scores(cm: np.ndarray) -> dict[str, np.ndarray]:
     precision, recall = _div0(tp, predicted), _div0(tp, support)
     f1 = _div0(2 * tp, support + predicted)
     tn = n[..., None] - support - predicted + tp
-    present = support > 0
-    # balanced accuracy averages recall over classes present in y_true only, as sklearn does
-    balanced = _div0(np.where(present, recall, 0.0).sum(-1), present.sum(-1), fill=np.nan)
+    present = support > 0 if present is None else np.broadcast_to(present, support.shape)
+
+    def macro(x: np.ndarray) -> np.ndarray:  # mean over the present classes (balanced accuracy as sklearn's)
+        return _div0(np.where(present, x, 0.0).sum(-1), present.sum(-1), fill=np.nan)
+
+    balanced = macro(recall)
     return {
         "accuracy": _div0(tp.sum(-1), n),
         "balanced_accuracy": balanced,
-        "macro_precision": precision.mean(-1),
-        "macro_recall": recall.mean(-1),
-        "macro_f1": f1.mean(-1),
+        "macro_precision": macro(precision),
+        "macro_recall": balanced,
+        "macro_f1": macro(f1),
         "weighted_f1": _div0((f1 * support).sum(-1), n),
         "precision": precision,
         "recall": recall,
@@ -124,24 +136,32 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Seque
     cm = confusion_matrix(y, p.argmax(1), n_classes)
     s = _confusion_scores(cm)
     auc = _ovr_auc(y, p, np.ones((1, y.size)))[0]
+    support, predicted = cm.sum(1), cm.sum(0)
+
+    def defined(x: float, ok: bool) -> float | None:  # None ("n/a") where the figure has no denominator
+        return float(x) if ok else None
+
     per_class = {
         name: {
-            "precision": float(s["precision"][c]),
-            "recall": float(s["recall"][c]),
-            "f1": float(s["f1"][c]),
-            "specificity": float(s["specificity"][c]),
-            "support": int(cm[c].sum()),
+            "precision": defined(s["precision"][c], predicted[c] > 0),
+            "recall": defined(s["recall"][c], support[c] > 0),
+            "f1": defined(s["f1"][c], support[c] + predicted[c] > 0),
+            "specificity": defined(s["specificity"][c], support[c] < y.size),
+            "support": int(support[c]),
+            "predicted": int(predicted[c]),
             "roc_auc": _json_float(auc[c]),
         }
         for c, name in enumerate(classes)
     }
+    absent = [name for c, name in enumerate(classes) if support[c] == 0]
     onehot = np.eye(n_classes)[y]
     return {
         "n": int(y.size),
         "classes": list(classes),
         **{k: float(s[k]) for k in ("accuracy", "balanced_accuracy", "macro_precision", "macro_recall")},
         **{k: float(s[k]) for k in ("macro_f1", "weighted_f1")},
-        "macro_roc_auc": _json_float(auc.mean()),  # NaN (-> None) as soon as one class is absent
+        "macro_roc_auc": _json_float(np.nanmean(auc)) if np.isfinite(auc).any() else None,  # classes with an AUC
+        "absent_classes": absent,  # left out of every macro average
         "per_class": per_class,
         "confusion": cm.tolist(),
         "ece": expected_calibration_error(p, y),
@@ -158,15 +178,21 @@ def bootstrap_intervals(
     confidence: float = 0.95,
     seed: int = 0,
 ) -> dict[str, Interval]:
-    """Percentile bootstrap over images for the headline metrics and per-class recall/precision/F1.
+    """95% intervals for the headline metrics and per-class recall/precision/F1.
 
-    `value` is the full-set estimate. Resamples in which a statistic is undefined (a class absent, so its
-    recall or AUC has no denominator) are left out of that statistic's percentiles rather than counted as 0.
+    Proportions (accuracy, recall_<class>, precision_<class>) get Wilson score intervals (`wilson_interval`);
+    the rest (F1, macro averages, balanced accuracy, ROC AUC) a percentile bootstrap over images. `value` is the
+    full-set estimate. Resamples in which a statistic is undefined (a class absent, so its F1 or AUC has no
+    denominator) are left out of that statistic's percentiles rather than counted as 0; a figure undefined on
+    the full set (a class with no image: its recall) is NaN, shown as "n/a".
     Keys: the headline metrics, macro_roc_auc, and recall_<class>, precision_<class>, f1_<class>.
     """
     y, p = _check(y_true, probs, len(classes))
     n, n_classes = y.size, len(classes)
     pair = np.eye(n_classes * n_classes)[y * n_classes + p.argmax(1)]  # (N, C*C): each image's confusion cell
+    full_cm = confusion_matrix(y, p.argmax(1), n_classes)
+    present = full_cm.sum(1) > 0
+    with_auc = np.isfinite(_ovr_auc(y, p, np.ones((1, n)))[0])
     rng = np.random.default_rng(seed)
     chunk = max(1, 4_000_000 // n)  # bound memory for large test sets
     parts: list[dict[str, np.ndarray]] = []
@@ -176,9 +202,9 @@ def bootstrap_intervals(
         counts = np.bincount((np.arange(r)[:, None] * n + idx).ravel(), minlength=r * n).reshape(r, n)
         counts = counts.astype(np.float64)
         cm = (counts @ pair).reshape(r, n_classes, n_classes)
-        s = _confusion_scores(cm)
+        s = _confusion_scores(cm, present)
         stat = {k: s[k] for k in _BOOT_KEYS}
-        stat["macro_roc_auc"] = _ovr_auc(y, p, counts).mean(1)
+        stat["macro_roc_auc"] = _ovr_auc(y, p, counts)[:, with_auc].mean(1) if with_auc.any() else np.full(r, np.nan)
         for c, name in enumerate(classes):
             stat[f"recall_{name}"] = np.where(s["support"][:, c] > 0, s["recall"][:, c], np.nan)
             stat[f"precision_{name}"] = np.where(s["predicted"][:, c] > 0, s["precision"][:, c], np.nan)
@@ -199,7 +225,28 @@ def bootstrap_intervals(
         # never defined in any resample (e.g. a class never predicted): the interval collapses to the value
         low, high = np.percentile(values, [alpha, 100 - alpha]) if values.size else (value, value)
         out[key] = Interval(value, float(low), float(high))
+    tp, support, predicted = np.diag(full_cm), full_cm.sum(1), full_cm.sum(0)
+    out["accuracy"] = wilson_interval(int(tp.sum()), n, confidence)
+    for c, name in enumerate(classes):
+        out[f"recall_{name}"] = wilson_interval(int(tp[c]), int(support[c]), confidence)
+        out[f"precision_{name}"] = wilson_interval(int(tp[c]), int(predicted[c]), confidence)
     return out
+
+
+def wilson_interval(k: int, n: int, confidence: float = 0.95) -> Interval:
+    """Wilson score interval of the proportion k/n: never zero-width at 0/n or n/n (a percentile bootstrap is),
+    close to nominal coverage for small n. NaN throughout when n == 0 (no data: "n/a")."""
+    if n <= 0:
+        return Interval(math.nan, math.nan, math.nan)
+    if not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    z = float(stats.norm.ppf((1 + confidence) / 2))
+    phat = k / n
+    centre = (phat + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n))
+    low = 0.0 if k == 0 else max(0.0, centre - half)
+    high = 1.0 if k == n else min(1.0, centre + half)
+    return Interval(phat, low, high)
 
 
 def reliability_curve(probs: np.ndarray, y_true: np.ndarray, n_bins: int = 15) -> dict[str, np.ndarray]:
