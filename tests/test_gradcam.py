@@ -162,6 +162,7 @@ def test_gallery_shows_every_mistake_and_fills_with_correct_ones() -> None:
     y_pred[[3, 14, 15]] = [1, 2, 0]
     idx = gallery_indices(y_true, y_pred, n=12)
     assert {3, 14, 15} <= set(idx) and len(idx) == len(set(idx)) == 12
+    assert list(idx[:3]) == [3, 14, 15]  # "misclassified first", as the report says
     assert set(y_true[idx]) == {0, 1, 2}
     assert len(gallery_indices(y_true, (y_true + 1) % 3, n=12, limit=20)) == 20
 

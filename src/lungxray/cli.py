@@ -44,8 +44,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def summary(metrics: dict, run_dir: Path) -> str:
-    """The lines `make run` prints: test metrics with intervals and where the report is."""
-    from lungxray.report import _iv
+    """The lines `make run` prints: test metrics with intervals (and without the test images copied in the
+    training split, side by side) and where the report is."""
+    from lungxray.report import _iv, terminal_scores
 
     test = metrics.get("test")
     lines = []
@@ -55,12 +56,7 @@ def summary(metrics: dict, run_dir: Path) -> str:
         lines.append(f"{kind} accuracy {_iv(validation['intervals']['accuracy'])}  "
                      f"({validation['metrics']['n']} images, what early stopping and model choice look at)")
     if test:
-        iv = test["intervals"]
-        m = test["metrics"]
-        correct = sum(m["confusion"][i][i] for i in range(len(m["confusion"])))
-        lines.append(f"test accuracy {_iv(iv['accuracy'])}  ({correct}/{m['n']} correct)")
-        lines.append(f"test macro F1 {_iv(iv['macro_f1'])}   macro ROC AUC {_iv(iv.get('macro_roc_auc'))}")
-        lines += [f"  recall {c}: {_iv(iv[f'recall_{c}'])}" for c in m["per_class"]]
+        lines += terminal_scores(test, metrics.get("test_without_duplicates"))
     else:
         lines.append("no test/ split in the data: nothing scored on test")
     lines.append(f"report: {run_dir / 'report.md'}")

@@ -234,12 +234,13 @@ def gallery_indices(y_true: np.ndarray, y_pred: np.ndarray, n: int = GALLERY_SIZ
         for r in right:
             if r and len(chosen) < n:
                 chosen.append(r.pop(0))
-    return np.asarray(sorted(chosen), dtype=np.int64)
+    return np.asarray(chosen, dtype=np.int64)  # in that order: the gallery shows the misclassified first
 
 
 def saliency_summary(predictor: Predictor, images: np.ndarray, labels: np.ndarray, figure: Path | None = None,
-                  margin: float = CENTRAL_MARGIN) -> dict[str, Any]:
-    """Grad-CAM on the test images: central-mass summary for metrics.json and a gallery figure for the report."""
+                  margin: float = CENTRAL_MARGIN, names: list[str] | None = None) -> dict[str, Any]:
+    """Grad-CAM on the test images: central-mass summary for metrics.json and a gallery figure for the report
+    (misclassified images first, each titled with its file name when `names` are given)."""
     member, preds = _run(predictor, images, None)
     cams = member.mean(axis=1)
     mass = central_mass(cams, margin)
@@ -264,8 +265,13 @@ def saliency_summary(predictor: Predictor, images: np.ndarray, labels: np.ndarra
         from lungxray.report import plot_cam_gallery
 
         idx = gallery_indices(labels, preds)
-        titles = [f"true {classes[labels[i]]}\npred {classes[preds[i]]}"
-                  f"{'' if labels[i] == preds[i] else ' (WRONG)'}  c={mass[i]:.2f}" for i in idx]
+        def title(i: int) -> str:
+            name = Path(names[i]).name if names else f"image {i}"
+            name = name if len(name) <= 22 else name[:10] + "…" + name[-11:]
+            verdict = "WRONG: " if labels[i] != preds[i] else ""
+            return f"{name}\n{verdict}true {classes[labels[i]]}, pred {classes[preds[i]]}\nc={mass[i]:.2f}"
+
+        titles = [title(int(i)) for i in idx]
         plot_cam_gallery([overlay(images[i], cams[i]) for i in idx], titles, figure)
         out["gallery"] = figure.name
     if out["central_mass_mean"] is not None and not math.isnan(out["central_mass_mean"]):

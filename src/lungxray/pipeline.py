@@ -135,6 +135,35 @@ def score(pred_meta: dict[str, Any], member_logits: np.ndarray, labels: np.ndarr
     return out, rows
 
 
+def copied_from_training(test_paths: list[str], pool_paths: set[str], duplicates: list[Any]) -> dict[str, str]:
+    """{test path: "exact" | "near"} for test images with an (exact or near) copy among the training images."""
+    test_set, out = set(test_paths), {}
+    for d in duplicates:
+        for mine, other in ((d.a, d.b), (d.b, d.a)):
+            if mine in test_set and other in pool_paths and out.get(mine) != "exact":
+                out[mine] = d.kind
+    return out
+
+
+def score_without_copies(pred_meta: dict[str, Any], member_logits: np.ndarray, labels: np.ndarray,
+                         classes: list[str], paths: list[str], pool_paths: set[str], duplicates: list[Any],
+                         seed: int) -> dict[str, Any]:
+    """The test scores again without the test images that have a copy in the training split (they inflate it).
+
+    {"excluded": n, "exact": n, "near": n, "excluded_per_class": {...}, "scores": score()'s dict or None when
+    nothing (or everything) was excluded}."""
+    copies = copied_from_training(paths, pool_paths, duplicates)
+    keep = np.array([p not in copies for p in paths], dtype=bool)
+    kinds = list(copies.values())
+    per_class = {c: int(np.sum(~keep & (labels == i))) for i, c in enumerate(classes)}
+    out: dict[str, Any] = {"excluded": int((~keep).sum()), "exact": kinds.count("exact"), "near": kinds.count("near"),
+                           "excluded_per_class": per_class, "scores": None}
+    if 0 < out["excluded"] < len(paths):
+        out["scores"], _ = score(pred_meta, member_logits[keep], labels[keep], classes,
+                                 [p for p, k in zip(paths, keep, strict=True) if k], seed)
+    return out
+
+
 def train_run(
     config: str | Path | dict[str, Any] | RunConfig,
     data: str | Path,
@@ -233,9 +262,13 @@ def train_run(
         test_logits = predictor.member_logits(images[test])
         results["test"], test_rows = score(meta, test_logits, ds.labels[test], ds.classes,
                                            [ds.paths[i] for i in test], cfg.seed)
+        results["test_without_duplicates"] = score_without_copies(
+            meta, test_logits, ds.labels[test], ds.classes, [ds.paths[i] for i in test],
+            {ds.paths[i] for i in pool}, duplicates, cfg.seed)
         # Grad-CAM on the test images: where the model looks (shortcut check) and a gallery for the report.
         results["saliency"] = saliency_summary(predictor, images[test], ds.labels[test],
-                                               run_dir / "figures" / "gradcam_test.png")
+                                               run_dir / "figures" / "gradcam_test.png",
+                                               names=[ds.paths[i] for i in test])
         results["saliency_central_mass"] = results["saliency"]["central_mass_mean"]
     total_seconds = time.perf_counter() - started
     results["timing"] = {
@@ -246,6 +279,7 @@ def train_run(
     }
     results["data"] = {
         "classes": ds.classes, "counts": ds.class_counts(), "pool": len(pool), "holdout": len(holdout),
+        "validation_kind": results["validation_kind"], "validation_images": len(val_labels),
         "test": len(test), "skipped": [s.__dict__ for s in ds.skipped], "duplicates": dup_summary,
         "duplicate_pairs": [d.__dict__ for d in duplicates],
     }

@@ -1,13 +1,17 @@
 """Markdown reports with matplotlib figures: what a reader needs to trust (or distrust) a run.
 
-Every test number is shown with its 95% bootstrap interval; the report also lists the duplicates found between
-splits, the files that could not be read, the configuration and the timings.
+Every test number is shown with its 95% interval (Wilson for proportions, percentile bootstrap for F1, AUC and
+macro averages), and again without the test images that have a copy in the training split; the report also lists
+the duplicates found between splits, the files that could not be read, the configuration and the timings. Every
+figure carries its panels' titles and axis labels in its PNG metadata (`figure_labels`), so a test can check
+that none is missing.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,8 +42,25 @@ def subplots(*args: Any, figsize: tuple[float, float] | None = None, **kwargs: A
     return fig, fig.subplots(*args, **kwargs)
 
 
+FIGURE_LABELS_KEY = "lungxray:axes"  # PNG text chunk: JSON list of each panel's title, axis labels and kind
+
+
+def figure_labels(fig: Figure) -> list[dict[str, Any]]:
+    """Title, axis labels and kind of each panel that shows something (blank cells of a grid are left out)."""
+    panels = []
+    for ax in fig.axes:
+        shows = bool(ax.lines or ax.images or ax.patches or ax.collections)
+        if not shows:
+            continue
+        panels.append({"title": ax.get_title() or ax.get_title("left"), "xlabel": ax.get_xlabel(),
+                       "ylabel": ax.get_ylabel(), "image": bool(ax.images) and not ax.lines, "twin": ax.get_label()
+                       == "twin"})
+    return panels
+
+
 def save_figure(fig: Figure, path: Path) -> Path:
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    meta = {FIGURE_LABELS_KEY: json.dumps(figure_labels(fig))}
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", metadata=meta))
     return path
 
 
@@ -51,8 +72,10 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> Path:
     runs: dict[int, list[dict[str, Any]]] = {}
     for h in history:
         runs.setdefault(int(h.get("member", 0)), []).append(h)
-    fig, axes = subplots(1, 3, figsize=(13, 3.4))
-    twin = axes[2].twinx()
+    batches = {h["batch_size"] for h in history}
+    fig, axes = subplots(1, 3, figsize=(14, 3.4))
+    fig.subplots_adjust(wspace=0.4)  # room for the log-scale tick labels beside each y-axis label
+    twin = axes[2].twinx() if len(batches) > 1 else None  # a constant batch size is said in the title instead
     for k, run in runs.items():
         epochs = [h["epoch"] for h in run]
         first = k == min(runs)
@@ -62,11 +85,18 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> Path:
             ax.plot(epochs, [h[f"val_{key}"] for h in run], color="tab:orange", alpha=0.8,
                     label="validation" if first else None)
         axes[2].plot(epochs, [h["lr"] for h in run], color="tab:green")
-        twin.plot(epochs, [h["batch_size"] for h in run], color="tab:red")
-    for ax, title in ((axes[0], "loss"), (axes[1], "accuracy")):
-        ax.set(title=title, xlabel="epoch")
+        if twin is not None:
+            twin.plot(epochs, [h["batch_size"] for h in run], color="tab:red")
+    for ax, title, ylabel in ((axes[0], "loss", "cross-entropy loss"), (axes[1], "accuracy", "accuracy")):
+        ax.set(title=title, xlabel="epoch", ylabel=ylabel)
         ax.legend()
-    axes[2].set(title="learning rate (green) / batch size (red)", xlabel="epoch", yscale="log")
+    if twin is not None:
+        twin.set_label("twin")
+        twin.set_ylabel("batch size (red)", color="tab:red")
+        axes[2].set(title="learning rate (green) and batch size (red)")
+    else:
+        axes[2].set(title=f"learning rate (batch size {next(iter(batches), '?')} throughout)")
+    axes[2].set(xlabel="epoch", ylabel="learning rate (log scale)", yscale="log")
     return save_figure(fig, path)
 
 
@@ -88,21 +118,27 @@ def plot_reliability(reliability: dict[str, list[float]], path: Path, title: str
     counts = np.asarray(reliability["counts"])
     used = counts > 0
     centres = np.asarray(reliability["centers" if "centers" in reliability else "centres"])[used]
-    ax.plot([0, 1], [0, 1], "k--", lw=1)
-    ax.bar(centres, np.asarray(reliability["accuracy"])[used], width=1 / len(counts), alpha=0.7, edgecolor="k")
-    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=title)
+    accuracy = np.asarray(reliability["accuracy"])[used]
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    ax.bar(centres, accuracy, width=1 / len(counts), alpha=0.7, edgecolor="k", label="accuracy per bin")
+    for x, y, n in zip(centres, accuracy, counts[used], strict=True):  # how many images each bar rests on
+        ax.text(x, min(y, 0.93) + 0.02, str(int(n)), ha="center", va="bottom", fontsize=6)
+    ax.set(xlabel="confidence (top-class probability)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1.05),
+           title=f"{title}; numbers: images per bin")
+    ax.legend(fontsize=6, loc="upper left")
     return save_figure(fig, path)
 
 
 def plot_cam_gallery(overlays: Sequence[np.ndarray], titles: Sequence[str], path: Path, cols: int = 6) -> Path:
     """A grid of Grad-CAM overlays (uint8 RGB) with their labels, for spotting shortcut learning at a glance."""
     rows = max(1, -(-len(overlays) // cols))
-    fig, axes = subplots(rows, cols, figsize=(2.2 * cols, 2.55 * rows), squeeze=False)
+    fig, axes = subplots(rows, cols, figsize=(2.3 * cols, 2.9 * rows), squeeze=False)
+    fig.subplots_adjust(hspace=0.55, wspace=0.08)  # room for three-line titles: no overlap with the row above
     for ax in axes.ravel():
         ax.axis("off")
     for ax, image, title in zip(axes.ravel(), overlays, titles, strict=False):
         ax.imshow(image)
-        ax.set_title(title, fontsize=7, color="red" if "WRONG" in title else "black")
+        ax.set_title(title, fontsize=6.5, color="red" if "WRONG" in title else "black")
     return save_figure(fig, path)
 
 
@@ -131,13 +167,86 @@ def _iv(iv: dict[str, Any] | None) -> str:
     return f"{_pct(iv['value'])} ({_pct(iv['low'])}–{_pct(iv['high'])})"
 
 
-def metrics_section(scores: dict[str, Any], classes: Sequence[str], title: str) -> list[str]:
-    """Markdown for one scored split: headline metrics with intervals, per-class table, confusion."""
+INTERVALS_NOTE = ("95% intervals: Wilson score for proportions (accuracy, precision, recall), percentile bootstrap "
+                  "over images (2,000 resamples) for F1, macro averages and ROC AUC.")
+
+
+def absent_note(m: dict[str, Any]) -> list[str]:
+    """The sentence saying which classes had no image and were left out of the macro averages (or nothing)."""
+    absent = m.get("absent_classes") or []
+    if not absent:
+        return []
+    return [f"No image of {', '.join(absent)}: left out of every macro average; its recall is n/a.", ""]
+
+
+def without_copies_note(without: dict[str, Any] | None) -> str | None:
+    """'without the 8 test images (6 exact, 2 near) that have a copy in the training split', or None."""
+    if not without or not without.get("excluded"):
+        return None
+    per = ", ".join(f"{c} {n}" for c, n in without.get("excluded_per_class", {}).items() if n)
+    return (f"without the {without['excluded']} test images ({without['exact']} exact, {without['near']} near copies; "
+            f"{per}) that have a copy in the training split")
+
+
+def _correct(m: dict[str, Any]) -> int:
+    return sum(m["confusion"][i][i] for i in range(len(m["confusion"])))
+
+
+def terminal_scores(scores: dict[str, Any], without: dict[str, Any] | None = None, what: str = "test") -> list[str]:
+    """The terminal lines for one scored set: accuracy, macro F1 and AUC, recall per class with counts; beside
+    each, the same figure without the images copied in the training split (when there are any); absent classes
+    are said, and 'n/a' stands where a figure has no data."""
     m, iv = scores["metrics"], scores["intervals"]
-    lines = [f"## {title}", "", f"{m['n']} images. 95% percentile-bootstrap intervals over images (2,000 resamples).",
-             "", "| metric | value (95% CI) |", "|---|---|"]
+    other = without.get("scores") if without else None
+    om, oiv = (other["metrics"], other["intervals"]) if other else ({}, {})
+
+    def beside(text: str, alt: str) -> str:
+        return f"{text:<46} | {alt}" if other else text
+
+    lines = []
+    if other:
+        lines.append(f"(right of |: {without_copies_note(without)}, {om['n']} images left)")
+    elif without and without.get("excluded"):
+        lines.append(f"note: {without_copies_note(without)}: every {what} image has one, nothing left to score")
+    lines.append(beside(f"{what} accuracy {_iv(iv['accuracy'])} ({_correct(m)}/{m['n']})",
+                        f"{_iv(oiv.get('accuracy'))} ({_correct(om)}/{om['n']})" if other else ""))
+    lines.append(beside(f"{what} macro F1 {_iv(iv['macro_f1'])}", _iv(oiv.get("macro_f1"))))
+    lines.append(beside(f"{what} macro ROC AUC {_iv(iv.get('macro_roc_auc'))}", _iv(oiv.get("macro_roc_auc"))))
+    for i, c in enumerate(m["per_class"]):
+        n_c = m["per_class"][c]["support"]
+        here = f"  recall {c}: {_iv(iv.get(f'recall_{c}'))} ({m['confusion'][i][i]}/{n_c})" if n_c else \
+            f"  recall {c}: n/a (no {c} image)"
+        alt = ""
+        if other:
+            on = om["per_class"][c]["support"]
+            alt = f"{_iv(oiv.get(f'recall_{c}'))} ({om['confusion'][i][i]}/{on})" if on else "n/a"
+        lines.append(beside(here, alt))
+    if m.get("absent_classes"):
+        lines.append(f"  no image of {', '.join(m['absent_classes'])}: left out of the macro averages")
+    return lines
+
+
+def metrics_section(scores: dict[str, Any], classes: Sequence[str], title: str,
+                    without: dict[str, Any] | None = None) -> list[str]:
+    """Markdown for one scored split: headline metrics with intervals, per-class table, confusion.
+
+    `without` (score_without_copies's dict) adds a column: the same figures without the images copied in training.
+    """
+    m, iv = scores["metrics"], scores["intervals"]
+    other = without.get("scores") if without else None
+    note = without_copies_note(without)
+    lines = [f"## {title}", "", f"{m['n']} images. {INTERVALS_NOTE}", "", *absent_note(m)]
+    if note and other:
+        lines += [f"Second column: {note} ({other['metrics']['n']} images left).", "",
+                  "| metric | value (95% CI) | without copies in training |", "|---|---|---|"]
+    else:
+        lines += ["| metric | value (95% CI) |", "|---|---|"]
     for key in ("accuracy", "balanced_accuracy", "macro_precision", "macro_recall", "macro_f1", "macro_roc_auc"):
-        lines.append(f"| {key.replace('_', ' ')} | {_iv(iv.get(key))} |")
+        extra = f" {_iv(other['intervals'].get(key))} |" if other else ""
+        lines.append(f"| {key.replace('_', ' ')} | {_iv(iv.get(key))} |{extra}")
+    if other:
+        lines += [f"| recall {c} | {_iv(iv.get(f'recall_{c}'))} | {_iv(other['intervals'].get(f'recall_{c}'))} |"
+                  for c in classes]
     lines += ["", "| class | precision | recall (sensitivity) | F1 | specificity | ROC AUC | support |",
               "|---|---|---|---|---|---|---|"]
     for c in classes:
@@ -154,16 +263,42 @@ def metrics_section(scores: dict[str, Any], classes: Sequence[str], title: str) 
               f"{scores['ece_calibrated']:.3f} after.",
               f"Referral: {_pct(ref.get('referral_rate'))} of images referred; accuracy on the accepted "
               f"{_pct(ref.get('accuracy'))} (all images: {_pct(m['accuracy'])}).",
-              f"Mean uncertainty: correct {scores.get('mean_uncertainty_correct') or 0:.3f}, "
-              f"wrong {scores.get('mean_uncertainty_wrong') or 0:.3f}.", ""]
+              f"Mean uncertainty: correct {_num(scores.get('mean_uncertainty_correct'))}, "
+              f"wrong {_num(scores.get('mean_uncertainty_wrong'))}.", ""]
     return lines
 
 
+def _num(x: float | None) -> str:
+    return "n/a (no such image)" if x is None else f"{x:.3f}"
+
+
+def duplicates_text(dup: dict[str, int]) -> str:
+    """'6 exact and 2 near pairs across splits; 1 exact within train' from summarize_duplicates's counts."""
+    if not dup or not any(dup.values()):
+        return "none"
+    parts = []
+    for where, label in (("across", "across splits (train and test)"), ("within_train", "within train"),
+                         ("within_test", "within test")):
+        e, n = dup.get(f"exact_{where}", 0), dup.get(f"near_{where}", 0)
+        if e or n:
+            parts.append(f"{e} exact and {n} near-copy pairs {label}")
+    parts += [f"{v} {k.replace('_', ' ')}" for k, v in dup.items() if v and not k.endswith(
+        ("_across", "_within_train", "_within_test"))]
+    return "; ".join(parts)
+
+
 def data_section(data: dict[str, Any]) -> list[str]:
-    lines = ["## Data", "", f"Classes and counts: {data['counts']}. Training pool {data['pool']} images "
-             f"(validation holdout {data['holdout']}), test {data['test']}.", ""]
+    counts = ", ".join(f"{c} {n}" for c, n in data["counts"].items()) if isinstance(data["counts"], dict) \
+        else str(data["counts"])
+    kind, n_val = data.get("validation_kind"), data.get("validation_images")
+    if kind == "out-of-bag":
+        val = f"validation: out-of-bag, each of {n_val} training images scored by the members that never saw it"
+    else:
+        val = f"validation holdout {data['holdout']}"
+    lines = ["## Data", "", f"Images per class: {counts}. Training pool {data['pool']} images ({val}), "
+             f"test {data['test']}.", ""]
     dup = data.get("duplicates", {})
-    lines += ["### Duplicates", "", f"Found: {dup or 'none'}.", ""]
+    lines += ["### Duplicates", "", f"Found: {duplicates_text(dup)}.", ""]
     pairs = data.get("duplicate_pairs", [])
     if pairs:
         lines += ["| kind | distance | image a | image b |", "|---|---|---|---|"]
@@ -190,7 +325,7 @@ def write_report(run_dir: Path, cfg: RunConfig, meta: dict[str, Any], results: d
         lines += ["![learning curves](figures/learning_curves.png)", ""]
     test = results.get("test")
     if test:
-        lines += metrics_section(test, classes, "Test split (scored once)")
+        lines += metrics_section(test, classes, "Test split (scored once)", results.get("test_without_duplicates"))
         plot_confusion(test["metrics"]["confusion"], classes, fig_dir / "confusion_test.png", "test")
         plot_reliability(test["reliability"], fig_dir / "reliability_test.png", "test (calibrated)")
         lines += ["![confusion](figures/confusion_test.png) ![reliability](figures/reliability_test.png)", ""]
@@ -211,7 +346,7 @@ def write_evaluation_report(out_dir: Path, meta: dict[str, Any], result: dict[st
     """evaluation.md for `lungxray evaluate`: overall and per-source metrics on an external folder."""
     classes = meta["classes"]
     lines = [f"# Evaluation of `{meta.get('name', 'model')}` on `{result['data']}`", ""]
-    lines += metrics_section(result["overall"], classes, "All images")
+    lines += metrics_section(result["overall"], classes, "All images", result.get("without_duplicates"))
     plot_confusion(result["overall"]["metrics"]["confusion"], classes, out_dir / "confusion.png", "all images")
     lines += ["![confusion](confusion.png)", ""]
     for source, scores in result["sources"].items():
@@ -271,5 +406,7 @@ def plot_shifts(result: dict[str, Any], path: Path) -> Path:
     ax.axhline(result["summary"]["mean_macro_f1"], color="k", lw=1, ls=":", label="mean under shift")
     ax.set(xlabel="severity (0 = clean)", ylabel="macro F1", ylim=(0, 1.02),
            title=f"shift benchmark: {result.get('model') or 'model'} ({result['split']})")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5),
+              title="solid: simulated by training\naugmentation; dashed: held\nout (never seen in training)",
+              title_fontsize=7)
     return save_figure(fig, path)

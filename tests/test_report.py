@@ -1,0 +1,116 @@
+"""The run report and terminal summary a newcomer reads first: figures labelled, copies of training images
+reported *and* scored without, intervals that are not degenerate, absent classes and empty figures said."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import SMOKE_OVERRIDES, write_dataset
+from PIL import Image
+
+from lungxray.cli import summary
+from lungxray.report import FIGURE_LABELS_KEY, figure_labels, subplots
+
+CONFIG = Path(__file__).parents[1] / "configs/smoke.yaml"
+
+
+@pytest.fixture(scope="module")
+def leaky_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A smoke run whose test split holds 3 exact copies of training images (2 covid, 1 normal)."""
+    from lungxray.pipeline import train_run
+
+    data = write_dataset(tmp_path_factory.mktemp("leaky"), {"train": 14, "test": 6}, seed=3)
+    for folder, name in (("Covid", "train_001.png"), ("Covid", "train_002.png"), ("Normal", "train_004.png")):
+        shutil.copy(data / "train" / folder / name, data / "test" / folder / f"copy_{name}")
+    out = tmp_path_factory.mktemp("runs") / "leaky"
+    train_run(CONFIG, data, out, overrides=SMOKE_OVERRIDES)
+    return out
+
+
+def test_test_scores_are_also_given_without_the_copies(leaky_run: Path) -> None:
+    metrics = json.loads((leaky_run / "metrics.json").read_text())
+    without = metrics["test_without_duplicates"]
+    assert without["excluded"] == 3 and without["exact"] == 3
+    assert without["excluded_per_class"] == {"covid": 2, "normal": 1, "pneumonia": 0}
+    assert without["scores"]["metrics"]["n"] == metrics["test"]["metrics"]["n"] - 3 == 18
+    text = summary(metrics, leaky_run)
+    assert "without the 3 test images (3 exact, 0 near copies; covid 2, normal 1)" in text
+    acc_line = next(line for line in text.splitlines() if line.startswith("test accuracy"))
+    assert re.search(r"\(\d+/21\)\s+\| .*\(\d+/18\)", acc_line), acc_line  # side by side, with counts
+    report = (leaky_run / "report.md").read_text()
+    assert "| metric | value (95% CI) | without copies in training |" in report
+    assert "{'exact" not in report and "3 exact and 0 near-copy pairs across splits" in report  # no raw dict
+    assert "Wilson score for proportions" in report
+
+
+def test_recall_of_a_perfect_class_has_a_real_interval(leaky_run: Path) -> None:
+    metrics = json.loads((leaky_run / "metrics.json").read_text())
+    for c, pc in metrics["test"]["metrics"]["per_class"].items():
+        iv = metrics["test"]["intervals"][f"recall_{c}"]
+        if pc["recall"] == 1.0:
+            assert iv["low"] < 0.9, (c, iv)  # Wilson at 7/7 is 64.6-100, never "100.0% (100.0%-100.0%)"
+
+
+def _figures(report: Path) -> list[Path]:
+    names = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", report.read_text())
+    return [report.parent / n for n in names]
+
+
+def check_figure(path: Path) -> list[str]:
+    """Problems with one saved figure: no metadata, a panel without title, a plot panel without axis labels."""
+    text = Image.open(path).text  # type: ignore[attr-defined]
+    if FIGURE_LABELS_KEY not in text:
+        return [f"{path.name}: no panel labels in its metadata"]
+    panels = json.loads(text[FIGURE_LABELS_KEY])
+    problems = [] if panels else [f"{path.name}: no panel shows anything"]
+    for i, ax in enumerate(panels):
+        if ax["twin"]:  # the second y axis of a panel: its own label, the title is the panel's
+            problems += [] if ax["ylabel"] else [f"{path.name} panel {i}: twin axis without a label"]
+            continue
+        if not ax["title"]:
+            problems.append(f"{path.name} panel {i}: no title")
+        if not ax["image"] and not (ax["xlabel"] and ax["ylabel"]):
+            problems.append(f"{path.name} panel {i}: missing axis label ({ax})")
+    return problems
+
+
+def test_every_figure_of_the_report_has_titles_and_axis_labels(leaky_run: Path) -> None:
+    figures = _figures(leaky_run / "report.md")
+    assert {f.name for f in figures} >= {"learning_curves.png", "confusion_test.png", "reliability_test.png",
+                                         "gradcam_test.png"}
+    problems = [p for f in figures for p in check_figure(f)]
+    assert problems == []
+    gallery = json.loads(Image.open(leaky_run / "figures/gradcam_test.png").text[FIGURE_LABELS_KEY])
+    titles = [ax["title"] for ax in gallery]
+    assert all(re.search(r"\.(png|jpg)", t) for t in titles), titles  # each overlay named by its file
+    wrong = [i for i, t in enumerate(titles) if "WRONG" in t]
+    assert wrong == list(range(len(wrong)))  # misclassified first, as the report says
+    curves = json.loads(Image.open(leaky_run / "figures/learning_curves.png").text[FIGURE_LABELS_KEY])
+    assert not any(ax["twin"] for ax in curves) and "batch size 16 throughout" in curves[2]["title"]
+
+
+def test_the_figure_check_can_fail(tmp_path: Path) -> None:
+    from lungxray.report import save_figure
+
+    fig, ax = subplots()
+    ax.plot([0, 1], [0, 1])
+    save_figure(fig, tmp_path / "bare.png")
+    assert any("no title" in p for p in check_figure(tmp_path / "bare.png"))
+    assert any("missing axis label" in p for p in check_figure(tmp_path / "bare.png"))
+    Image.new("L", (8, 8)).save(tmp_path / "plain.png")
+    assert check_figure(tmp_path / "plain.png") == ["plain.png: no panel labels in its metadata"]
+    ax.set(title="t", xlabel="x", ylabel="y")
+    assert figure_labels(fig)[0] == {"title": "t", "xlabel": "x", "ylabel": "y", "image": False, "twin": False}
+
+
+def test_data_section_says_out_of_bag_validation() -> None:
+    from lungxray.report import data_section
+
+    data = {"counts": {"covid": 111}, "pool": 251, "holdout": 50, "test": 66, "validation_kind": "out-of-bag",
+            "validation_images": 249, "duplicates": {}}
+    text = "\n".join(data_section(data))
+    assert "out-of-bag, each of 249 training images" in text and "holdout 50" not in text
