@@ -89,6 +89,7 @@ class TrainConfig:
     compile: bool = False
     deterministic: bool = False
     threads: int = 0  # 0 = all cores
+    prune_stopped: bool = True  # members that stopped early leave the packed network (train.py); false: computed on
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,8 @@ from lungxray.fused_stem import fused_pool_relu, fused_stem, use_fused_pool_relu
 if TYPE_CHECKING:
     from lungxray.fused_dense import DenseMaster
 
-__all__ = ["PackedLinear", "PackedNet", "build_model", "count_flops", "extract_member", "list_models", "model_info",
-           "register_model", "stack_members"]  # fmt: skip
+__all__ = ["PackedLinear", "PackedNet", "build_model", "count_flops", "extract_member", "list_models", "member_rows",
+           "model_info", "register_model", "scatter_members", "select_members", "stack_members"]  # fmt: skip
 
 F_ = TypeVar("F_", bound=Callable[..., nn.Module])
 _RESERVED = ("num_classes", "in_channels", "members")
@@ -143,6 +143,59 @@ def stack_members(state_dicts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
             raise ValueError(f"state dict {i} does not match state dict 0 (keys or shapes differ)")
     first = state_dicts[0]
     return {k: first[k].clone() if first[k].dim() == 0 else torch.cat([sd[k] for sd in state_dicts]) for k in keys}
+
+
+SPEED_ATTRIBUTES = ("micro_batch", "fused", "fused_pool", "fused_dense")  # per-instance speed settings, not weights
+
+
+def member_rows(t: Tensor, ks: list[int], members: int) -> Tensor:
+    """Members `ks` (in that order) of a packed tensor, as a new tensor; a 0-dim (shared) tensor is returned as is."""
+    if t.dim() == 0:
+        return t
+    s = t.shape[0] // members
+    return torch.cat([t.narrow(0, k * s, s) for k in ks])
+
+
+@torch.no_grad()
+def scatter_members(dst: dict[str, Tensor], src: dict[str, Tensor], ks: list[int], members: int) -> None:
+    """Write the len(ks)-member tensors `src` into members `ks` of the `members`-member tensors `dst`, in place.
+
+    Any memory format on either side (narrow along dim 0 is a view in every layout); 0-dim tensors are copied.
+    """
+    for name, target in dst.items():
+        value = src[name]
+        if target.dim() == 0:
+            target.copy_(value)
+            continue
+        s = target.shape[0] // members
+        for j, k in enumerate(ks):
+            target.narrow(0, k * s, s).copy_(value.narrow(0, j * s, s))
+
+
+def select_members(model: nn.Module, ks: list[int]) -> nn.Module:
+    """A new packed network of members `ks` of `model`: same architecture, weights, buffers, device, layout.
+
+    Why: a packed network computes every member on every step, also members that stopped early; training the
+    still-active ones as a smaller network costs only their share. The per-instance speed settings
+    (SPEED_ATTRIBUTES) are carried over; parameters follow `model`'s memory format (channels_last or not).
+    """
+    members = int(getattr(model, "members", 1))
+    if not ks or len(set(ks)) != len(ks) or not all(0 <= k < members for k in ks):
+        raise ValueError(f"select_members: {ks} is not a list of distinct members of 0..{members - 1}")
+    small = build_model(**{**model.build_args, "members": len(ks)})  # type: ignore[arg-type, dict-item]
+    for attr in SPEED_ATTRIBUTES:
+        if attr in model.__dict__:
+            setattr(small, attr, model.__dict__[attr])
+    param = next(model.parameters())
+    cl = any(p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+             for p in model.parameters())
+    small = small.to(param.device, memory_format=torch.channels_last if cl else torch.contiguous_format)  # type: ignore[call-overload]
+    full = model.state_dict()
+    with torch.no_grad():
+        for name, t in small.state_dict().items():
+            t.copy_(member_rows(full[name], ks, members))
+    small.train(model.training)
+    return small
 
 
 # ------------------------------------------------------------------------------------------- building blocks
