@@ -101,7 +101,7 @@ def test_onnx_engine_matches_torch_engine(name: str, runs: dict[str, Path], tiny
         assert a["path"] == b["path"] and a["label"] == b["label"] and a["refer"] == b["refer"]
         for col in a:
             if col.startswith("prob_") or col in ("uncertainty", "disagreement"):
-                assert abs(float(a[col]) - float(b[col])) < TOL, col
+                assert abs(float(a[col]) - float(b[col])) < TOL + 1e-4, col  # the CSV rounds to 4 decimals
 
 
 def test_stale_onnx_is_exported_again(trained_run: Path, tiny_dataset: Path, tmp_path: Path) -> None:

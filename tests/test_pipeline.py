@@ -47,7 +47,7 @@ def test_metrics_json_agrees_with_prediction_csv(trained_run: Path, tiny_dataset
     assert evaluation["overall"]["metrics"]["accuracy"] == pytest.approx(correct / 18)
     for r in rows:
         probs = [float(r[f"prob_{c}"]) for c in ("covid", "normal", "pneumonia")]
-        assert sum(probs) == pytest.approx(1.0, abs=1e-6)
+        assert sum(probs) == pytest.approx(1.0, abs=2e-4)  # four decimals each
         assert r["label"] == ("covid", "normal", "pneumonia")[int(np.argmax(probs))]
 
 

@@ -114,3 +114,39 @@ def test_data_section_says_out_of_bag_validation() -> None:
             "validation_images": 249, "duplicates": {}}
     text = "\n".join(data_section(data))
     assert "out-of-bag, each of 249 training images" in text and "holdout 50" not in text
+
+
+def test_predict_csv_header_is_fixed_rounded_summarised_and_deduplicated(
+        trained_run: Path, tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import csv
+
+    from lungxray.cli import main
+
+    bad = tmp_path / "aaa_broken.png"  # first in the folder: its row must not set the column order
+    bad.write_text("not an image")
+    good = sorted((tiny_dataset / "test" / "Covid").glob("*.png"))[0]
+    shutil.copy(good, tmp_path / "b.png")
+    dicom = tmp_path / "IM0001"  # a PACS export without an extension
+    _write_dicom(dicom)
+    out = tmp_path / "rows.csv"
+    capsys.readouterr()
+    assert main(["predict", str(trained_run), str(tmp_path), str(tmp_path / "b.png"), "--csv", str(out)]) == 0
+    printed = capsys.readouterr().out
+    header = out.read_text().splitlines()[0]
+    assert header.startswith("path,label,prob_covid,prob_normal,prob_pneumonia,uncertainty,disagreement,")
+    assert header.split(",")[-1] == "error" and "refer" in header.split(",")
+    rows = list(csv.DictReader(out.open()))
+    assert Path(rows[0]["path"]).name == "aaa_broken.png" and rows[0]["error"]
+    assert [Path(r["path"]).name for r in rows].count("b.png") == 1  # given by name and inside the folder: once
+    assert {Path(r["path"]).name for r in rows} == {"b.png", "aaa_broken.png", "IM0001"}
+    ok = [r for r in rows if not r["error"]]
+    assert all(len(r["prob_covid"].split(".")[1]) == 4 for r in ok)  # not 0.33333334326744
+    assert re.search(rf"wrote 3 rows to {re.escape(str(out))}: 2 predicted \(\d+ referred", printed), printed
+
+
+
+def _write_dicom(path: Path) -> None:
+    import numpy as np
+    from filegen import dicom_bytes
+
+    path.write_bytes(dicom_bytes(np.random.default_rng(0).integers(0, 4096, (64, 64)).astype(np.uint16)))

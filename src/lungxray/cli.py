@@ -90,33 +90,91 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cam", metavar="DIR", help="also write a Grad-CAM overlay DIR/<image stem>_cam.png per image")
 
 
+PREDICT_TAIL = ("uncertainty", "disagreement", "ood", "refer", "refer_reason", "error")  # after path, label, prob_*
+DECIMALS = {"prob_": 4, "uncertainty": 4, "disagreement": 4, "ood": 3}  # what the numbers mean to, no more
+
+
+def predict_columns(classes: Sequence[str], rows: Sequence[dict]) -> list[str]:
+    """The CSV header, from one list whatever row comes first: path, label, prob_<class>..., uncertainty,
+    disagreement, ood, refer, refer_reason, error (ood and refer_reason when the bundle gives them), then extras
+    such as cam."""
+    seen = {k for r in rows for k in r}
+    cols = ["path", "label", *(f"prob_{c}" for c in classes)]
+    cols += [c for c in PREDICT_TAIL if c in seen or c not in ("ood", "refer_reason")]
+    return cols + [k for k in dict.fromkeys(k for r in rows for k in r) if k not in cols]
+
+
+def csv_value(key: str, value: object) -> object:
+    """Floats rounded to what they mean (probabilities to 4 decimals), NaN as an empty cell."""
+    if isinstance(value, float):
+        if value != value:  # NaN: no out-of-distribution reference in this bundle
+            return ""
+        digits = next((d for prefix, d in DECIMALS.items() if key.startswith(prefix)), 6)
+        return f"{value:.{digits}f}"
+    return value
+
+
+def extensionless_dicoms(given: Sequence[str], found: Sequence[Path]) -> list[Path]:
+    """DICOM files without a file-name extension inside the given folders (PACS exports often have none): the
+    folder search looks at extensions, so these are added here, by their DICM magic, and said."""
+    from lungxray.imageio import is_dicom_bytes
+
+    have, out = {str(p) for p in found}, []
+    for folder in (Path(g) for g in given):
+        if not folder.is_dir():
+            continue
+        for f in sorted(folder.rglob("*")):
+            if f.suffix or f.name.startswith(".") or str(f) in have or not f.is_file() or f.is_symlink():
+                continue
+            try:
+                with f.open("rb") as fh:
+                    head = fh.read(132)
+            except OSError:
+                continue
+            if is_dicom_bytes(head):
+                out.append(f)
+    return out
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
+    import csv
+    import io
+
     from lungxray.api import load
+    from lungxray.files import write_text
     from lungxray.predict import expand_paths
-    from lungxray.report import write_rows_csv
 
     paths = expand_paths(args.paths)
+    dicoms = extensionless_dicoms(args.paths, paths)
+    if dicoms:
+        log.info("including %d DICOM file(s) without a file-name extension (e.g. %s)", len(dicoms), dicoms[0])
+        paths = [*paths, *dicoms]
+    paths = list(dict.fromkeys(paths))  # a file given by name and found in a folder too: once
     if not paths:
         raise FileNotFoundError("no image files found in " + ", ".join(args.paths))
     model = load(args.run_dir, args.device, engine=args.engine, onnx=args.onnx)
     order = {str(p): i for i, p in enumerate(paths)}
-    rows = sorted(model.predict(paths, on_error="skip").to_rows(), key=lambda r: order[r["path"]])  # input order
+    rows = sorted(model.predict(paths, on_error="skip").to_rows(), key=lambda r: order.get(r["path"], len(order)))
     if args.cam:
         from lungxray.gradcam import write_cams
 
         cams = write_cams(model.predictor, [Path(r["path"]) for r in rows if not r["error"]], args.cam)
         for row in rows:
             row["cam"] = str(cams.get(row["path"], ""))
-    if args.csv:
-        write_rows_csv(Path(args.csv), rows)
-    else:
-        import csv
-
-        cols = list(dict.fromkeys(k for r in rows for k in r))
-        writer = csv.DictWriter(sys.stdout, fieldnames=cols, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=predict_columns(model.classes, rows), restval="")
+    writer.writeheader()
+    writer.writerows({k: csv_value(k, v) for k, v in r.items()} for r in rows)
     failed = sum(1 for r in rows if r.get("error"))
+    referred = sum(1 for r in rows if r.get("refer") is True)
+    if args.csv:
+        write_text(Path(args.csv), buf.getvalue())
+    else:
+        sys.stdout.write(buf.getvalue())
+    where = args.csv or "standard output"
+    print(f"wrote {len(rows)} rows to {where}: {len(rows) - failed} predicted ({referred} referred to a radiologist)"
+          f", {failed} unreadable" + (f"; Grad-CAM overlays in {args.cam}" if args.cam else ""),
+          file=sys.stdout if args.csv else sys.stderr)
     if failed:
         log.warning("%d of %d files could not be read (see the error column)", failed, len(rows))
     return 1 if failed == len(rows) else 0
