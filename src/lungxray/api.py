@@ -13,7 +13,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import numpy as np
     from PIL import Image
 
+    from lungxray.audit import AuditResult
     from lungxray.config import RunConfig
     from lungxray.predict import Predictions, Predictor
 
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Evaluation", "Model", "Run", "evaluate", "load", "train"]
+__all__ = ["Evaluation", "Model", "Run", "audit", "evaluate", "load", "train"]
 
 DEFAULT_CONFIG = "configs/reference.yaml"
 
@@ -81,29 +82,9 @@ class Model:
 
         >>> model.predict(["a.png", "b.dcm"]).to_dataframe()  # path, label, prob_<class>..., uncertainty, refer
         """
-        import numpy as np
-
-        from lungxray.imageio import ImageDecodeError
-        from lungxray.predict import make_predictions
-
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-        decoded: list[np.ndarray] = []
-        names: list[str] = []
-        skipped: list[tuple[str, str]] = []
-        for source, name in _inputs(images):
-            try:
-                decoded.append(self.predictor.preprocess(source, name=name))
-                names.append(name)
-            except ImageDecodeError as exc:
-                if on_error == "raise":
-                    raise
-                log.warning("skipped %s", exc)
-                skipped.append((name, str(exc)))
-        size = int(self.meta["input"]["size"])
-        stack = np.stack(decoded) if decoded else np.zeros((0, size, size), np.uint8)  # (N, S, S) uint8
-        pred = make_predictions(self.predictor.member_logits(stack, batch_size), self.meta)
-        return replace(pred, names=names, skipped=skipped)
+        return self.predictor.predict_named(_inputs(images), on_error, batch_size)
 
     def gradcam(self, image: ImageInput, *, overlay: bool = True, target: str | None = None) -> np.ndarray:
         """Grad-CAM saliency of one image: an RGB uint8 (S, S, 3) overlay, or with `overlay=False` the heatmap
@@ -272,6 +253,7 @@ def train(
     *,
     device: str = "auto",
     resume: bool = False,
+    force: bool = False,
     **overrides: Any,
 ) -> Run:
     """Train, calibrate, evaluate once on test/ and write a loadable bundle; returns the :class:`Run`.
@@ -281,7 +263,8 @@ def train(
     Overrides take any config key: a bare field name when it is unique across sections (`epochs=3`,
     `arch="resnet_small"`), `section__field` (`train__lr=0.01`), a dotted key (`**{"train.lr": 0.01}`), or a
     section mapping (`augment={"rotation_range": 10}`). `resume=True` continues the interrupted run in `out`
-    with its own config.yaml and data.
+    with its own config.yaml and data. `out` holding a finished bundle or an interrupted run is refused unless
+    `force=True` (a folder in use by another training always is).
 
     >>> run = lungxray.train("configs/smoke.yaml", data="data/covid19-dataset", out="runs/mine", epochs=3)
     >>> run                                    # in Jupyter: a table of the test and validation figures
@@ -306,7 +289,7 @@ def train(
         source = _config_source(config)
         dotted = override_keys(overrides)
         run_dir = Path(out) if out is not None else Path("runs") / load_config(source, dotted).name
-    result = train_run(source, find_data(_path(data)), run_dir, dotted, device=device, resume=resume)
+    result = train_run(source, find_data(_path(data)), run_dir, dotted, device=device, resume=resume, force=force)
     return Run(result.run_dir, result.config, result.metrics, result.history)
 
 
@@ -378,7 +361,7 @@ class Evaluation:
     """
 
     run_dir: Path
-    out_dir: Path  # where evaluation.json, predictions.csv and evaluation.md were written
+    out_dir: Path | None  # where evaluation.json, predictions.csv and evaluation.md were written (None: nowhere)
     result: dict[str, Any] = field(repr=False)  # evaluation.json
 
     @property
@@ -390,21 +373,20 @@ class Evaluation:
         return float(self.result["overall"]["metrics"]["accuracy"])
 
     @property
-    def report(self) -> Path:
-        return self.out_dir / "evaluation.md"
+    def report(self) -> Path | None:
+        return None if self.out_dir is None else self.out_dir / "evaluation.md"
 
     def __str__(self) -> str:
-        iv = self.result["overall"]["intervals"]
-        lines = [f"{self.images} images: accuracy {_iv(iv['accuracy'])}, macro F1 {_iv(iv['macro_f1'])}"]
-        lines += [f"  {source}: accuracy {_iv(scores['intervals']['accuracy'])}"
-                  for source, scores in self.result["sources"].items()]
-        return "\n".join([*lines, f"report: {self.report}"])
+        from lungxray.report import evaluation_lines
+
+        return "\n".join(evaluation_lines(self.result, self.out_dir))
 
     def _repr_html_(self) -> str:
         r = self.result
         columns = [(f"all ({r['images']} images)", r["overall"])]
         columns += [(f"{s} ({sc['metrics']['n']})", sc) for s, sc in r["sources"].items()]
-        notes = [f"data: {r['data']}; unreadable or skipped: {len(r.get('skipped', []))}", f"report: {self.report}"]
+        notes = [f"data: {r['data']}; unreadable or skipped: {len(r.get('skipped', []))}",
+                 f"report: {self.report}" if self.report else "nothing written (pass out=DIR to save a report)"]
         return _scores_html(f"evaluation of {self.run_dir}", columns, notes)
 
 
@@ -418,16 +400,29 @@ def evaluate(
 ) -> Evaluation:
     """Score a trained model on a labelled folder (its test/ split when it has one, else every image).
 
-    Writes evaluation.json, predictions.csv and evaluation.md to `out` (default RUN_DIR/evaluation). `data`
-    defaults to what the CLI finds. Folders of classes the model does not know are skipped and listed.
+    Read-only unless `out` is given: then evaluation.json, predictions.csv and evaluation.md are written there
+    (nothing is ever written into the bundle unasked). `data` defaults to what the CLI finds. Folders of classes
+    the model does not know are skipped and listed.
 
     >>> lungxray.evaluate("runs/reference", data="other-hospital/")
     """
     from lungxray.pipeline import evaluate_run, find_data
 
     result = evaluate_run(Path(run_dir), find_data(_path(data)), _path(out), seed=seed, device=device)
-    out_dir = Path(out) if out is not None else Path(run_dir) / "evaluation"
-    return Evaluation(Path(run_dir), out_dir, result)
+    return Evaluation(Path(run_dir), _path(out), result)
+
+
+def audit(data: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *, seed: int = 0,
+          folds: int = 5) -> AuditResult:
+    """Shortcut audit of a labelled folder (`lungxray.audit`): can the classes be told apart from borders, 8x8
+    thumbnails, grey-level histograms or file facts alone? Cross-validated probes against chance, duplicates,
+    per-class statistics and a verdict; with `out`, audit.md, audit.json and figures are written there.
+
+    >>> print(lungxray.audit("data/covid19-dataset").verdict)
+    """
+    from lungxray.audit import audit as run_audit
+
+    return run_audit(data, out, seed=seed, folds=folds)
 
 
 # --------------------------------------------------------------------------------------------------- rendering
@@ -476,4 +471,5 @@ def _scores_html(caption: str, columns: list[tuple[str, dict[str, Any]]], notes:
         values.append(_num(scores.get("ece_calibrated")))
         values.append(f"{_pct(refer.get('referral_rate'))} / {_pct(refer.get('accuracy'))}")
         cols.append((header, values))
-    return _table(caption, cols, names, [*notes, "95% percentile-bootstrap intervals over images."])
+    return _table(caption, cols, names, [*notes, "95% intervals: Wilson for accuracy and recall, percentile "
+                                                 "bootstrap over images for F1 and AUC."])

@@ -3,12 +3,14 @@
 A checkpoint holds the model, the best weights so far, the optimizer, the training state, every random
 generator (numpy for sampling, torch for dropout, the augmenter's own) and the member plan (bootstrap indices),
 so a run killed at any point resumes exactly where its last epoch ended. It is one file, so the tensors and the
-state can never be from different epochs. Nothing is pickled.
+state can never be from different epochs. Nothing is pickled. A digest of every tensor and of the JSON state is
+stored in the file and checked on resume: a flipped byte is refused in one line instead of resuming silently wrong.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -100,7 +102,18 @@ def save_checkpoint(
         "numpy_rng": rng.bit_generator.state,
     }
     text = json.dumps(meta, default=_jsonable)  # Infinity/NaN kept (best_monitor starts at inf)
-    atomic_write(run_dir / CHECKPOINT_TENSORS, lambda tmp: save_file(tensors, str(tmp), metadata={"checkpoint": text}))
+    header = {"checkpoint": text, "digest": tensors_digest(tensors, text)}
+    atomic_write(run_dir / CHECKPOINT_TENSORS, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor], text: str = "") -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes (sorted by name) and `text`."""
+    h = hashlib.sha256(text.encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()
 
 
 def _jsonable(obj: Any) -> Any:
@@ -121,13 +134,22 @@ def checkpoint_epoch(run_dir: Path) -> int | None:
         return None
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
+def _read_header(path: Path) -> dict[str, str]:
     try:
         with safe_open(str(path), framework="pt") as fh:
-            header = fh.metadata() or {}
-        return json.loads(header["checkpoint"])
-    except (KeyError, json.JSONDecodeError, SafetensorError) as exc:
+            return dict(fh.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a lungxray checkpoint ({type(exc).__name__}: {exc})") from exc
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(_read_header(path)["checkpoint"])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not a lungxray checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: not a lungxray checkpoint (its state is not an object)")
+    return meta
 
 
 def load_checkpoint(
@@ -151,8 +173,22 @@ def load_checkpoint(
         raise CheckpointError(f"{path}: checkpoint format {found}, this lungxray reads {CHECKPOINT_FORMAT}")
     try:
         tensors = load_file(str(path), device="cpu")
-    except SafetensorError as exc:
+    except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a lungxray checkpoint ({exc})") from exc
+    header = _read_header(path)
+    if "digest" in header and header["digest"] != tensors_digest(tensors, header["checkpoint"]):
+        raise CheckpointError(f"{path}: content does not match its digest (damaged); start a new run or restore it")
+    try:
+        return _restore(path, meta, tensors, model, optimizer, augmenter, state_cls, plan, average)
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise CheckpointError(f"{path}: state does not fit this run ({type(exc).__name__}: {exc})") from exc
+
+
+def _restore(path: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor], model: torch.nn.Module,
+             optimizer: torch.optim.Optimizer, augmenter: Augmenter, state_cls: type, plan: MemberPlan | None,
+             average: WeightAverage | None) -> tuple[Any, dict[str, torch.Tensor], np.random.Generator]:
     if plan is not None and "plan.train_index" in tensors:
         same = np.array_equal(tensors["plan.train_index"].numpy(), plan.train_index) and np.array_equal(
             tensors["plan.val_mask"].numpy().astype(bool), plan.val_mask

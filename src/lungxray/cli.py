@@ -11,6 +11,7 @@ from pathlib import Path
 from lungxray.waitpolicy import choose_wait_policy
 
 log = logging.getLogger("lungxray")
+RUN_DIR_HELP = "a trained model: the run folder `lungxray train` wrote (model.safetensors, meta.json, ...)"
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -22,6 +23,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="override a config value, e.g. --set train.epochs=5 (repeatable)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
+    p.add_argument("--force", action="store_true", help="replace a finished bundle or interrupted run in --out")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -32,7 +34,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise ValueError("--set cannot be combined with --resume: a resumed run keeps its config.yaml")
         result = train(data=args.data, out=args.resume, device=args.device, resume=True)
     else:
-        result = train(args.config, args.data, args.out, device=args.device, **parse_overrides(args.overrides))
+        result = train(args.config, args.data, args.out, device=args.device, force=args.force,
+                       **parse_overrides(args.overrides))
     from lungxray.distributed import context, shutdown
 
     if context().is_main:  # under torchrun every rank returns the metrics; one prints them
@@ -65,9 +68,10 @@ def summary(metrics: dict, run_dir: Path) -> str:
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="score a trained model on a labelled folder")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help=RUN_DIR_HELP)
     p.add_argument("--data", required=True, help="labelled folder (its test/ split if present, else all)")
-    p.add_argument("--out", help="output folder (default RUN_DIR/evaluation)")
+    p.add_argument("--out", help="write evaluation.md, evaluation.json and predictions.csv here (default: nothing "
+                                 "is written)")
     p.add_argument("--device", default="cpu")
 
 
@@ -80,7 +84,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="predict image files or folders (recursively)")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help=RUN_DIR_HELP)
     p.add_argument("paths", nargs="+")
     p.add_argument("--csv", help="write the rows to this CSV (default: print CSV to stdout)")
     p.add_argument("--device", default="cpu")
@@ -182,7 +186,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a model to ONNX (whole ensemble, calibrated) and check its parity")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help=RUN_DIR_HELP)
     p.add_argument("--out", required=True, help="ONNX file to write, e.g. model.onnx")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--quantize", choices=("int8",),
@@ -218,7 +222,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a trained model over HTTP (web page at /, API at /predict)")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help=RUN_DIR_HELP)
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (0 picks a free one)")
     p.add_argument("--workers-threads", type=int, default=4, metavar="N",
@@ -260,7 +264,7 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
 def _add_robustness(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("robustness", help="shift benchmark: scores under graded acquisition shifts, saliency check")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help=RUN_DIR_HELP)
     p.add_argument("--data", help="labelled folder (default: the one the run was trained on)")
     p.add_argument("--split", choices=("test", "validation"), default="test",
                    help="test/ (report) or the run's validation images (to compare variants on)")
@@ -314,7 +318,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--no-peak", dest="peak", action="store_false", help="skip the peak matmul FLOP/s measurement")
     t.add_argument("--json", action="store_true", help="print one JSON object")
     r = kinds.add_parser("predict", help="inference latency (batch 1) and throughput, PyTorch and ONNX Runtime")
-    r.add_argument("run_dir", nargs="?", help="a trained bundle (default: an untrained one of --arch)")
+    r.add_argument("run_dir", nargs="?", help=RUN_DIR_HELP + " (default: an untrained one of --arch)")
     r.add_argument("--arch", default="compact_cnn", help="architecture when no RUN_DIR is given")
     r.add_argument("--members", type=int, default=1, help="members when no RUN_DIR is given")
     r.add_argument("--device", default="cpu")
@@ -359,6 +363,29 @@ COMMANDS = {
 }
 COMMANDS["robustness"] = (_add_robustness, _cmd_robustness)
 COMMANDS["bench"] = (_add_bench, _cmd_bench)
+
+
+def _add_audit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("audit", help="shortcut audit of a labelled folder: can borders, thumbnails, histograms or "
+                                     "file facts alone tell the classes apart?")
+    p.add_argument("--data", required=True, help="folder of class sub-folders (train/ and test/ audited together)")
+    p.add_argument("--out", help="write audit.md, audit.json and figures/ here (default: nothing is written)")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object (logs go to stderr)")
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    import json
+
+    from lungxray.api import audit
+
+    result = audit(args.data, args.out, seed=args.seed, folds=args.folds)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result)
+    return 0
+
+
+COMMANDS["audit"] = (_add_audit, _cmd_audit)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,11 +2,17 @@
 
 One config describes a whole run (data, model, augmentation, training, ensemble, calibration). Unknown keys and
 wrong types are refused with a one-line error naming the key, so a typo never silently falls back to a default.
+Numbers must be finite and within a range (`.inf` for a learning rate, an image size of 100000), the run name is
+one plain folder name (it becomes runs/<name>, so it can never point elsewhere), and YAML aliases are bounded
+(`safe_yaml`: a "billion laughs" document is refused instead of expanding without end).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +27,47 @@ from lungxray.photometric import resolve_photometric
 
 class ConfigError(ValueError):
     """A configuration problem, reported in one line that names the offending key."""
+
+
+MAX_ALIASES = 64  # YAML alias uses per document; real configs use none or a few
+MAX_YAML_BYTES = 1024 * 1024
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses documents using more than MAX_ALIASES aliases (exponential expansion)."""
+
+    aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_ALIASES:
+                raise ConfigError(f"more than {MAX_ALIASES} YAML aliases (*name): refused as an alias bomb")
+        return super().compose_node(parent, index)
+
+
+def safe_yaml(text: str, where: str = "config") -> Any:
+    """yaml.safe_load with bounded size and alias use; ConfigError (one line) for anything malformed."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"{where}: {len(text)} characters, more than a configuration can be")
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML ({exc.__class__.__name__})") from exc
+    finally:
+        loader.dispose()
+
+
+def check_run_name(name: str, what: str = "name") -> str:
+    """A run name is one plain folder name: letters, digits, '.', '_', '-'; never a path, never hidden."""
+    if not _RUN_NAME.fullmatch(name) or name in (".", ".."):
+        raise ConfigError(f"{what}: {name!r} is not a plain folder name (letters, digits, '.', '_', '-', at most 100; "
+                          "use --out for another folder)")
+    return name
 
 
 @dataclass(frozen=True)
@@ -90,6 +137,7 @@ class TrainConfig:
     deterministic: bool = False
     threads: int = 0  # 0 = all cores
     prune_stopped: bool = True  # members that stopped early leave the packed network (train.py); false: computed on
+    autotune: bool = True  # measure precision/layout/kernels/threads once per machine (autotune.py); false: as written
 
 
 @dataclass(frozen=True)
@@ -165,12 +213,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -198,7 +246,7 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key.sub=value")
     key, _, value = text.partition("=")
-    return key.strip().split("."), yaml.safe_load(value)
+    return key.strip().split("."), safe_yaml(value, f"override {key.strip()}")
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
@@ -233,10 +281,7 @@ def load_config(
         path = Path(source)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__})") from exc
+        raw = safe_yaml(path.read_text(), str(path)) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     raw = apply_overrides(raw, overrides or [])
@@ -245,17 +290,33 @@ def load_config(
     return config
 
 
+MAX_IMAGE_SIZE = 2048
+
+
 def _validate(c: RunConfig) -> None:
+    check_run_name(c.name)
+    t = c.train
     checks = [
-        (c.data.image_size >= 32, "data.image_size must be at least 32"),
+        (32 <= c.data.image_size <= MAX_IMAGE_SIZE, f"data.image_size must be in [32, {MAX_IMAGE_SIZE}]"),
         (0.0 <= c.data.val_fraction < 1.0, "data.val_fraction must be in [0, 1)"),
         (0.0 <= c.data.crop_border < 0.4, "data.crop_border must be in [0, 0.4)"),
-        (c.train.epochs >= 1, "train.epochs must be at least 1"),
-        (c.train.batch_size >= 1, "train.batch_size must be at least 1"),
-        (c.train.lr > 0, "train.lr must be positive"),
-        (c.train.ema_epochs >= 0, "train.ema_epochs must be 0 (off) or positive"),
-        (c.train.mixup >= 0, "train.mixup must be 0 (off) or a positive Beta concentration"),
-        (c.ensemble.members >= 1, "ensemble.members must be at least 1"),
+        (0 <= c.seed < 2**63, "seed must be in [0, 2**63)"),
+        (1 <= t.epochs <= 100_000, "train.epochs must be in [1, 100000]"),
+        (1 <= t.batch_size <= 65_536, "train.batch_size must be in [1, 65536]"),
+        (0 < t.lr <= 10, "train.lr must be in (0, 10]"),
+        (0 <= t.weight_decay <= 10, "train.weight_decay must be in [0, 10]"),
+        (0 <= t.l2 <= 10, "train.l2 must be in [0, 10]"),
+        (0 <= t.label_smoothing < 1, "train.label_smoothing must be in [0, 1)"),
+        (0 <= t.plateau_patience <= 100_000, "train.plateau_patience must be in [0, 100000]"),
+        (0 < t.lr_factor <= 1, "train.lr_factor must be in (0, 1]"),
+        (0 <= t.min_lr <= 10, "train.min_lr must be in [0, 10]"),
+        (1 <= t.batch_growth <= 64, "train.batch_growth must be in [1, 64]"),
+        (1 <= t.max_batch_size <= 65_536, "train.max_batch_size must be in [1, 65536]"),
+        (0 <= t.early_stopping_patience <= 100_000, "train.early_stopping_patience must be in [0, 100000]"),
+        (0 <= t.threads <= 4096, "train.threads must be in [0, 4096] (0 = all cores)"),
+        (0 <= t.ema_epochs <= 10_000, "train.ema_epochs must be 0 (off) or positive, at most 10000"),
+        (0 <= t.mixup <= 1000, "train.mixup must be 0 (off) or a positive Beta concentration (at most 1000)"),
+        (1 <= c.ensemble.members <= 256, "ensemble.members must be in [1, 256]"),
         (0.0 < c.calibration.refer_coverage <= 1.0, "calibration.refer_coverage must be in (0, 1]"),
     ]
     for ok, message in checks:

@@ -21,12 +21,31 @@ Conventions (documented here because they change pixel values):
   window centre/width (LINEAR, LINEAR_EXACT or SIGMOID), else min-max over the image (a viewer's auto-window);
   MONOCHROME1 is inverted so that bone is always bright. Multi-frame data is refused.
 - Images with more than :data:`MAX_PIXELS` pixels are refused from their header, before any pixel is decoded.
+
+Decoding within a budget (hostile uploads, docs/security.md): every decoder checks, from the header and before it
+allocates, the pixel count (:data:`MAX_PIXELS`), the working memory it will need (``DecodeLimits.max_decode_bytes``)
+and the expansion over the file's size (``max_ratio``: a 43-byte GIF cannot hold a 7000 x 7000 picture; a
+decompression bomb is refused, not decoded), and refuses pixel data that does not match its header (DICOM Rows x
+Columns x SamplesPerPixel x BitsAllocated x frames). Images much larger than the model input (short side at least
+8x the target) are decoded at reduced size where the format allows (JPEG draft mode, JPEG 2000 reduce-on-load, else
+a box reduction in the integer domain before any float copy). Working memory of concurrent decodes in one process
+is bounded by one shared byte budget (:func:`set_decode_budget`; a decode waits for room, and gives up with
+:class:`DecodeBusy`). Paths are read only when they are regular files no larger than ``max_file_bytes``: a FIFO, a
+device or a link loop is an error, never a hang.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import os
+import stat
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +57,16 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "IMAGE_SUFFIXES",
     "MAX_PIXELS",
+    "DecodeBusy",
+    "DecodeLimits",
     "ImageDecodeError",
     "decode_image",
+    "decode_limits",
     "is_dicom_bytes",
+    "read_file",
     "read_grayscale",
+    "set_decode_budget",
+    "set_decode_limits",
     "to_model_input",
 ]
 
@@ -49,7 +74,9 @@ MAX_PIXELS: int = 50_000_000
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"})
 DICOM_SUFFIXES: frozenset[str] = frozenset({".dcm", ".dicom"})
 # Bumped whenever decoding changes pixel values: it is part of every dataset cache key (lungxray.data).
-DECODER_VERSION = "1"
+DECODER_VERSION = "2"  # 2: images with a short side of 8x the target or more are decoded at reduced size
+MB = 1024 * 1024
+REDUCE_ABOVE = 8  # decode at reduced size when the short side is at least this many times the target size
 
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -58,6 +85,121 @@ Source = str | Path | bytes | bytearray | memoryview | Image.Image | np.ndarray
 
 class ImageDecodeError(ValueError):
     """An input that is not a decodable single-frame image; the message is ``"<name>: <what is wrong>"``."""
+
+
+class DecodeBusy(ImageDecodeError):
+    """The process's shared decode budget stayed full for ``DecodeLimits.wait_s``: retry later (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What one decode may cost; refused from the header before anything is allocated (docs/security.md)."""
+
+    max_pixels: int = MAX_PIXELS
+    max_decode_bytes: int = 512 * MB  # estimated working memory of one decode
+    max_ratio: float = 400.0  # decoded bytes per byte of file, checked once the decoded size is over ratio_floor
+    ratio_floor: int = 16 * MB
+    max_file_bytes: int = 128 * MB  # largest file read from a path, and largest inflated DICOM data set
+    budget_bytes: int = 768 * MB  # working memory of all decodes running at once in this process
+    wait_s: float = 30.0  # how long a decode waits for room in the budget
+
+    def __post_init__(self) -> None:
+        for name in ("max_pixels", "max_decode_bytes", "max_ratio", "ratio_floor", "max_file_bytes", "budget_bytes"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"decode limits: {name} must be positive, got {getattr(self, name)}")
+        if self.wait_s < 0:
+            raise ValueError(f"decode limits: wait_s must be 0 or more, got {self.wait_s}")
+
+
+class _Budget:
+    """A byte semaphore: decodes reserve their estimated working memory and give it back when done."""
+
+    def __init__(self) -> None:
+        self.used = 0
+        self.peak = 0
+        self.cond = threading.Condition()
+
+    @contextmanager
+    def reserve(self, nbytes: int, name: str) -> Iterator[None]:
+        limits = _LIMITS
+        if nbytes > limits.max_decode_bytes:
+            raise ImageDecodeError(f"{name}: decoding needs about {nbytes / MB:.0f} MB, more than the limit of "
+                                   f"{limits.max_decode_bytes / MB:.0f} MB per image")
+        nbytes = min(nbytes, limits.budget_bytes)
+        deadline = time.monotonic() + limits.wait_s
+        with self.cond:
+            while self.used + nbytes > limits.budget_bytes:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DecodeBusy(f"{name}: the decoder is busy with other large images; retry shortly")
+                self.cond.wait(left)
+            self.used += nbytes
+            self.peak = max(self.peak, self.used)
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.used -= nbytes
+                self.cond.notify_all()
+
+
+_LIMITS = DecodeLimits()
+_BUDGET = _Budget()
+
+
+def decode_limits() -> DecodeLimits:
+    return _LIMITS
+
+
+def set_decode_limits(limits: DecodeLimits) -> DecodeLimits:
+    """Replace the process-wide limits (the server sets its own); returns the previous ones."""
+    global _LIMITS, MAX_PIXELS
+    previous, _LIMITS = _LIMITS, limits
+    MAX_PIXELS = limits.max_pixels
+    return previous
+
+
+def set_decode_budget(budget_bytes: int) -> DecodeLimits:
+    """Bound the working memory of concurrent decodes in this process (e.g. the server's worker threads)."""
+    import dataclasses
+
+    return set_decode_limits(dataclasses.replace(_LIMITS, budget_bytes=budget_bytes))
+
+
+def read_file(path: str | Path, name: str | None = None, limit: int | None = None) -> bytes:
+    """The bytes of a regular file no larger than ``limit`` (default ``max_file_bytes``), else ImageDecodeError.
+
+    Opened non-blocking and checked with fstat before reading, so a FIFO, a device (/dev/zero), a socket, a
+    dangling link or a link loop is refused at once: never a hang, never a read until memory runs out.
+    """
+    label = name if name is not None else str(path)
+    limit = _LIMITS.max_file_bytes if limit is None else limit
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    except OSError as exc:
+        raise ImageDecodeError(f"{label}: cannot read file ({exc.strerror or exc})") from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageDecodeError(f"{label}: not a regular file ({_file_kind(info.st_mode)})")
+        if info.st_size > limit:
+            raise ImageDecodeError(f"{label}: file of {info.st_size / MB:.1f} MB is more than the limit of "
+                                   f"{limit / MB:g} MB")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read(limit + 1)
+    except OSError as exc:
+        raise ImageDecodeError(f"{label}: cannot read file ({exc.strerror or exc})") from exc
+    finally:
+        os.close(fd)
+    if len(data) > limit:  # grew while being read
+        raise ImageDecodeError(f"{label}: file is more than the limit of {limit / MB:g} MB")
+    return data
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((what for test, what in kinds if test(mode)), "a special file")
 
 
 def is_dicom_bytes(data: bytes) -> bool:
@@ -75,21 +217,25 @@ def _default_name(source: object) -> str:
     return "<bytes>"
 
 
-def read_grayscale(source: Source, name: str | None = None) -> np.ndarray:
+def read_grayscale(source: Source, name: str | None = None, reduce_for: int | None = None) -> np.ndarray:
     """Decode ``source`` to a full-resolution float32 (H, W) array in [0, 1].
 
     ``source`` may be a path, the bytes of a file, a PIL image or an array ((H, W) or (H, W, 1|2|3|4)).
     ``name`` is used in error messages (default: the path, or a placeholder for in-memory input).
-    Raises :class:`ImageDecodeError` for any input that cannot be decoded, and nothing else.
+    Raises :class:`ImageDecodeError` for any input that cannot be decoded, and nothing else. With
+    ``reduce_for=S`` an image whose short side is at least ``REDUCE_ABOVE * S`` is decoded at reduced size (never
+    below ``REDUCE_ABOVE / 2 * S``), which is what :func:`decode_image` asks for.
     """
     label = name if name is not None else _default_name(source)
     try:
-        gray = _read(source, label)
+        gray = _read(source, label, reduce_for)
         if gray.ndim != 2 or gray.size == 0:
             raise ImageDecodeError(f"{label}: decoded to an empty or non-2-D image of shape {gray.shape}")
         return gray
     except ImageDecodeError:
         raise
+    except MemoryError as exc:
+        raise ImageDecodeError(f"{label}: out of memory while decoding") from exc
     except Exception as exc:  # any library failure on malformed input becomes the one documented error
         detail = str(exc).strip() or "no detail"
         raise ImageDecodeError(f"{label}: cannot decode ({type(exc).__name__}: {detail})") from exc
@@ -116,23 +262,20 @@ def to_model_input(gray: np.ndarray, size: int = 256) -> np.ndarray:
 
 def decode_image(source: Source, size: int = 256, name: str | None = None) -> np.ndarray:
     """The one preprocessing path of the project: :func:`read_grayscale` then :func:`to_model_input`."""
-    return to_model_input(read_grayscale(source, name), size)
+    return to_model_input(read_grayscale(source, name, reduce_for=size), size)
 
 
 # --------------------------------------------------------------------------------------------------- sources
 
 
-def _read(source: Source, name: str) -> np.ndarray:
+def _read(source: Source, name: str, reduce_for: int | None = None) -> np.ndarray:
     if isinstance(source, np.ndarray):
         return _array_to_gray(source, name)
     if isinstance(source, Image.Image):
-        return _pil_to_gray(source, name)
+        return _pil_to_gray(source, name, reduce_for=reduce_for)
     if isinstance(source, str | Path):
         path = Path(source)
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise ImageDecodeError(f"{name}: cannot read file ({exc.strerror or exc})") from exc
+        data = read_file(path, name)
         force_dicom = path.suffix.lower() in DICOM_SUFFIXES
     elif isinstance(source, bytes | bytearray | memoryview):
         data, force_dicom = bytes(source), False
@@ -142,7 +285,7 @@ def _read(source: Source, name: str) -> np.ndarray:
         raise ImageDecodeError(f"{name}: file is empty (0 bytes)")
     if force_dicom or is_dicom_bytes(data):
         return _dicom_to_gray(data, name)
-    return _pil_to_gray(_open_image(data, name), name)
+    return _pil_to_gray(_open_image(data, name), name, len(data), reduce_for)
 
 
 def _open_image(data: bytes, name: str) -> Image.Image:
@@ -176,18 +319,79 @@ def _open_image(data: bytes, name: str) -> Image.Image:
 
 
 def _check_pixels(name: str, pixels: int) -> None:
-    if pixels > MAX_PIXELS:
-        raise ImageDecodeError(f"{name}: image has {pixels} pixels, more than the limit of {MAX_PIXELS}")
+    limit = _LIMITS.max_pixels
+    if pixels <= 0:
+        raise ImageDecodeError(f"{name}: the header declares an empty image ({pixels} pixels)")
+    if pixels > limit:
+        raise ImageDecodeError(f"{name}: image has {pixels} pixels, more than the limit of {limit}")
 
 
-def _pil_to_gray(im: Image.Image, name: str) -> np.ndarray:
+def _check_ratio(name: str, decoded: int, stored: int | None) -> None:
+    """Refuse a decompression bomb: far more decoded bytes than any real picture packs into the file's size."""
+    limits = _LIMITS
+    if stored is None or decoded <= limits.ratio_floor or decoded <= limits.max_ratio * max(stored, 1):
+        return
+    raise ImageDecodeError(
+        f"{name}: the header declares {decoded / MB:.0f} MB of pixels in a file of {stored / 1024:.0f} KB (more "
+        f"than the limit of {limits.max_ratio:g}x expansion): a decompression bomb or a truncated file")
+
+
+_PIL_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+
+
+def _reduction(width: int, height: int, reduce_for: int | None) -> int:
+    """The integer factor a huge image is shrunk by before any float copy (1: decode as it is)."""
+    if reduce_for is None or reduce_for <= 0 or min(width, height) < REDUCE_ABOVE * reduce_for:
+        return 1
+    return max(1, min(width, height) // (REDUCE_ABOVE // 2 * reduce_for))
+
+
+def _pil_estimate(im: Image.Image, factor: int) -> int:
+    """Upper bound of the working memory of decoding `im`: PIL's buffer, one converted copy, float32 planes."""
+    w, h = im.size
+    pil = w * h * _PIL_BYTES.get(im.mode, 4)
+    return 2 * pil + (w // factor) * (h // factor) * 40
+
+
+def _pil_to_gray(im: Image.Image, name: str, stored: int | None = None, reduce_for: int | None = None
+                 ) -> np.ndarray:
     """PIL image (any mode) -> float32 gray; ``.load()`` here so truncation surfaces as our error."""
     _check_pixels(name, im.size[0] * im.size[1])
+    _check_ratio(name, im.size[0] * im.size[1] * len(im.getbands()) * (2 if im.mode.startswith("I;16") else 1)
+                 * (4 if im.mode in ("I", "F") else 1), stored)
     frames = int(getattr(im, "n_frames", 1))
     if frames > 1 and im.format != "MPO":  # MPO: a camera JPEG plus previews, frame 0 is the picture
         raise ImageDecodeError(f"{name}: multi-frame image ({frames} frames) is not supported")
+    factor = _reduction(*im.size, reduce_for)
+    with _BUDGET.reserve(_pil_estimate(im, factor), name):
+        if factor > 1:
+            im = _reduced(im, factor, reduce_for or 1)
+        else:
+            im.load()
+        im = ImageOps.exif_transpose(im) or im
+        return _pil_pixels(im, name)
+
+
+def _reduced(im: Image.Image, factor: int, target: int) -> Image.Image:
+    """Decode at reduced size: JPEG draft (DCT scaling), JPEG 2000 resolution levels, else a box reduction."""
+    keep = REDUCE_ABOVE // 2 * target
+    if im.format in ("JPEG", "MPO") and im.mode in ("L", "RGB", "CMYK", "YCbCr"):
+        w, h = im.size
+        scale = max(1, min(w, h) // keep)
+        im.draft(im.mode, (max(1, w // scale), max(1, h // scale)))  # PIL keeps at least the size asked for
+    elif im.format == "JPEG2000":
+        levels = max(0, min(5, factor.bit_length() - 1))
+        im.reduce = levels  # type: ignore[assignment, method-assign]  # the plugin decodes 1 / 2**levels only
     im.load()
-    im = ImageOps.exif_transpose(im) or im
+    rest = max(1, min(im.size) // keep)
+    if rest > 1:
+        if im.mode not in ("L", "LA", "RGB", "RGBA", "I", "F") and not im.mode.startswith("I;16"):
+            im = im.convert("RGBA" if "transparency" in im.info or im.mode in ("PA", "La", "RGBa") else "RGB")
+        im = im.reduce(rest)
+    return im
+
+
+def _pil_pixels(im: Image.Image, name: str) -> np.ndarray:
     mode = im.mode
     if mode in ("1", "L", "I", "F", "LA", "RGB", "RGBA") or mode.startswith("I;16"):
         arr = np.asarray(im)
@@ -250,25 +454,90 @@ def _array_to_gray(arr: np.ndarray, name: str) -> np.ndarray:
 
 
 def _dicom_to_gray(data: bytes, name: str) -> np.ndarray:
-    import pydicom
-    from pydicom.pixels import apply_color_lut, apply_modality_lut
-
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
-    except Exception as exc:
-        raise ImageDecodeError(f"{name}: not a readable DICOM file ({exc})") from exc
+    ds = _read_dicom(data, name)
     if "PixelData" not in ds:
         raise ImageDecodeError(f"{name}: DICOM file has no pixel data")
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = _int_element(ds, "NumberOfFrames", 1, name)
     if frames > 1:
         raise ImageDecodeError(f"{name}: multi-frame DICOM ({frames} frames) is not supported; export one frame")
-    _check_pixels(name, int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0))
+    rows, cols = _int_element(ds, "Rows", 0, name), _int_element(ds, "Columns", 0, name)
+    samples, bits = _int_element(ds, "SamplesPerPixel", 1, name), _int_element(ds, "BitsAllocated", 16, name)
+    _check_pixels(name, rows * cols)
+    if samples not in (1, 3) or bits not in (1, 8, 16, 32):
+        raise ImageDecodeError(f"{name}: DICOM SamplesPerPixel {samples} / BitsAllocated {bits} is not supported")
+    expected = (rows * cols * samples * bits + 7) // 8
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    stored = len(ds.PixelData) if isinstance(ds.PixelData, bytes | bytearray) else 0
+    if syntax is not None and syntax.is_encapsulated:
+        _check_ratio(name, expected, stored)
+    elif not expected <= stored <= expected + 1:  # native: exactly what the header declares (plus a pad byte)
+        raise ImageDecodeError(
+            f"{name}: DICOM pixel data is {stored} bytes, but Rows x Columns x SamplesPerPixel x BitsAllocated "
+            f"({rows} x {cols} x {samples} x {bits}) declares {expected}")
+    with _BUDGET.reserve(rows * cols * (samples * 8 + 32), name):  # pixels, float64 LUT output, float32 result
+        return _dicom_pixels(ds, name, (rows, cols) if samples == 1 else (rows, cols, samples))
+
+
+def _int_element(ds: Any, keyword: str, default: int, name: str) -> int:
+    value = ds.get(keyword, default)
+    try:
+        number = int(value if value not in (None, "") else default)
+    except (TypeError, ValueError) as exc:
+        raise ImageDecodeError(f"{name}: DICOM {keyword} {value!r} is not a number") from exc
+    if number < 0:
+        raise ImageDecodeError(f"{name}: DICOM {keyword} {number} is negative")
+    return number
+
+
+def _read_dicom(data: bytes, name: str) -> Any:
+    """dcmread, except that a deflated data set is inflated here, bounded, instead of all at once by pydicom."""
+    import pydicom
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+
+    try:
+        fp = io.BytesIO(data)
+        read_preamble(fp, True)
+        meta = _read_file_meta_info(fp)
+        if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+            return pydicom.dcmread(io.BytesIO(data), force=True)
+        inflated = _inflate(data[fp.tell():], name)
+        ds = pydicom.dcmread(io.BytesIO(inflated), force=True)
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian  # the inflated data set is plain explicit little endian
+        ds.file_meta = meta
+        return ds
+    except ImageDecodeError:
+        raise
+    except Exception as exc:
+        raise ImageDecodeError(f"{name}: not a readable DICOM file ({exc})") from exc
+
+
+def _inflate(zipped: bytes, name: str) -> bytes:
+    limits = _LIMITS
+    limit = int(min(limits.max_file_bytes, max(limits.ratio_floor, limits.max_ratio * len(zipped))))
+    with _BUDGET.reserve(limit, name):
+        try:
+            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            out = inflater.decompress(zipped, limit + 1)
+        except zlib.error as exc:
+            raise ImageDecodeError(f"{name}: corrupt deflated DICOM data ({exc})") from exc
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise ImageDecodeError(f"{name}: deflated DICOM data inflates to more than the limit of {limit / MB:.0f} MB "
+                               f"from {len(zipped) / 1024:.0f} KB: a decompression bomb")
+    return out
+
+
+def _dicom_pixels(ds: Any, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    from pydicom.pixels import apply_color_lut, apply_modality_lut
+
     try:
         arr = ds.pixel_array
     except Exception as exc:
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         what = f"transfer syntax {syntax.name} ({syntax})" if syntax is not None else "unknown transfer syntax"
         raise ImageDecodeError(f"{name}: cannot decode DICOM pixel data with {what}: {exc}") from exc
+    if arr.shape != shape:
+        raise ImageDecodeError(f"{name}: DICOM pixel data decoded to shape {arr.shape}, the header declares {shape}")
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric == "PALETTE COLOR":
         return _array_to_gray(apply_color_lut(arr, ds), name)

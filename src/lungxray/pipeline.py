@@ -33,6 +33,7 @@ from lungxray.photometric import make_photometric
 from lungxray.predict import Predictor, make_predictions, normalised_entropy
 from lungxray.preprocess import prepare
 from lungxray.report import write_evaluation_report, write_report, write_rows_csv
+from lungxray.runlock import check_new_run, run_lock
 from lungxray.runtime import (
     INPUT_MEAN,
     INPUT_STD,
@@ -172,11 +173,33 @@ def train_run(
     device: str | None = None,
     resume: bool = False,
     fold: tuple[int, int] | None = None,
+    force: bool = False,
 ) -> RunResult:
     """Train, calibrate, evaluate and bundle one run (a single model or a packed ensemble).
 
     `fold=(k, n)` is for cross-validation (the study): fold k of the training split plays the test split.
+    The run holds `out/.lock` while it trains; a new run (not `resume`) refuses a folder with a finished bundle
+    or an interrupted run unless `force` (lungxray.runlock).
     """
+    run_dir = Path(out)
+    if os.environ.get("RANK", "0") != "0" or (resume and read_run_info(run_dir).get("complete")):
+        return _train_run(config, data, run_dir, overrides, device, resume, fold)  # rank 0 holds the lock
+    load_config(config, overrides)  # a bad config is refused before the folder is created or locked
+    with run_lock(run_dir):
+        if not resume:
+            check_new_run(run_dir, force)
+        return _train_run(config, data, run_dir, overrides, device, resume, fold)
+
+
+def _train_run(
+    config: str | Path | dict[str, Any] | RunConfig,
+    data: str | Path,
+    out: str | Path,
+    overrides: list[str] | dict[str, Any] | None,
+    device: str | None,
+    resume: bool,
+    fold: tuple[int, int] | None,
+) -> RunResult:
     started = time.perf_counter()
     cfg = load_config(config, overrides)
     run_dir = Path(out)
@@ -333,7 +356,9 @@ def evaluate_run(run_dir: str | Path, data: str | Path, out: str | Path | None =
 
     Folders whose names map to no class of the model are skipped and listed; with several top-level sources
     (DATA/source/class/...) each source is also scored on its own. When some sources have a test/ split and
-    others only class folders, the latter are scored whole (never another source's train/ images).
+    others only class folders, the latter are scored whole (never another source's train/ images). When the folder
+    has a train/ split too, the scores are also given without the scored images that have a copy in it.
+    Read-only unless `out` is given: then evaluation.json, predictions.csv and evaluation.md are written there.
     """
     predictor = Predictor.load(run_dir, device)
     meta, classes = predictor.meta, predictor.classes
@@ -348,14 +373,21 @@ def evaluate_run(run_dir: str | Path, data: str | Path, out: str | Path | None =
     labels, paths = ds.labels[idx], [ds.paths[i] for i in idx]
     overall, rows = score(meta, logits, labels, classes, paths, seed)
     result: dict[str, Any] = {"data": str(data), "images": len(idx), "overall": overall,
-                              "skipped": [s.__dict__ for s in ds.skipped], "sources": {}}
+                              "skipped": [s.__dict__ for s in ds.skipped], "sources": {}, "written_to": None}
+    others = {ds.paths[i] for i in np.setdiff1d(np.arange(len(ds)), idx)}  # train/ images beside the scored ones
+    if others:
+        result["without_duplicates"] = score_without_copies(meta, logits, labels, classes, paths, others,
+                                                            find_duplicates(ds), seed)
     sources = ds.sources[idx]
     for source in sorted(set(sources) - {""}):
         sel = np.flatnonzero(sources == source)
         result["sources"][source], _ = score(meta, logits[sel], labels[sel], classes,
                                              [paths[i] for i in sel], seed)
-    out_dir = Path(out) if out else Path(run_dir) / "evaluation"
+    if out is None:  # read-only by default: nothing is written into the bundle or anywhere else
+        return result
+    out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    result["written_to"] = str(out_dir)
     write_json(out_dir / "evaluation.json", result)
     write_rows_csv(out_dir / "predictions.csv", rows)
     write_evaluation_report(out_dir, meta, result)

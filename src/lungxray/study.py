@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from lungxray import metrics
-from lungxray.config import ConfigError, load_config
+from lungxray.config import ConfigError, check_run_name, load_config, safe_yaml
 from lungxray.files import write_json
 
 log = logging.getLogger(__name__)
@@ -50,7 +49,7 @@ class Study:
 def load_study(path: str | Path, quick: bool = False) -> Study:
     """Parse a study YAML; `after: row` inherits that row's overrides (the seed's cumulative steps)."""
     path = Path(path)
-    raw = yaml.safe_load(path.read_text())
+    raw = safe_yaml(path.read_text(), str(path))
     base_dir = path.parent
     defaults = raw.get("defaults", {}) or {}
     rows: dict[str, Experiment] = {}
@@ -65,6 +64,7 @@ def load_study(path: str | Path, quick: bool = False) -> Study:
         else:
             config_path = str(base_dir / (item.get("config") or raw.get("base", "seed.yaml")))
         members = overrides.get("ensemble.members", 1)
+        check_run_name(str(item.get("name")), f"{path}: experiment name")
         exp = Experiment(item["name"], config_path, overrides, item.get("description", ""),
                          bool(item.get("cv", members == 1)))
         if exp.name in rows:

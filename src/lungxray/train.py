@@ -443,6 +443,20 @@ def _full_val(val: dict[str, Any], ks: list[int], members: int, history: list[di
     return out
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became NaN or infinite: training stops, and no bundle is written from them."""
+
+
+def check_finite(loss: float, model: nn.Module, epoch: int) -> None:
+    """Once per epoch: a non-finite training loss or weight ends the run with one line (and a non-zero exit)."""
+    if not math.isfinite(loss):
+        raise TrainingDiverged(f"training diverged in epoch {epoch}: the training loss is {loss} (lower train.lr?)")
+    bad = next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p.detach()).all())), None)
+    if bad is not None:
+        raise TrainingDiverged(f"training diverged in epoch {epoch}: weight {bad} holds NaN or infinite values "
+                               "(lower train.lr?)")
+
+
 def progress_bar(total: int, desc: str) -> Any:
     """A tqdm bar on a terminal or in a notebook; None (plain log lines) when output is redirected."""
     try:
@@ -518,6 +532,7 @@ def fit(
         val = _full_val(val, work.ks, members, state.history)
         _write_back(full, work, members)
         state.epoch += 1
+        check_finite(metrics.get("train_loss", 0.0), model, state.epoch)
         state.train_seconds += train_seconds
         record = {
             "epoch": state.epoch, "lr": state.lr, "batch_size": state.batch_size, **metrics,
