@@ -176,7 +176,8 @@ def test_evaluate_matches_the_test_metrics(trained_run: Path, tiny_dataset: Path
     assert ev.accuracy == pytest.approx(test["metrics"]["accuracy"])
     html = ev._repr_html_()
     assert "all (18 images)" in html and "macro F1" in html
-    assert str(ev).startswith("18 images: accuracy")
+    assert str(ev).startswith(f"18 images of {tiny_dataset}\noverall accuracy ")
+    assert str(ev).endswith(f"to {tmp_path / 'ev'}")  # says where the output went
 
 
 def test_done_when_command(trained_run: Path, test_files: list[Path]) -> None:

@@ -40,7 +40,7 @@ def test_test_scores_are_also_given_without_the_copies(leaky_run: Path) -> None:
     text = summary(metrics, leaky_run)
     assert "without the 3 test images (3 exact, 0 near copies; covid 2, normal 1)" in text
     acc_line = next(line for line in text.splitlines() if line.startswith("test accuracy"))
-    assert re.search(r"\(\d+/21\)\s+\| .*\(\d+/18\)", acc_line), acc_line  # side by side, with counts
+    assert re.search(r"\(\d+/21 correct\)\s+\| .*\(\d+/18 correct\)", acc_line), acc_line  # side by side, with counts
     report = (leaky_run / "report.md").read_text()
     assert "| metric | value (95% CI) | without copies in training |" in report
     assert "{'exact" not in report and "3 exact and 0 near-copy pairs across splits" in report  # no raw dict
@@ -150,3 +150,44 @@ def _write_dicom(path: Path) -> None:
     from filegen import dicom_bytes
 
     path.write_bytes(dicom_bytes(np.random.default_rng(0).integers(0, 4096, (64, 64)).astype(np.uint16)))
+
+
+def _snapshot(folder: Path) -> dict[str, float]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime for p in folder.rglob("*")}
+
+
+def test_evaluate_is_read_only_says_absent_classes_and_names_skipped_files(
+        trained_run: Path, tiny_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from lungxray.cli import main
+
+    data = tmp_path / "two"  # two of the three classes, plus a class the model does not know
+    for folder in ("Covid", "Normal"):
+        shutil.copytree(tiny_dataset / "test" / folder, data / folder)
+    shutil.copytree(tiny_dataset / "test" / "Normal", data / "Lung_Opacity")
+    before = _snapshot(trained_run)
+    capsys.readouterr()
+    assert main(["evaluate", str(trained_run), "--data", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert _snapshot(trained_run) == before  # nothing written into the bundle
+    assert "nothing written (read-only; pass --out DIR" in out
+    assert "recall pneumonia: n/a (no pneumonia image)" in out
+    assert "no image of pneumonia: left out of the macro averages" in out
+    assert "Lung_Opacity" in out  # the skipped folder is named in the terminal, not only in a report
+    assert "wrong 0.000" not in out
+    assert main(["evaluate", str(trained_run), "--data", str(data), "--out", str(tmp_path / "ev")]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote evaluation.md, evaluation.json and predictions.csv to {tmp_path / 'ev'}" in out
+    report = (tmp_path / "ev" / "evaluation.md").read_text()
+    assert "No image of pneumonia: left out of every macro average" in report
+
+
+def test_evaluate_on_the_training_folder_scores_without_copies_too(leaky_run: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    from lungxray.cli import main
+    from lungxray.pipeline import read_run_info
+
+    data = read_run_info(leaky_run)["data"]
+    capsys.readouterr()
+    assert main(["evaluate", str(leaky_run), "--data", data]) == 0
+    out = capsys.readouterr().out
+    assert "without the 3 test images (3 exact" in out and "(right of |:" in out

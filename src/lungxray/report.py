@@ -208,8 +208,8 @@ def terminal_scores(scores: dict[str, Any], without: dict[str, Any] | None = Non
         lines.append(f"(right of |: {without_copies_note(without)}, {om['n']} images left)")
     elif without and without.get("excluded"):
         lines.append(f"note: {without_copies_note(without)}: every {what} image has one, nothing left to score")
-    lines.append(beside(f"{what} accuracy {_iv(iv['accuracy'])} ({_correct(m)}/{m['n']})",
-                        f"{_iv(oiv.get('accuracy'))} ({_correct(om)}/{om['n']})" if other else ""))
+    lines.append(beside(f"{what} accuracy {_iv(iv['accuracy'])} ({_correct(m)}/{m['n']} correct)",
+                        f"{_iv(oiv.get('accuracy'))} ({_correct(om)}/{om['n']} correct)" if other else ""))
     lines.append(beside(f"{what} macro F1 {_iv(iv['macro_f1'])}", _iv(oiv.get("macro_f1"))))
     lines.append(beside(f"{what} macro ROC AUC {_iv(iv.get('macro_roc_auc'))}", _iv(oiv.get("macro_roc_auc"))))
     for i, c in enumerate(m["per_class"]):
@@ -224,6 +224,35 @@ def terminal_scores(scores: dict[str, Any], without: dict[str, Any] | None = Non
     if m.get("absent_classes"):
         lines.append(f"  no image of {', '.join(m['absent_classes'])}: left out of the macro averages")
     return lines
+
+
+def evaluation_lines(result: dict[str, Any], out_dir: Path | None) -> list[str]:
+    """What `lungxray evaluate` prints: the scores (and without copies of train/ images, side by side), each
+    source's, the files left out by name, and where the output went (or that nothing was written)."""
+    lines = [f"{result['images']} images of {result['data']}"]
+    lines += terminal_scores(result["overall"], result.get("without_duplicates"), what="overall")
+    for source, scores in result["sources"].items():
+        m, iv = scores["metrics"], scores["intervals"]
+        absent = f"; no image of {', '.join(m['absent_classes'])} (left out of macro F1)" if m.get("absent_classes") \
+            else ""
+        lines.append(f"  source {source} ({m['n']} images): accuracy {_iv(iv['accuracy'])}, macro F1 "
+                     f"{_iv(iv['macro_f1'])}{absent}")
+    ref = result["overall"].get("refer") or {}
+    lines.append(f"referred {_pct(ref.get('referral_rate'))}; accuracy on the accepted {_pct(ref.get('accuracy'))}; "
+                 f"mean uncertainty correct {_num3(result['overall'].get('mean_uncertainty_correct'))}, wrong "
+                 f"{_num3(result['overall'].get('mean_uncertainty_wrong'))}")
+    skipped = result.get("skipped") or []
+    if skipped:
+        lines.append(f"left out {len(skipped)} file(s) or folder(s):")
+        lines += [f"  {s['path']}: {s['reason']}" for s in skipped[:20]]
+        lines += [f"  ... and {len(skipped) - 20} more (listed in the report)"] if len(skipped) > 20 else []
+    lines.append(f"wrote evaluation.md, evaluation.json and predictions.csv to {out_dir}" if out_dir else
+                 "nothing written (read-only; pass --out DIR to save evaluation.md, evaluation.json, predictions.csv)")
+    return lines
+
+
+def _num3(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 def metrics_section(scores: dict[str, Any], classes: Sequence[str], title: str,
