@@ -191,3 +191,25 @@ def test_evaluate_on_the_training_folder_scores_without_copies_too(leaky_run: Pa
     assert main(["evaluate", str(leaky_run), "--data", data]) == 0
     out = capsys.readouterr().out
     assert "without the 3 test images (3 exact" in out and "(right of |:" in out
+
+
+def test_a_moved_bundle_names_its_data_and_asks_for_data(trained_run: Path, tiny_dataset: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from lungxray.bundle import read_meta, update_meta
+    from lungxray.cli import main
+
+    assert Path(read_meta(trained_run)["data"]["root"]).is_absolute()  # new bundles work from any folder
+    moved = shutil.copytree(trained_run, tmp_path / "elsewhere" / "run")
+    meta = read_meta(moved)
+    update_meta(moved, data={**meta["data"], "root": "../shared/data/not-on-this-machine"})  # an older bundle
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LUNGXRAY_DATA", raising=False)
+    capsys.readouterr()
+    assert main(["robustness", str(moved), "--quick", "--no-saliency"]) == 2
+    err = capsys.readouterr().err
+    assert "was trained on ../shared/data/not-on-this-machine (meta.json data.root)" in err
+    assert "pass --data DIR" in err and "\n" not in err.strip()
+    assert main(["robustness", str(moved), "--quick", "--no-saliency", "--data", str(tiny_dataset)]) == 0
+    assert main(["evaluate", str(tmp_path / "no-such-run"), "--data", str(tiny_dataset)]) == 2
+    assert "no-such-run does not exist" in capsys.readouterr().err

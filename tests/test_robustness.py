@@ -115,14 +115,27 @@ def test_cli_writes_files_and_one_report_section(trained_run: Path, tiny_dataset
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
+    before = {p.name: p.stat().st_mtime for p in run.rglob("*")}
     assert main(["robustness", str(run), "--data", str(tiny_dataset), "--quick", "--no-saliency"]) == 0
     out = capsys.readouterr().out
     assert "| gamma_dark |" in out and "mean under shift" in out
+    assert "nothing written (read-only" in out and {p.name: p.stat().st_mtime for p in run.rglob("*")} == before
+    assert main(["robustness", str(run), "--data", str(tiny_dataset), "--quick", "--no-saliency", "--into-report"]) == 2
+    assert "quick mode's numbers are meaningless" in capsys.readouterr().err
+    assert main(["robustness", str(run), "--data", str(tiny_dataset), "--shift", "gamma_dark", "--levels", "1",
+                 "--no-saliency", "--out", str(tmp_path / "rb")]) == 0
+    assert f"to {tmp_path / 'rb'}" in capsys.readouterr().out
+    for name in ("robustness.json", "robustness.md", "robustness.png"):
+        assert (tmp_path / "rb" / name).is_file(), name
+    assert "gamma_dark" not in (run / "report.md").read_text()  # --out alone leaves the bundle alone
+    assert main(["robustness", str(run), "--data", str(tiny_dataset), "--shift", "gamma_dark", "--no-saliency",
+                 "--into-report"]) == 0
     for name in ("robustness.json", "robustness.md", "robustness.png"):
         assert (run / "robustness" / name).is_file(), name
     assert "| gamma_dark |" in (run / "report.md").read_text()
     # A second benchmark replaces the report's section instead of appending another.
-    assert main(["robustness", str(run), "--data", str(tiny_dataset), "--shift", "invert", "--no-saliency"]) == 0
+    assert main(["robustness", str(run), "--data", str(tiny_dataset), "--shift", "invert", "--no-saliency",
+                 "--into-report"]) == 0
     report = (run / "report.md").read_text()
     assert report.count("## Robustness to source shift") == 1 and "robustness/robustness.png" in report
     assert "| invert |" in report and "| gamma_dark |" not in report

@@ -77,8 +77,12 @@ def save_bundle(run_dir: Path, model: nn.Module, meta: dict[str, Any], config_ya
 
     `extra_files` are further tensor files of the bundle ({"features.safetensors": tensors}); every tensor file's
     digest goes into meta["digests"] and is verified at load, like meta.json's own."""
+    state = model.state_dict()
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise BundleError(f"{run_dir}: not writing a bundle whose weight {bad} holds NaN or infinite values")
     run_dir.mkdir(parents=True, exist_ok=True)
-    digests = {WEIGHTS: _write_tensors(run_dir / WEIGHTS, model.state_dict())}
+    digests = {WEIGHTS: _write_tensors(run_dir / WEIGHTS, state)}
     for name, tensors in (extra_files or {}).items():
         digests[_bundle_file_name(name)] = _write_tensors(run_dir / name, tensors)
     if config_yaml is not None:
@@ -133,6 +137,12 @@ def read_info(run_dir: str | Path) -> BundleMeta:
 
 def _read_meta(run_dir: Path) -> tuple[dict[str, Any], BundleMeta]:
     path = run_dir / META
+    if not run_dir.exists():
+        raise BundleError(f"{run_dir} does not exist, so it is not a lungxray model folder (a model is the run "
+                          "folder that `lungxray train --out` wrote)")
+    if not run_dir.is_dir():
+        raise BundleError(f"{run_dir} is a file, not a lungxray model folder (a model is the run folder that "
+                          "`lungxray train --out` wrote)")
     if not path.is_file():
         raise BundleError(f"{run_dir} is not a lungxray model folder (no {META}; did training finish?)")
     if path.stat().st_size > MAX_META_BYTES:

@@ -197,10 +197,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 def _run_data(args: argparse.Namespace) -> Path:
     """`--data`, else the folder the run in `args.run_dir` was trained on (recorded in its meta.json)."""
-    from lungxray.bundle import read_meta
-    from lungxray.pipeline import find_data
+    from lungxray.pipeline import bundle_data
 
-    return find_data(args.data or read_meta(args.run_dir).get("data", {}).get("root"))
+    return bundle_data(args.run_dir, args.data)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -274,7 +273,10 @@ def _add_robustness(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tta", action="store_true", help="test-time augmentation (gamma and zoom views)")
     p.add_argument("--no-saliency", dest="saliency", action="store_false", help="skip the Grad-CAM check")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="output folder (default RUN_DIR/robustness)")
+    p.add_argument("--out", help="write robustness.md, robustness.json and robustness.png here (default: nothing "
+                                 "is written)")
+    p.add_argument("--into-report", action="store_true",
+                   help="also put the section into RUN_DIR/report.md (files in --out or RUN_DIR/robustness)")
     p.add_argument("--device", default="cpu")
 
 
@@ -282,10 +284,12 @@ def _cmd_robustness(args: argparse.Namespace) -> int:
     from lungxray.report import shift_table
     from lungxray.robustness import run_benchmark, write_benchmark
 
+    if args.into_report and args.quick:  # before the work, not after it
+        raise ValueError("--into-report with --quick: quick mode's numbers are meaningless and never go into a report")
     result = run_benchmark(args.run_dir, _run_data(args), quick=args.quick, split=args.split, tta=args.tta,
                            saliency=args.saliency, seed=args.seed, shifts=args.shifts, device=args.device,
                            levels=args.levels)
-    out_dir = write_benchmark(result, args.run_dir, args.out)
+    out_dir = write_benchmark(result, args.run_dir, args.out, into_report=args.into_report)
     s, clean = result["summary"], result["clean"]
     print("\n".join(shift_table(result)))
     print(f"clean macro F1 {clean['macro_f1']:.3f} (accuracy {clean['accuracy']:.3f}); mean under shift: "
@@ -295,7 +299,12 @@ def _cmd_robustness(args: argparse.Namespace) -> int:
     if sal and sal["central_mass"] is not None:
         print(f"saliency: {sal['central_mass']:.2f} of Grad-CAM mass central (uniform {sal['uniform_central']:.2f}),"
               f" {sal['corner_mass']:.2f} in corners (uniform {sal['uniform_corner']:.2f})")
-    print(f"report: {out_dir / 'robustness.md'}")
+    if out_dir is None:
+        print("nothing written (read-only; pass --out DIR to save robustness.md/.json/.png, --into-report to add "
+              "the section to the run's report.md)")
+    else:
+        print(f"wrote robustness.md, robustness.json and robustness.png to {out_dir}"
+              + (f"; section updated in {Path(args.run_dir) / 'report.md'}" if args.into_report else ""))
     return 0
 
 
@@ -410,7 +419,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lungxray.imageio import ImageDecodeError
     from lungxray.runtime import reuse_freed_memory
 
-    reuse_freed_memory()
+    if args.command != "serve":  # a training setting: a server would keep every burst's peak memory for good
+        reuse_freed_memory()
 
     try:
         return COMMANDS[args.command][1](args)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lungxray import __version__, distributed, metrics
+from lungxray import __version__, autotune, distributed, metrics
 from lungxray.augment import Augmenter
 from lungxray.bundle import Bundle, git_commit, save_bundle
 from lungxray.checkpoint import remove_checkpoint
@@ -138,7 +138,7 @@ def score(pred_meta: dict[str, Any], member_logits: np.ndarray, labels: np.ndarr
 
 def copied_from_training(test_paths: list[str], pool_paths: set[str], duplicates: list[Any]) -> dict[str, str]:
     """{test path: "exact" | "near"} for test images with an (exact or near) copy among the training images."""
-    test_set, out = set(test_paths), {}
+    test_set, out = set(test_paths), dict[str, str]()
     for d in duplicates:
         for mine, other in ((d.a, d.b), (d.b, d.a)):
             if mine in test_set and other in pool_paths and out.get(mine) != "exact":
@@ -207,17 +207,24 @@ def _train_run(
         log.info("%s is complete; nothing to resume", run_dir)
         return RunResult(run_dir, cfg, json.loads((run_dir / "metrics.json").read_text()),
                          json.loads((run_dir / "history.json").read_text()))
+    recorded = read_run_info(run_dir).get("runtime") if resume else None  # a resumed run keeps its settings
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text(run_dir / "config.yaml", cfg.to_yaml())  # first, so `--resume` can rebuild the run
     write_json(run_dir / RUN_INFO, {"data": str(Path(data).resolve()), "complete": False})
     dev = resolve_device(device)
     ctx = distributed.setup(dev)  # joins the torchrun job, if any (one GPU per local rank)
     dev = ctx.device
-    seed_everything(cfg.seed, cfg.train.deterministic)
-    threads = set_threads(cfg.train.threads or ctx.threads)
-    amp_dtype = resolve_precision(dev, cfg.train.precision)
+    runtime = autotune.for_run(cfg, dev, ctx.active, recorded)  # measured once per machine and shape, cached
+    train_cfg = runtime.apply(cfg.train)
+    log.info("%s", runtime.line())
+    write_json(run_dir / RUN_INFO, {"data": str(Path(data).resolve()), "complete": False,
+                                    "runtime": runtime.to_dict()})
+    seed_everything(cfg.seed, cfg.train.deterministic)  # after the calibration, which draws random numbers
+    threads = set_threads(train_cfg.threads or ctx.threads)
+    amp_dtype = resolve_precision(dev, train_cfg.precision)
     log.info("device %s, %s, %d threads (OpenMP wait: %s)", dev, str(amp_dtype).replace("torch.", ""), threads,
              wait_policy())
+    layout = torch.channels_last if train_cfg.channels_last else torch.contiguous_format
 
     t0 = time.perf_counter()
     with distributed.main_first():  # under torchrun rank 0 decodes and caches, the other ranks read the cache
@@ -233,7 +240,8 @@ def _train_run(
 
     arch_args = {"image_size": cfg.data.image_size, **cfg.model.args}  # seed_cnn's dense layer depends on it
     model = build_model(cfg.model.arch, num_classes=len(ds.classes), members=ens.members, **arch_args)
-    model = model.to(dev, memory_format=torch.channels_last)  # type: ignore[call-overload]
+    model = model.to(dev, memory_format=layout)  # type: ignore[call-overload]
+    runtime.apply_model(model)
     preset = ens.augment_preset if ens.members > 1 and ens.augment_preset else None
     augmenter = Augmenter(cfg.augment.params(preset), seed=cfg.seed + 1, device=dev)
     pool_images = torch.as_tensor(images[pool], device=dev)
@@ -242,7 +250,7 @@ def _train_run(
     local_plan, local_model, ks = distributed.local_share(plan, model, augmenter, ens.packed or ens.members == 1)
     if ens.packed or ens.members == 1:
         state = fit(
-            local_model, pool_images, pool_labels, local_plan, cfg.train, augmenter,
+            local_model, pool_images, pool_labels, local_plan, train_cfg, augmenter,
             seed=cfg.seed, amp_dtype=amp_dtype, run_dir=distributed.checkpoint_dir(run_dir), resume=resume,
             photometric=make_photometric(cfg.augment.photometric, seed=cfg.seed + 2, device=dev),
         )
@@ -250,13 +258,14 @@ def _train_run(
     else:
         def build() -> torch.nn.Module:
             net = build_model(cfg.model.arch, num_classes=len(ds.classes), members=1, **arch_args)
-            return net.to(dev, memory_format=torch.channels_last)  # type: ignore[call-overload]
+            runtime.apply_model(net)
+            return net.to(dev, memory_format=layout)  # type: ignore[call-overload]
 
         def make_augmenter(k: int) -> Augmenter:
             return Augmenter(cfg.augment.params(preset), seed=cfg.seed + 1 + 1000 * k, device=dev)
 
         member_states, state = fit_sequential(
-            build, pool_images, pool_labels, plan, cfg.train, make_augmenter,
+            build, pool_images, pool_labels, plan, train_cfg, make_augmenter,
             seed=cfg.seed, amp_dtype=amp_dtype, run_dir=run_dir, resume=resume,
             make_photometric=lambda k: make_photometric(cfg.augment.photometric, cfg.seed + 2 + 1000 * k, dev),
         )
@@ -270,7 +279,8 @@ def _train_run(
         "input": {"size": cfg.data.image_size, "channels": 1, "mean": INPUT_MEAN, "std": INPUT_STD,
                   "standardize": cfg.data.standardize, "crop_border": cfg.data.crop_border},
         "seed": cfg.seed, "package_version": __version__, "torch_version": torch.__version__,
-        "git_commit": git_commit(), "data": {"root": str(ds.root), "fingerprint": ds.fingerprint},
+        "git_commit": git_commit(),  # the data root resolved: commands find it from any current folder
+        "data": {"root": str(Path(ds.root).resolve()), "fingerprint": ds.fingerprint},
     }
     predictor = Predictor(bundle=Bundle(model=model, meta=meta, path=run_dir), device=dev)
     pool_logits = predictor.member_logits(images[pool])
@@ -299,6 +309,7 @@ def _train_run(
         "epochs": state.epoch, "images_seen": state.images_seen,
         "train_images_per_second": state.images_seen / max(state.train_seconds, 1e-9),
         "device": str(dev), "precision": str(amp_dtype).replace("torch.", ""), "threads": threads,
+        "runtime": runtime.to_dict(),
     }
     results["data"] = {
         "classes": ds.classes, "counts": ds.class_counts(), "pool": len(pool), "holdout": len(holdout),
@@ -320,7 +331,8 @@ def _train_run(
     remove_checkpoint(run_dir)
     shutil.rmtree(run_dir / "members", ignore_errors=True)  # sequential members' resume files
     shutil.rmtree(run_dir / distributed.RANKS_DIR, ignore_errors=True)  # members-over-ranks checkpoints
-    write_json(run_dir / RUN_INFO, {"data": str(Path(data).resolve()), "complete": True})
+    write_json(run_dir / RUN_INFO, {"data": str(Path(data).resolve()), "complete": True,
+                                    "runtime": runtime.to_dict()})
     return RunResult(run_dir=run_dir, config=cfg, metrics=distributed.share_from_main(results),
                      history=state.history)
 
@@ -348,6 +360,27 @@ def find_data(explicit: str | Path | None = None) -> Path:
         "no dataset found: pass --data DIR or set LUNGXRAY_DATA (looked in data/covid19-dataset and "
         "../shared/data/covid19-dataset)"
     )
+
+
+def bundle_data(run_dir: str | Path, explicit: str | Path | None = None) -> Path:
+    """`explicit` (--data), else the folder the bundle was trained on (meta.json's data.root; a relative one, as
+    older bundles kept it, is tried from the current folder and from the bundle's), else $LUNGXRAY_DATA. A bundle
+    moved to another machine names where its data was and asks for --data rather than failing on a bare path."""
+    from lungxray.bundle import read_meta
+
+    if explicit:
+        return find_data(explicit)
+    recorded = read_meta(run_dir).get("data", {}).get("root")
+    if recorded:
+        tries = [Path(recorded)] if Path(recorded).is_absolute() else [Path(recorded), Path(run_dir) / recorded]
+        for candidate in tries:
+            if candidate.is_dir():
+                return candidate
+    if os.environ.get("LUNGXRAY_DATA"):
+        return find_data(None)
+    raise FileNotFoundError(
+        f"{run_dir} was trained on {recorded or 'an unrecorded folder'} (meta.json data.root), which is not on this "
+        "machine: pass --data DIR with the same dataset (or set LUNGXRAY_DATA)")
 
 
 def evaluate_run(run_dir: str | Path, data: str | Path, out: str | Path | None = None, seed: int = 0,

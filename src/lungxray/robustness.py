@@ -366,20 +366,27 @@ def run_benchmark(
 REPORT_BEGIN, REPORT_END = "<!-- robustness:begin -->", "<!-- robustness:end -->"
 
 
-def write_benchmark(result: dict[str, Any], run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """robustness.json, robustness.md and robustness.png in `out` (default RUN_DIR/robustness); the same
-    section replaces any earlier one in RUN_DIR/report.md, so the run's report carries the latest benchmark."""
+def write_benchmark(result: dict[str, Any], run_dir: str | Path, out: str | Path | None = None,
+                    into_report: bool = False) -> Path | None:
+    """robustness.json, robustness.md and robustness.png in `out`; nothing (None) without `out` or `into_report`:
+    a benchmark never writes into a bundle unasked. `into_report` (refused for quick mode, whose numbers mean
+    nothing) writes them to `out` or RUN_DIR/robustness and replaces any earlier section of RUN_DIR/report.md
+    with this one, so the run's report carries the latest full benchmark."""
     from lungxray.files import write_json, write_text
     from lungxray.report import plot_shifts, shift_section
 
+    if into_report and result.get("quick"):
+        raise ValueError("--into-report with --quick: quick mode's numbers are meaningless and never go into a report")
     run_dir = Path(run_dir)
+    if out is None and not into_report:
+        return None
     out_dir = Path(out) if out else run_dir / "robustness"
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "robustness.json", result)
     plot_shifts(result, out_dir / "robustness.png")
     write_text(out_dir / "robustness.md", "\n".join(shift_section(result, "robustness.png")))
     report = run_dir / "report.md"
-    if report.is_file():
+    if into_report and report.is_file():
         rel = Path(os.path.relpath(out_dir / "robustness.png", run_dir)).as_posix()
         section = "\n".join([REPORT_BEGIN, *shift_section(result, rel), REPORT_END])
         text = report.read_text()
