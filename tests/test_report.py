@@ -213,3 +213,28 @@ def test_a_moved_bundle_names_its_data_and_asks_for_data(trained_run: Path, tiny
     assert main(["robustness", str(moved), "--quick", "--no-saliency", "--data", str(tiny_dataset)]) == 0
     assert main(["evaluate", str(tmp_path / "no-such-run"), "--data", str(tiny_dataset)]) == 2
     assert "no-such-run does not exist" in capsys.readouterr().err
+
+
+def test_cli_front_door(capsys: pytest.CaptureFixture) -> None:
+    from lungxray import __version__
+    from lungxray.cli import build_parser, main
+
+    with pytest.raises(SystemExit) as done:
+        build_parser().parse_args(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"lungxray {__version__}"
+    top = build_parser().format_help()
+    assert "Classify chest X-rays" in top and "thin layer" not in top and "lungxray predict runs/reference" in top
+    for command in ("evaluate", "predict", "export", "serve", "robustness"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "--help"])
+        assert "a trained model: the run folder" in capsys.readouterr().out, command
+    assert main(["train", "--config", "configs/smoke.yaml", "--set", "train.epoch=3", "--out", "/nonexistent/x"]) == 2
+    assert "did you mean train.epochs?" in capsys.readouterr().err
+
+
+def test_training_log_estimates_the_time_left() -> None:
+    from lungxray.train import time_left
+
+    assert time_left([{"seconds": 10.0}] * 3, 30) == "  ~5.0 min left at most"
+    assert time_left([{"seconds": 2.0}], 4) == "  ~8 s left at most"
+    assert time_left([{"seconds": 2.0}], 0) == "" and time_left([], 5) == ""

@@ -1,4 +1,7 @@
-"""The `lungxray` command: a thin layer that parses arguments and calls the pipeline functions."""
+"""The `lungxray` command: parses arguments and calls the pipeline functions (the same ones the Python API calls).
+
+DESCRIPTION below is what `lungxray --help` says: what the tool does, not how this module is built.
+"""
 
 from __future__ import annotations
 
@@ -397,8 +400,25 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 COMMANDS["audit"] = (_add_audit, _cmd_audit)
 
 
+DESCRIPTION = """\
+Classify chest X-rays (COVID-19 / normal / viral pneumonia) with a small CNN ensemble trained from scratch:
+train and evaluate it honestly (every test figure with a 95% interval), predict image files or folders with an
+uncertainty and a referral flag, explain with Grad-CAM, serve a web page, export to ONNX.
+Research tool, not a medical device."""
+EPILOG = """\
+first steps:
+  lungxray predict runs/reference chest.png            one image: label, probabilities, uncertainty, refer
+  lungxray serve runs/reference                        the web page on http://127.0.0.1:8000
+  lungxray train --config configs/smoke.yaml --out runs/mine   a few seconds, to check an installation
+`lungxray COMMAND --help` describes each command."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lungxray", description=__doc__)
+    from lungxray import __version__
+
+    parser = argparse.ArgumentParser(prog="lungxray", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"lungxray {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for add, _ in COMMANDS.values():

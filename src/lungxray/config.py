@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import math
 import re
 import types
@@ -237,7 +238,9 @@ def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     unknown = sorted(set(raw) - names)
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown config key {where}{unknown[0]} (known: {', '.join(sorted(names))})")
+        close = difflib.get_close_matches(unknown[0], sorted(names), n=1, cutoff=0.6)
+        hint = f"did you mean {where}{close[0]}? " if close else ""
+        raise ConfigError(f"unknown config key {where}{unknown[0]} ({hint}known: {', '.join(sorted(names))})")
     kwargs = {name: _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name) for name, value in raw.items()}
     return cls(**kwargs)
 

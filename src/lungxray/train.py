@@ -549,9 +549,10 @@ def fit(
         record["events"] = events
         state.history.append(record)
         log.info(
-            "epoch %d/%d  loss %.4f  acc %.3f  val_loss %.4f  val_acc %.3f  %.0f img/s%s",
+            "epoch %d/%d  loss %.4f  acc %.3f  val_loss %.4f  val_acc %.3f  %.0f img/s%s%s",
             state.epoch, cfg.epochs, record["train_loss"], record["train_accuracy"], record["val_loss"],
             record["val_accuracy"], record["images_per_second"], "".join(f"  [{e}]" for e in events),
+            time_left(state.history, cfg.epochs - state.epoch),
         )
         if on_epoch is not None:
             on_epoch(record)
@@ -568,6 +569,15 @@ def fit(
     elif average is not None:
         model.load_state_dict(average.shadow)
     return state
+
+
+def time_left(history: list[dict[str, Any]], epochs_left: int) -> str:
+    """'  ~2.5 min left at most' from the mean of the last epochs' durations (early stopping may end sooner)."""
+    recent = [h["seconds"] for h in history[-5:] if "seconds" in h]
+    if epochs_left <= 0 or not recent:
+        return ""
+    left = epochs_left * sum(recent) / len(recent)
+    return f"  ~{left / 60:.1f} min left at most" if left >= 90 else f"  ~{left:.0f} s left at most"
 
 
 def fit_sequential(
