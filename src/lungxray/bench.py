@@ -145,11 +145,13 @@ def bench_train(
     model_args: dict[str, Any] | None = None,
     optimizer: str | None = None,
     with_peak: bool = True,
+    model_attrs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Training images per second of `arch` through `train.train_one_epoch`, after `warmup` steps.
 
     Unset options take `TrainConfig`'s defaults, so the default benchmark measures what `lungxray train` runs.
-    Rates count member-images (batch_size x members per step), like the training log.
+    Rates count member-images (batch_size x members per step), like the training log. `model_attrs` sets
+    per-instance speed switches on the model (e.g. {"fused": False}) before the optimizer is built.
     """
     if steps < 1 or warmup < 0 or batch_size < 2 or members < 1:
         raise ValueError("bench train needs steps >= 1, warmup >= 0, batch size >= 2 and members >= 1")
@@ -166,6 +168,8 @@ def bench_train(
     amp_dtype = resolve_precision(dev, cfg.precision)
     torch.manual_seed(0)
     model = build_model(arch, members=members, image_size=image_size, **(model_args or {}))
+    for attr, value in (model_attrs or {}).items():
+        setattr(model, attr, value)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(dev, memory_format=fmt)  # type: ignore[call-overload]
     fwd_flops = count_flops(model, image_size)  # per image per member, forward

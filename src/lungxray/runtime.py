@@ -8,8 +8,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import platform
 import random
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -79,10 +82,63 @@ def resolve_precision(device: torch.device, precision: str = "auto") -> torch.dt
 
 
 def _cpu_has_fast_bf16() -> bool:
+    """Native bf16 arithmetic (AVX512-BF16 or AMX-BF16), within any ONEDNN_MAX_CPU_ISA limit.
+
+    oneDNN also runs bf16 on AVX-512 CPUs without it, by emulation, and PyTorch's own check says yes there; but
+    emulated bf16 is no faster than fp32 and rounds more, so `auto` keeps fp32 on those (and on AVX2-only CPUs).
+    """
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return False
     except (AttributeError, RuntimeError):  # pragma: no cover - builds without oneDNN
         return False
+    return cpu_features()["native_bf16"]
+
+
+# oneDNN's ISA names (ONEDNN_MAX_CPU_ISA) from the lowest; those from AVX512_CORE_BF16 up have native bf16.
+_ONEDNN_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
+                "AVX512_CORE_BF16", "AVX10_1_512", "AVX512_CORE_FP16", "AVX10_1_512_AMX", "AVX512_CORE_AMX",
+                "AVX10_1_512_AMX_FP16", "AVX512_CORE_AMX_FP16")
+
+
+def cpu_features() -> dict[str, Any]:
+    """The CPU's model, its vector ISA as the kernels may use it (`isa`, e.g. "AVX2+FMA" or "AVX-512 + AMX-BF16")
+    and whether it has native bf16 arithmetic, with the ONEDNN_MAX_CPU_ISA limit applied when one is set."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+            if not line.strip() and fields:
+                break  # the first processor is enough
+    except OSError:  # pragma: no cover - non-Linux
+        pass
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields:
+        model += f" (family {fields['cpu family']} model {fields.get('model', '?')})"
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).upper()
+    rank = _ONEDNN_ISAS.index(limit) if limit in _ONEDNN_ISAS else len(_ONEDNN_ISAS)
+    allowed = {name for i, name in enumerate(_ONEDNN_ISAS) if i <= rank}
+    amx = "amx_bf16" in flags and "AVX512_CORE_AMX" in allowed
+    avx512_bf16 = "avx512_bf16" in flags and "AVX512_CORE_BF16" in allowed
+    avx512 = "avx512f" in flags and "AVX512_CORE" in allowed
+    if amx:
+        isa = "AVX-512 + AMX-BF16"
+    elif avx512_bf16:
+        isa = "AVX-512 + AVX512-BF16 (no AMX)"
+    elif avx512:
+        isa = "AVX-512 (no bf16)"
+    elif "avx2" in flags and "AVX2" in allowed:
+        isa = "AVX2+FMA" if "fma" in flags else "AVX2"
+    elif "asimd" in flags:
+        isa = "ARM NEON" + (" + BF16" if "bf16" in flags else "")
+    else:
+        isa = "SSE/other"
+    native = amx or avx512_bf16 or ("asimd" in flags and "bf16" in flags)
+    if limit:
+        isa += f" [ONEDNN_MAX_CPU_ISA={limit}]"
+    return {"cpu": model, "isa": isa, "native_bf16": native, "amx": amx, "onednn_max_isa": limit or None}
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
