@@ -81,9 +81,10 @@ def _build(cc: str) -> Path:
     ident = "\0".join([*FLAGS, version, _cpu_id()]).encode()
     key = hashlib.sha256(source + ident).hexdigest()[:16]
     out = _cache_dir() / f"seed_stem-{key}.so"
-    if out.exists():
-        return out
     out.parent.mkdir(parents=True, exist_ok=True)
+    _trusted_folder(out.parent)
+    if out.exists():
+        return _trusted(out)
     fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp.so", dir=out.parent)
     os.close(fd)
     try:
@@ -92,11 +93,37 @@ def _build(cc: str) -> Path:
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
         _state["compile_s"] = time.perf_counter() - t0
+        os.chmod(tmp, 0o755)
         os.replace(tmp, out)  # atomic: a concurrent process sees either no library or a whole one
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+def _trusted_folder(folder: Path) -> None:
+    """Refuse a kernel folder another account owns or can write into (it could plant a library we would load)."""
+    info = folder.stat()
+    if info.st_uid != os.getuid():
+        raise RuntimeError(f"{folder} belongs to another user (uid {info.st_uid}); not loading code from it")
+    if info.st_mode & 0o022:
+        os.chmod(folder, info.st_mode & ~0o022)  # our own folder, made group/other-writable by a loose umask
+    for parent in folder.parents:  # a folder above that others can write could be swapped for another
+        pinfo = parent.stat()
+        if pinfo.st_mode & 0o002 and not pinfo.st_mode & 0o1000:  # world-writable without the sticky bit
+            raise RuntimeError(f"{parent} is writable by every user; not loading code from below it")
+
+
+def _trusted(path: Path) -> Path:
+    """A cached library is loaded only when this user owns it and no one else can write it."""
+    info = path.lstat()
+    if not path.is_file() or path.is_symlink():
+        raise RuntimeError(f"{path} is not a regular file; not loading it")
+    if info.st_uid != os.getuid():
+        raise RuntimeError(f"{path} belongs to another user (uid {info.st_uid}); not loading it")
+    if info.st_mode & 0o022:
+        raise RuntimeError(f"{path} is writable by other users; not loading it")
+    return path
 
 
 def _load() -> ctypes.CDLL | None:

@@ -326,13 +326,17 @@ def _check_pixels(name: str, pixels: int) -> None:
         raise ImageDecodeError(f"{name}: image has {pixels} pixels, more than the limit of {limit}")
 
 
+def _size(n: int) -> str:
+    return f"{n / MB:.1f} MB" if n >= MB else f"{n / 1024:.1f} KB" if n >= 1024 else f"{n} bytes"
+
+
 def _check_ratio(name: str, decoded: int, stored: int | None) -> None:
     """Refuse a decompression bomb: far more decoded bytes than any real picture packs into the file's size."""
     limits = _LIMITS
     if stored is None or decoded <= limits.ratio_floor or decoded <= limits.max_ratio * max(stored, 1):
         return
     raise ImageDecodeError(
-        f"{name}: the header declares {decoded / MB:.0f} MB of pixels in a file of {stored / 1024:.0f} KB (more "
+        f"{name}: the header declares {_size(decoded)} of pixels in a file of {_size(stored)} (more "
         f"than the limit of {limits.max_ratio:g}x expansion): a decompression bomb or a truncated file")
 
 
@@ -454,7 +458,7 @@ def _array_to_gray(arr: np.ndarray, name: str) -> np.ndarray:
 
 
 def _dicom_to_gray(data: bytes, name: str) -> np.ndarray:
-    ds = _read_dicom(data, name)
+    ds, inflated = _read_dicom(data, name)
     if "PixelData" not in ds:
         raise ImageDecodeError(f"{name}: DICOM file has no pixel data")
     frames = _int_element(ds, "NumberOfFrames", 1, name)
@@ -468,6 +472,10 @@ def _dicom_to_gray(data: bytes, name: str) -> np.ndarray:
     expected = (rows * cols * samples * bits + 7) // 8
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     stored = len(ds.PixelData) if isinstance(ds.PixelData, bytes | bytearray) else 0
+    if inflated is not None and inflated > expected + expected // 2 + MB:  # far more than its image needs
+        raise ImageDecodeError(f"{name}: deflated DICOM data set inflates to {_size(inflated)}, but its image "
+                               f"({rows} x {cols} x {samples} x {bits} bits) needs {_size(expected)}: a "
+                               "decompression bomb")
     if syntax is not None and syntax.is_encapsulated:
         _check_ratio(name, expected, stored)
     elif not expected <= stored <= expected + 1:  # native: exactly what the header declares (plus a pad byte)
@@ -489,8 +497,9 @@ def _int_element(ds: Any, keyword: str, default: int, name: str) -> int:
     return number
 
 
-def _read_dicom(data: bytes, name: str) -> Any:
-    """dcmread, except that a deflated data set is inflated here, bounded, instead of all at once by pydicom."""
+def _read_dicom(data: bytes, name: str) -> tuple[Any, int | None]:
+    """dcmread, except that a deflated data set is inflated here, bounded, instead of all at once by pydicom;
+    returns the data set and, when it was deflated, its inflated size."""
     import pydicom
     from pydicom.filereader import _read_file_meta_info, read_preamble
     from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
@@ -500,12 +509,12 @@ def _read_dicom(data: bytes, name: str) -> Any:
         read_preamble(fp, True)
         meta = _read_file_meta_info(fp)
         if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
-            return pydicom.dcmread(io.BytesIO(data), force=True)
+            return pydicom.dcmread(io.BytesIO(data), force=True), None
         inflated = _inflate(data[fp.tell():], name)
         ds = pydicom.dcmread(io.BytesIO(inflated), force=True)
         meta.TransferSyntaxUID = ExplicitVRLittleEndian  # the inflated data set is plain explicit little endian
         ds.file_meta = meta
-        return ds
+        return ds, len(inflated)
     except ImageDecodeError:
         raise
     except Exception as exc:
@@ -522,8 +531,8 @@ def _inflate(zipped: bytes, name: str) -> bytes:
         except zlib.error as exc:
             raise ImageDecodeError(f"{name}: corrupt deflated DICOM data ({exc})") from exc
     if len(out) > limit or inflater.unconsumed_tail:
-        raise ImageDecodeError(f"{name}: deflated DICOM data inflates to more than the limit of {limit / MB:.0f} MB "
-                               f"from {len(zipped) / 1024:.0f} KB: a decompression bomb")
+        raise ImageDecodeError(f"{name}: deflated DICOM data inflates to more than the limit of {_size(limit)} "
+                               f"from {_size(len(zipped))}: a decompression bomb")
     return out
 
 

@@ -11,6 +11,10 @@ Why it is built this way:
   Content-Length *and* counted while reading (chunked uploads cannot bypass it), unknown formats are refused by
   their magic bytes (415) before any decoder runs, and the decoder's own pixel limit maps to 413.
 - No route serves files by a user-given path: the page is one package file read at start-up.
+- Decoding is bounded in memory, not only in requests: every decode reserves its estimated working memory (from
+  the image header, before any pixel is decoded) from one byte budget shared by the worker threads
+  (`decode_budget_mb`); a bomb or an image over the per-image limit is a 413, and a budget that stays full past
+  a few seconds a 503 (lungxray.imageio, docs/security.md). `HEAD` answers wherever `GET` does.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import base64
 import contextlib
 import copy
 import dataclasses
+import io
 import logging
 import os
 import queue
@@ -42,7 +47,7 @@ from starlette.datastructures import UploadFile
 
 from lungxray import __version__
 from lungxray.bundle import Bundle
-from lungxray.imageio import ImageDecodeError, is_dicom_bytes
+from lungxray.imageio import DecodeBusy, ImageDecodeError, decode_limits, is_dicom_bytes, set_decode_limits
 from lungxray.predict import Predictor, load_predictor
 
 log = logging.getLogger(__name__)
@@ -68,9 +73,11 @@ class ServeSettings:
     threads: int = 4  # worker threads for decoding + inference
     replicas: int = 1  # model copies; each runs one request at a time
     max_pending: int = 64  # requests admitted at once (running or waiting for a thread); beyond that: 503
+    decode_budget_mb: int = 512  # working memory of all decodes running at once (413 for one image over it)
+    decode_wait_s: float = 10.0  # how long a decode waits for room in that budget before a 503
 
     def __post_init__(self) -> None:
-        for name in ("max_upload_bytes", "threads", "replicas", "max_pending"):
+        for name in ("max_upload_bytes", "threads", "replicas", "max_pending", "decode_budget_mb"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"serve: {name} must be positive, got {getattr(self, name)}")
 
@@ -81,10 +88,20 @@ class ModelInfo(BaseModel):
     arch: str
 
 
+class Referral(BaseModel):
+    """How often the model was right when it did not refer, measured on the bundle's own held-out images."""
+
+    accuracy: float | None  # of the accepted (not referred) held-out images
+    accepted: int
+    images: int
+    kind: str  # "out-of-bag" or "holdout": which held-out images
+
+
 class Health(BaseModel):
     status: str
     model: ModelInfo
     classes: list[str]
+    referral: Referral | None = None  # None for a bundle without metrics.json
 
 
 class PredictResponse(BaseModel):
@@ -97,6 +114,7 @@ class PredictResponse(BaseModel):
     overlay_png_base64: str | None
     classes: list[str]
     model: ModelInfo
+    image_png_base64: str | None = None  # the image as the model saw it (the page's preview, DICOM included)
 
 
 def looks_like_image(data: bytes) -> bool:
@@ -107,9 +125,12 @@ def looks_like_image(data: bytes) -> bool:
 
 
 def decode_status(exc: ImageDecodeError) -> int:
-    """HTTP status for a decoder error: 413 over the pixel limit, 415 unknown format, else 422 (corrupt)."""
+    """HTTP status for a decoder error: 413 over a size limit or a bomb, 415 unknown format, 503 decoder busy,
+    else 422 (corrupt, or pixel data that does not match its header)."""
     message = str(exc)
-    if "more than the limit" in message:
+    if isinstance(exc, DecodeBusy) or "out of memory" in message:
+        return 503
+    if "more than the limit" in message or "decompression bomb" in message:
         return 413
     if "not a recognised image format" in message:
         return 415
@@ -120,6 +141,27 @@ def _client_name(filename: str | None) -> str:
     """The upload's base name, printable and short, for error messages (never used as a path)."""
     name = re.sub(r"[^\w.\- ]", "_", Path(filename or "upload").name)[:100]
     return name or "upload"
+
+
+def _referral(run_dir: Path) -> Referral | None:
+    """The validation referral figures of RUN/metrics.json (what "Confident" rests on), None when absent."""
+    import json
+
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        refer = metrics["validation"]["refer"]
+        return Referral(accuracy=refer.get("accuracy"), accepted=int(refer["n_accepted"]), images=int(refer["n"]),
+                        kind=str(metrics.get("validation_kind") or "holdout"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _png_base64(image: np.ndarray) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(image, dtype=np.uint8), mode="L").save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 class _Engine:
@@ -136,6 +178,7 @@ class _Engine:
                                members=int(meta["members"]), arch=str(meta["arch"]))
         threshold = meta.get("refer_threshold")
         self.refer_threshold = None if threshold is None else float(threshold)
+        self.referral = _referral(Path(predictor.bundle.path))
 
     @contextlib.contextmanager
     def replica(self) -> Iterator[Predictor]:
@@ -152,7 +195,8 @@ class _Engine:
         try:
             image = self.predictor.preprocess(data, name=filename)
         except ImageDecodeError as exc:
-            raise HTTPException(decode_status(exc), str(exc)) from exc
+            status = decode_status(exc)
+            raise HTTPException(status, str(exc), {"Retry-After": "2"} if status == 503 else None) from exc
         batch = image[None]  # (1, S, S)
         cam = None
         with self.replica() as predictor:
@@ -176,6 +220,7 @@ class _Engine:
             overlay_png_base64=png,
             classes=list(pred.classes),
             model=self.model,
+            image_png_base64=_png_base64(image),
         )
 
     def warm_up(self) -> None:
@@ -244,6 +289,10 @@ def _page() -> str:
 def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> FastAPI:
     """The ASGI app for one loaded model. Uploads are parsed by hand so the size limit applies while reading."""
     settings = settings or ServeSettings()
+    set_decode_limits(dataclasses.replace(decode_limits(), budget_bytes=settings.decode_budget_mb * MB,
+                                          max_decode_bytes=min(decode_limits().max_decode_bytes,
+                                                               settings.decode_budget_mb * MB),
+                                          wait_s=settings.decode_wait_s))
     engine = _Engine(predictor, settings.replicas)
     limiter = anyio.CapacityLimiter(settings.threads)
     page = _page()
@@ -251,13 +300,13 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> F
     app = FastAPI(title="lungxray", version=__version__,
                   description="Chest X-ray classification with uncertainty and Grad-CAM. Research use only.")
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
         return HTMLResponse(page, headers={"Content-Security-Policy": _PAGE_CSP, "X-Content-Type-Options": "nosniff"})
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> Health:
-        return Health(status="ok", model=engine.model, classes=predictor.classes)
+        return Health(status="ok", model=engine.model, classes=predictor.classes, referral=engine.referral)
 
     @app.post("/predict", openapi_extra=_PREDICT_BODY, responses={
         413: {"description": "upload or image too large"}, 415: {"description": "not a supported image"},
