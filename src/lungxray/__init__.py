@@ -7,6 +7,7 @@ The public API (see `lungxray.api`)::
     model.predict(["a.png", "b.dcm"])                  # labels, probabilities, uncertainty, refer flags
     run = lungxray.train("configs/smoke.yaml", out="runs/mine", epochs=3)
     lungxray.evaluate("runs/mine", data="other-hospital/")
+    lungxray.audit("data/covid19-dataset").verdict        # can borders, thumbnails or file facts tell classes apart?
 
 Importing the package is cheap: torch is imported on the first call that needs it.
 """
@@ -20,25 +21,28 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from lungxray.api import Evaluation, Model, Run, evaluate, load, train
+from lungxray.api import Evaluation, Model, Run, audit, evaluate, load, train
 
 if TYPE_CHECKING:
+    from lungxray.audit import AuditResult
     from lungxray.imageio import ImageDecodeError
     from lungxray.predict import Predictions
 
 __all__ = [
+    "AuditResult",
     "Evaluation",
     "ImageDecodeError",
     "Model",
     "Predictions",
     "Run",
     "__version__",
+    "audit",
     "evaluate",
     "load",
     "train",
 ]
 
-_LAZY = {"ImageDecodeError": "lungxray.imageio", "Predictions": "lungxray.predict"}
+_LAZY = {"AuditResult": "lungxray.audit", "ImageDecodeError": "lungxray.imageio", "Predictions": "lungxray.predict"}
 
 
 def __getattr__(name: str) -> Any:
