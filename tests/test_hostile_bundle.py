@@ -220,3 +220,23 @@ def _umask() -> int:
 def test_bundle_files_get_the_users_umask(bundle: Path) -> None:
     for name in ("model.safetensors", "meta.json"):
         assert (bundle / name).stat().st_mode & 0o777 == 0o666 & ~_umask(), name
+
+
+def test_save_bundle_covers_every_tensor_file_of_the_folder(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from lungxray.bundle import save_bundle
+    from lungxray.models import build_model
+
+    out = tmp_path / "b"
+    out.mkdir()
+    save_file({"x": torch.ones(3)}, str(out / "features.safetensors"))  # written before the bundle, as ood does
+    save_file({"x": torch.ones(3)}, str(out / "checkpoint.safetensors"))  # removed after training: not covered
+    meta = {"name": "x", "classes": ["a", "b"], "arch": "compact_cnn", "arch_args": {"image_size": 32},
+            "members": 1, "input": {"size": 32, "channels": 1, "mean": 0.5, "std": 0.25}}
+    save_bundle(out, build_model("compact_cnn", num_classes=2, members=1, image_size=32), meta,
+                extra_files={"more.safetensors": {"y": torch.zeros(2)}})
+    assert set(read_meta(out)["digests"]) == {"model.safetensors", "features.safetensors", "more.safetensors",
+                                              "meta.json"}
+    (out / "checkpoint.safetensors").unlink()
+    load_bundle(out)

@@ -76,7 +76,8 @@ def save_bundle(run_dir: Path, model: nn.Module, meta: dict[str, Any], config_ya
     """Write weights, meta and config atomically; meta last, so a folder with meta.json is complete.
 
     `extra_files` are further tensor files of the bundle ({"features.safetensors": tensors}); every tensor file's
-    digest goes into meta["digests"] and is verified at load, like meta.json's own."""
+    digest goes into meta["digests"] and is verified at load, like meta.json's own. Tensor files already in the
+    folder (written just before, other than the training checkpoint) are covered too."""
     state = model.state_dict()
     bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
     if bad is not None:
@@ -85,6 +86,9 @@ def save_bundle(run_dir: Path, model: nn.Module, meta: dict[str, Any], config_ya
     digests = {WEIGHTS: _write_tensors(run_dir / WEIGHTS, state)}
     for name, tensors in (extra_files or {}).items():
         digests[_bundle_file_name(name)] = _write_tensors(run_dir / name, tensors)
+    for path in sorted(run_dir.glob("*.safetensors")):  # tensor files written just before (features.safetensors)
+        if path.name not in digests and path.name != "checkpoint.safetensors" and path.is_file():
+            digests[path.name] = file_digest(path)
     if config_yaml is not None:
         write_text(run_dir / CONFIG, config_yaml)
     write_json(run_dir / META, sealed({"format_version": FORMAT_VERSION, **meta, "digests": digests}))
