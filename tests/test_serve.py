@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import shutil
 import socket
 import threading
@@ -27,7 +28,7 @@ from lungxray.predict import Predictor, load_predictor
 from lungxray.serve import ServeSettings, create_app, serve_in_thread
 
 SCHEMA = {"label", "probabilities", "uncertainty", "disagreement", "refer", "refer_threshold", "overlay_png_base64",
-          "classes", "model"}
+          "classes", "model", "image_png_base64"}
 
 
 class Client:
@@ -85,6 +86,9 @@ def test_health_page_and_openapi(client: Client, predictor: Predictor) -> None:
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["classes"] == predictor.classes
     assert health["model"] == {"name": "smoke", "members": 1, "arch": predictor.meta["arch"]}
+    refer = json.loads((Path(predictor.bundle.path) / "metrics.json").read_text())["validation"]["refer"]
+    assert health["referral"]["accepted"] == refer["n_accepted"] and health["referral"]["images"] == refer["n"]
+    assert health["referral"]["accuracy"] == refer["accuracy"]  # what the page's "Confident" is put against
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     for element in ('id="file-input"', 'id="label"', 'id="overlay"', 'id="probs"', 'id="verdict"'):
@@ -120,6 +124,8 @@ def test_predict_matches_predictor(request: pytest.FixtureRequest, run: str, kin
     size = pred.meta["input"]["size"]
     overlay = Image.open(io.BytesIO(base64.b64decode(body["overlay_png_base64"])))
     assert overlay.format == "PNG" and overlay.size == (size, size) and overlay.mode == "RGB"
+    seen = Image.open(io.BytesIO(base64.b64decode(body["image_png_base64"])))  # the page's preview (DICOM too)
+    assert seen.size == (size, size) and seen.mode == "L"
 
 
 def test_onnx_engine_serves_the_same_answers(tmp_path: Path, trained_ensemble: Path) -> None:
