@@ -32,7 +32,7 @@ from lungxray.models import build_model, stack_members
 from lungxray.photometric import make_photometric
 from lungxray.predict import Predictor, make_predictions, normalised_entropy
 from lungxray.preprocess import prepare
-from lungxray.report import write_evaluation_report, write_report, write_rows_csv
+from lungxray.report import duplicates_text, write_evaluation_report, write_report, write_rows_csv
 from lungxray.runlock import check_new_run, run_lock
 from lungxray.runtime import (
     INPUT_MEAN,
@@ -232,7 +232,8 @@ def _train_run(
     load_seconds = time.perf_counter() - t0
     duplicates = find_duplicates(ds)
     dup_summary = summarize_duplicates(duplicates)
-    log.info("%d images (%s), %d skipped; duplicates: %s", len(ds), ds.class_counts(), len(ds.skipped), dup_summary)
+    log.info("%d images (%s), %d skipped; duplicates: %s", len(ds), ", ".join(f"{c} {n}" for c, n in
+             ds.class_counts().items()), len(ds.skipped), duplicates_text(dup_summary))
     images = prepare(ds.images, cfg.data.standardize, cfg.data.crop_border)
     pool, holdout, test = training_pool(ds, cfg.data.val_fraction, cfg.seed, fold)
     ens = cfg.ensemble
