@@ -12,13 +12,15 @@ little, so before training this module asks cheap questions a model could exploi
 - ``file_facts``: what the file says about where it came from (size, aspect, bytes, format, mode, bit depth,
   EXIF, DPI, JPEG quantisation, DICOM Modality/Manufacturer/...), never its pixels.
 
-Each probe is a small, quickly trained model scored by stratified k-fold cross-validation over every image of the
-folder (train and test splits together: this audits the data, not a model). Exact and near duplicates are kept in
-one fold, so a memorised copy cannot pass for a shortcut. Every model competes, inside each training fold, with
-the majority-class predictor (nested cross-validation), so on labels that carry no signal a probe falls back to
-chance instead of fitting noise. The accuracy comes with a 95% Wilson interval over the pooled out-of-fold
-predictions; chance is the majority-class rate; a probe shows *signal* when its interval's lower bound is above
-chance + :data:`MARGIN`. Only the CPU is used; the reference dataset (317 images) takes seconds.
+Each probe is a small model (a random forest, or for pixels also a standardised logistic regression) scored by
+stratified k-fold cross-validation over every image of the folder (train and test splits together: this audits
+the data, not a model). Exact and near duplicates are kept in one fold, so a memorised copy cannot pass for a
+shortcut. Inside each training fold an inner cross-validation picks the model, and the majority-class predictor
+is always a candidate, so on labels that carry no signal a probe falls back to chance instead of fitting noise.
+The accuracy comes with a 95% Wilson interval over the pooled out-of-fold predictions (which treats them as
+independent: slightly narrow, hence the margin); chance is the majority-class rate; a probe shows *signal* when
+its interval's lower bound is above chance + :data:`MARGIN`. CPU only: the reference dataset (317 images) takes
+seconds. The report and figures are in lungxray.audit_report; docs/audit.md explains how to read them.
 """
 
 from __future__ import annotations
