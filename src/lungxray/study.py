@@ -2,7 +2,7 @@
 
 Single-model rows are estimated by stratified k-fold cross-validation inside the training split (every row sees
 the same folds, so differences are paired); ensemble rows may use their out-of-bag estimate instead. Every row is
-also trained once on the whole training split and scored once on test, with a bootstrap interval, and compared with
+also trained once on the whole training split and scored once on test, with a 95% interval, and compared with
 the baseline row by McNemar's test on the same test images. Finished runs are never redone, so an interrupted study
 resumes where it stopped.
 """

@@ -71,8 +71,8 @@ def write_study_report(out: Path, study: Any, rows: list[dict[str, Any]], wall: 
         f"Commit: {git_commit() or 'unknown'}  ",
         f"Wall time: {wall / 60:.1f} min. Estimates: {study.folds}-fold stratified cross-validation inside the "
         "training split (mean and 95% t-interval over folds) for single models; out-of-bag (bootstrap) or holdout "
-        "validation for ensembles. Test: each row's final model scored once on the test split, 95% percentile "
-        "bootstrap interval. Paired comparisons against the baseline row "
+        "validation for ensembles. Test: each row's final model scored once on the test split, 95% Wilson interval "
+        "for accuracy, percentile bootstrap for macro F1. Paired comparisons against the baseline row "
         f"`{study.baseline}`: paired t-test on per-fold accuracy differences, and McNemar's test on the test "
         "predictions. * marks p < 0.05 on either.", "",
         "| row | estimate | accuracy est. (95% CI) | macro F1 est. | test accuracy (95% CI) | test macro F1 | "
