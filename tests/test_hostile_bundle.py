@@ -240,3 +240,24 @@ def test_save_bundle_covers_every_tensor_file_of_the_folder(tmp_path: Path) -> N
                                               "meta.json"}
     (out / "checkpoint.safetensors").unlink()
     load_bundle(out)
+
+
+def test_damaged_sequential_members_are_refused(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from lungxray.checkpoint import CheckpointError, load_member, member_record
+    from lungxray.files import write_json
+    from lungxray.train import TrainState
+
+    model = torch.nn.Linear(4, 2)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    write_json(tmp_path / "member.json", member_record(TrainState(lr=0.1, batch_size=2, epoch=3), sd))
+    save_file(sd, str(tmp_path / "member.safetensors"))
+    assert load_member(tmp_path, model, TrainState).epoch == 3
+    header_len = int.from_bytes((tmp_path / "member.safetensors").read_bytes()[:8], "little")
+    _flip("member.safetensors", 8 + header_len + 1)(tmp_path)
+    with pytest.raises(CheckpointError, match=r"member\.safetensors: content does not match the digest"):
+        load_member(tmp_path, model, TrainState)
+    (tmp_path / "member.safetensors").write_bytes(b"\0" * 10)
+    with pytest.raises(CheckpointError, match="not a readable finished member"):
+        load_member(tmp_path, model, TrainState)

@@ -233,3 +233,27 @@ def remove_checkpoint(run_dir: Path) -> None:
     for name in (CHECKPOINT_JSON, CHECKPOINT_TENSORS):
         (run_dir / name).unlink(missing_ok=True)
     remove_stale_temp_files(run_dir)
+
+
+def member_record(state: Any, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """member.json of a finished sequential member: its training state and the digest of its weights."""
+    return {**dataclasses.asdict(state), "digest": tensors_digest(tensors)}
+
+
+def load_member(member_dir: Path, model: torch.nn.Module, state_cls: type) -> Any:
+    """Load a finished sequential member (members/<k>/) into `model`; CheckpointError when damaged."""
+    path = member_dir / "member.safetensors"
+    try:
+        record = json.loads((member_dir / "member.json").read_text())
+        tensors = load_file(str(path), device="cpu")
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise CheckpointError(f"{path}: not a readable finished member ({type(exc).__name__}: {exc})") from exc
+    digest = record.pop("digest", None) if isinstance(record, dict) else None
+    if digest is not None and digest != tensors_digest(tensors):
+        raise CheckpointError(f"{path}: content does not match the digest in member.json (damaged); delete "
+                              f"{member_dir} to train that member again")
+    try:
+        model.load_state_dict(tensors)
+        return state_cls(**record)
+    except (RuntimeError, TypeError) as exc:
+        raise CheckpointError(f"{path}: does not fit this run ({type(exc).__name__})") from exc

@@ -9,8 +9,6 @@ stack at once and runs it through the grouped network, so K members cost one pas
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import math
 import sys
@@ -24,13 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from lungxray import distributed
 from lungxray.augment import Augmenter
 from lungxray.averaging import WeightAverage, decay_for
-from lungxray.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from lungxray.checkpoint import has_checkpoint, load_checkpoint, load_member, member_record, save_checkpoint
 from lungxray.config import TrainConfig
 from lungxray.ensemble import MemberPlan
 from lungxray.files import atomic_write, write_json
@@ -608,9 +606,7 @@ def fit_sequential(
         model = build()
         finished = done is not None and done.is_file() and (done.parent / "member.json").is_file()
         if resume and finished:
-            meta = json.loads((member_dir / "member.json").read_text())  # type: ignore[operator]
-            model.load_state_dict(load_file(str(done), device=str(images.device)))
-            state = TrainState(**meta)
+            state = load_member(member_dir, model, TrainState)  # type: ignore[arg-type]  # digest-checked
         else:
             if member_dir is not None:
                 member_dir.mkdir(parents=True, exist_ok=True)
@@ -619,7 +615,7 @@ def fit_sequential(
                         photometric=make_photometric(k) if make_photometric is not None else None)
             if member_dir is not None:
                 sd = {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items()}
-                write_json(member_dir / "member.json", dataclasses.asdict(state))  # first: the weights mark "done"
+                write_json(member_dir / "member.json", member_record(state, sd))  # first: the weights mark "done"
                 atomic_write(done, lambda tmp, sd=sd: save_file(sd, str(tmp)))  # type: ignore[arg-type, misc]
         states.append(model.state_dict())
         merged.epoch = max(merged.epoch, state.epoch)
