@@ -23,13 +23,16 @@ from pathlib import Path
 import torch
 
 from lungxray.bench import peak_flops
+from lungxray.runtime import cpu_features
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {  # name -> bench train flags
     "fp32": ["--precision", "fp32", "--no-channels-last", "--no-compile"],
+    "fp32+CL": ["--precision", "fp32", "--channels-last", "--no-compile"],
     "bf16": ["--precision", "bf16", "--no-channels-last", "--no-compile"],
     "bf16+CL": ["--precision", "bf16", "--channels-last", "--no-compile"],
     "bf16+CL+compile": ["--precision", "bf16", "--channels-last", "--compile"],
+    "auto": ["--no-compile"],  # what `lungxray train` runs here: the measured runtime choice (lungxray.autotune)
 }
 
 
@@ -72,7 +75,8 @@ def main() -> None:
     peaks = {"fp32": peak_flops(dev, torch.float32), "bf16": peak_flops(dev, torch.bfloat16)}
     lines = [
         f"Peak (best large matmul): fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s "
-        f"on {args.device}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}.",
+        f"on {args.device}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}; "
+        f"{cpu_features()['cpu']}, {cpu_features()['isa']}.",
         "",
         "| model | K | variant | img/s (median) | img/s (best step) | GFLOP/s | % of peak | load |",
         "|---|---|---|---|---|---|---|---|",
@@ -102,7 +106,9 @@ def main() -> None:
             frac = gflops * 1e9 / peaks["bf16" if good[0]["dtype"] == "bf16" else "fp32"]
             loads = "-".join(f"{x:.1f}" for x in sorted({min(r["load_average"] for r in good),
                                                         max(r["load_average"] for r in good)}))
-            row = (f"| {arch} | {k} | {variant} | {rate:.1f} | {best:.1f} | {gflops:.0f} | {100 * frac:.0f}% | "
+            name = variant if variant != "auto" else (f"auto: {good[0]['dtype']}"
+                                                      f"{'+CL' if good[0]['channels_last'] else ''}")
+            row = (f"| {arch} | {k} | {name} | {rate:.1f} | {best:.1f} | {gflops:.0f} | {100 * frac:.0f}% | "
                    f"{loads} |")
         lines.append(row)
         print(row, flush=True)

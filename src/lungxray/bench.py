@@ -34,7 +34,7 @@ from lungxray.augment import Augmenter, resolve_params
 from lungxray.config import TrainConfig
 from lungxray.ensemble import MemberPlan, plan_members
 from lungxray.models import build_model, count_flops
-from lungxray.runtime import resolve_device, resolve_precision, set_threads
+from lungxray.runtime import cpu_features, resolve_device, resolve_precision, set_threads
 from lungxray.train import TrainState, fit, make_optimizer, train_one_epoch
 from lungxray.waitpolicy import wait_policy
 
@@ -88,6 +88,7 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
         pass
     info: dict[str, Any] = {
         "cpu": cpu,
+        "isa": cpu_features()["isa"],  # what the kernels may use (ONEDNN_MAX_CPU_ISA applied)
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "threads": torch.get_num_threads(),
         "omp_wait_policy": wait_policy(),
@@ -146,16 +147,30 @@ def bench_train(
     optimizer: str | None = None,
     with_peak: bool = True,
     model_attrs: dict[str, Any] | None = None,
+    autotune: bool = False,
 ) -> dict[str, Any]:
     """Training images per second of `arch` through `train.train_one_epoch`, after `warmup` steps.
 
     Unset options take `TrainConfig`'s defaults, so the default benchmark measures what `lungxray train` runs.
     Rates count member-images (batch_size x members per step), like the training log. `model_attrs` sets
     per-instance speed switches on the model (e.g. {"fused": False}) before the optimizer is built.
+    `autotune`: options left unset (precision None or auto, channels_last None, threads 0, no fused switch) take
+    what `lungxray train` would run with on this machine (`lungxray.autotune`, cached), reported as `runtime`.
     """
     if steps < 1 or warmup < 0 or batch_size < 2 or members < 1:
         raise ValueError("bench train needs steps >= 1, warmup >= 0, batch size >= 2 and members >= 1")
     dev = resolve_device(str(device))
+    runtime = None
+    if autotune:
+        from lungxray.autotune import choose
+
+        base = TrainConfig(precision=precision or "auto", threads=threads,  # type: ignore[arg-type]
+                           optimizer=optimizer or TrainConfig().optimizer)  # type: ignore[arg-type]
+        runtime = choose(arch, model_args, members, image_size, batch_size, dev, base)
+        precision, threads = runtime.precision, runtime.threads
+        channels_last = runtime.channels_last if channels_last is None else channels_last
+        if runtime.fused is not None and "fused" not in (model_attrs or {}):
+            model_attrs = {**(model_attrs or {}), "fused": runtime.fused}
     set_threads(threads)
     defaults = TrainConfig()
     cfg = TrainConfig(
@@ -221,6 +236,8 @@ def bench_train(
         "peak_memory_mb": (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else _peak_rss_mb() * 2**20)
         / 2**20,
         **machine_info(dev),
+        "fused": (model_attrs or {}).get("fused", getattr(model, "fused", None)),
+        "runtime": runtime.to_dict() if runtime is not None else None,
     }
     log.debug("bench train %s: %.1f img/s (median of %d steps)", arch, rate, steps)
     if with_peak:
@@ -367,13 +384,16 @@ def format_train(r: dict[str, Any]) -> str:
     ]
     if "peak_gflops" in r:
         lines[-1] += f" of {r['peak_gflops']:.0f} peak ({r['dtype']} matmul): {100 * r['fraction_of_peak']:.0f}%"
-    lines.append(f"  load average {r['load_average']} on {r['cores']} cores ({r['cpu']})")
+    lines.append(f"  load average {r['load_average']} on {r['cores']} cores ({r['cpu']}, {r.get('isa', '?')})")
+    if r.get("runtime"):
+        lines.append(f"  {r['runtime']['line']}")
     return "\n".join(lines)
 
 
 def format_predict(r: dict[str, Any]) -> str:
     """One line per engine of a `bench_predict` result."""
-    head = f"{r['arch']} x{r['members']}  {r['image_size']}px  {r['device']}  load average {r['load_average']}"
+    head = (f"{r['arch']} x{r['members']}  {r['image_size']}px  {r['device']}  load average {r['load_average']}"
+            f"  ({r['cpu']}, {r.get('isa', '?')})")
     rows = [
         f"  {name + (' int8' if e.get('quantization') else ''):<11} batch 1: p50 {e['latency_ms_p50']:.2f} ms  "
         f"p99 {e['latency_ms_p99']:.2f} ms   "

@@ -76,12 +76,15 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="write evaluation.md, evaluation.json and predictions.csv here (default: nothing "
                                  "is written)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--adapt", action="store_true", help="also score the model adapted to this folder, "
+                   "cross-fitted (each image by a model adapted on the other folds, never on itself)")
+    p.add_argument("--folds", type=int, default=5, help="cross-fitting folds for --adapt (default 5)")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from lungxray.api import evaluate
 
-    print(evaluate(args.run_dir, args.data, args.out, device=args.device))
+    print(evaluate(args.run_dir, args.data, args.out, device=args.device, adapt=args.adapt, folds=args.folds))
     return 0
 
 
@@ -232,6 +235,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--replicas", type=int, default=1,
                    help="model copies that run requests in parallel (PyTorch threads are split among them)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload")
+    p.add_argument("--decode-budget-mb", type=int, default=512, metavar="MB",
+                   help="working memory of all image decodes at once (docs/security.md)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--engine", choices=["torch", "onnx"], default="torch",
                    help="what computes the scores: PyTorch, or ONNX Runtime on RUN_DIR/model.onnx")
@@ -242,7 +247,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from lungxray.serve import run_server
 
     run_server(args.run_dir, args.host, args.port, args.workers_threads, args.max_upload_mb, args.device,
-               args.replicas, args.engine, args.onnx)
+               args.replicas, args.engine, args.onnx, decode_budget_mb=args.decode_budget_mb)
     return 0
 
 
@@ -328,6 +333,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all cores)")
     t.add_argument("--image-size", type=int, default=256)
     t.add_argument("--no-peak", dest="peak", action="store_false", help="skip the peak matmul FLOP/s measurement")
+    t.add_argument("--no-autotune", dest="autotune", action="store_false",
+                   help="unset options take TrainConfig's defaults, not this machine's measured choice")
     t.add_argument("--json", action="store_true", help="print one JSON object")
     r = kinds.add_parser("predict", help="inference latency (batch 1) and throughput, PyTorch and ONNX Runtime")
     r.add_argument("run_dir", nargs="?", help=RUN_DIR_HELP + " (default: an untrained one of --arch)")
@@ -354,6 +361,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         result = bench.bench_train(
             args.arch, args.batch_size, args.steps, args.warmup, args.members, args.device, args.precision,
             args.channels_last, args.compile, args.threads, args.image_size, with_peak=args.peak,
+            autotune=args.autotune,
         )
         print(json.dumps(result, indent=2) if args.json else bench.format_train(result))
         return 0
@@ -426,6 +434,66 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_shift(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("shift", help="is this folder from another site? a two-sample test against the training "
+                                     "images' feature statistics")
+    p.add_argument("run_dir", help=RUN_DIR_HELP)
+    p.add_argument("--data", required=True, help="folder of images (searched recursively; labels ignored)")
+    p.add_argument("--alpha", type=float, default=0.01, help="significance level of the verdict")
+    p.add_argument("--json", action="store_true", help="print one JSON object (shifted, p_value, score, ...)")
+
+
+def _cmd_shift(args: argparse.Namespace) -> int:
+    import json
+
+    from lungxray.api import load
+
+    result = load(args.run_dir).shift(args.data, alpha=args.alpha)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.verdict)
+    return 0
+
+
+def _add_adapt(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("adapt", help="adapt a model to a new site from its unlabelled images (BatchNorm "
+                                     "statistics, relative to the training images, with the site's class mix)")
+    p.add_argument("run_dir", help=RUN_DIR_HELP)
+    p.add_argument("--data", required=True, help="folder of the site's images (searched recursively; labels ignored)")
+    p.add_argument("--out", required=True, help="folder for the adapted bundle")
+    p.add_argument("--force", action="store_true", help="replace a bundle already at --out")
+    p.add_argument("--prior-strength", type=float, default=None, metavar="N",
+                   help="weight of the training statistics, in images (default 16)")
+    p.add_argument("--class-mix", choices=("estimate", "train"), default="estimate",
+                   help="align to the training images with the site's estimated class mix (default) or the "
+                        "training mix (plain AdaBN)")
+
+
+def _cmd_adapt(args: argparse.Namespace) -> int:
+    from lungxray.adapt import PRIOR_STRENGTH, AdaptSettings, adapt_bundle
+
+    strength = PRIOR_STRENGTH if args.prior_strength is None else args.prior_strength
+    out, report = adapt_bundle(args.run_dir, args.data, args.out,
+                               AdaptSettings(prior_strength=strength, class_mix=args.class_mix), args.force)
+    mix = ", ".join(f"{c} {v:.0%}" for c, v in zip(_classes(out), report.class_mix, strict=True))
+    print(f"adapted on {report.images} images of {args.data} (class mix {mix}); "
+          f"{report.changed_labels:.0%} of their labels changed")
+    for name, why in report.excluded:
+        print(f"  left out {name}: {why}")
+    for warning in report.warnings:
+        print(f"warning: {warning}")
+    print(f"wrote the adapted bundle to {out}")
+    return 0
+
+
+def _classes(run_dir: Path) -> list[str]:
+    from lungxray.bundle import read_meta
+
+    return list(read_meta(run_dir)["classes"])
+
+
+COMMANDS["shift"] = (_add_shift, _cmd_shift)
+COMMANDS["adapt"] = (_add_adapt, _cmd_adapt)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -434,6 +502,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # before anything imports torch (the commands import it lazily): spin on a free CPU, sleep on a shared one
     log.debug("%s", choose_wait_policy(args.command))  # train logs the setting with its device and threads
+    from safetensors import SafetensorError
+
     from lungxray.bundle import BundleError
     from lungxray.config import ConfigError
     from lungxray.imageio import ImageDecodeError
@@ -444,10 +514,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command][1](args)
-    except (ConfigError, BundleError, ImageDecodeError, OSError, ValueError, RuntimeError) as exc:
+    except (ConfigError, BundleError, ImageDecodeError, OSError, ValueError, RuntimeError, MemoryError,
+            SafetensorError) as exc:
         if args.verbose:
             raise
-        message = " ".join(str(exc).split())  # one line, even for multi-line library messages
+        message = " ".join(str(exc).split()) or type(exc).__name__  # one line, even for multi-line messages
         print(f"lungxray {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
