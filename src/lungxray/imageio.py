@@ -350,11 +350,16 @@ def _reduction(width: int, height: int, reduce_for: int | None) -> int:
     return max(1, min(width, height) // (REDUCE_ABOVE // 2 * reduce_for))
 
 
+_REDUCIBLE = ("L", "LA", "RGB", "RGBA", "I", "F", "I;16", "I;16L", "I;16B", "I;16N")
+
+
 def _pil_estimate(im: Image.Image, factor: int) -> int:
-    """Upper bound of the working memory of decoding `im`: PIL's buffer, one converted copy, float32 planes."""
+    """Upper bound of the working memory of decoding `im`: PIL's buffer, one converted copy (RGB(A) at 4 bytes a
+    pixel for palette, bilevel, CMYK ...), and the numpy/float32 planes at the size they are computed at."""
     w, h = im.size
     pil = w * h * _PIL_BYTES.get(im.mode, 4)
-    return 2 * pil + (w // factor) * (h // factor) * 40
+    converted = pil if im.mode in _REDUCIBLE else w * h * 4
+    return pil + converted + (w // factor) * (h // factor) * 40
 
 
 def _pil_to_gray(im: Image.Image, name: str, stored: int | None = None, reduce_for: int | None = None

@@ -376,7 +376,7 @@ def _describe(predictor: Predictor) -> str:
 
 def run_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, threads: int = 4,
                max_upload_mb: float = 20.0, device: str = "cpu", replicas: int = 1, engine: str = "torch",
-               onnx_path: str | Path | None = None) -> None:
+               onnx_path: str | Path | None = None, decode_budget_mb: int = 512) -> None:
     """Load the bundle once, warm it up, and serve until interrupted (the `lungxray serve` command).
 
     With several CPU replicas, PyTorch's intra-op threads are divided among them: replicas that each spin up
@@ -387,7 +387,8 @@ def run_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, t
     import torch
     import uvicorn
 
-    settings = ServeSettings(max_upload_bytes=int(max_upload_mb * MB), threads=threads, replicas=replicas)
+    settings = ServeSettings(max_upload_bytes=int(max_upload_mb * MB), threads=threads, replicas=replicas,
+                             decode_budget_mb=decode_budget_mb)
     predictor = load_predictor(run_dir, device, engine, onnx_path)
     if replicas > 1 and predictor.device.type == "cpu":
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
