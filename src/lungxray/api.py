@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from lungxray.audit import AuditResult
     from lungxray.config import RunConfig
     from lungxray.predict import Predictions, Predictor
+    from lungxray.shift import ShiftResult
 
     ImageInput: TypeAlias = str | os.PathLike[str] | bytes | Image.Image | np.ndarray
     ConfigSource: TypeAlias = str | os.PathLike[str] | Mapping[str, Any] | RunConfig
@@ -85,6 +86,54 @@ class Model:
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         return self.predictor.predict_named(_inputs(images), on_error, batch_size)
+
+    def shift(self, images: ImageInput | Iterable[ImageInput], *, alpha: float = 0.01) -> ShiftResult:
+        """Is this set of images (typically a folder of one site) from another site than the training images?
+
+        A two-sample test of their feature-space scores against the training images' (`lungxray.shift`); the
+        result has `shifted`, `p_value`, `score` and a one-line `verdict`.
+
+        >>> model.shift("other-hospital/").verdict
+        """
+        from lungxray.shift import shift_test
+
+        reference = self.predictor.reference
+        if reference is None:
+            raise ValueError(f"{self.path} has no feature reference (trained before lungxray kept one); "
+                             "retrain it to get site verdicts")
+        pred = self.predict(images, on_error="skip")
+        return shift_test(reference.null_scores, pred.ood, reference.threshold, alpha)
+
+    def adapt(self, images: ImageInput | Iterable[ImageInput], *, out: str | os.PathLike[str] | None = None,
+              prior_strength: float | None = None, class_mix: Literal["estimate", "train"] = "estimate") -> Model:
+        """A copy of this model adapted to a site from its unlabelled images (`lungxray.adapt`).
+
+        With `out` the adapted bundle is written there (what `lungxray adapt` does) and loaded from it; without,
+        the adapted model lives in memory only. Labels and folder names are ignored.
+
+        >>> site_model = model.adapt("other-hospital/", out="runs/reference-site")
+        """
+        import copy
+
+        from lungxray.adapt import PRIOR_STRENGTH, AdaptSettings, adapt_predictor, folder_fingerprint, write_adapted
+
+        settings = AdaptSettings(prior_strength=PRIOR_STRENGTH if prior_strength is None else prior_strength,
+                                 class_mix=class_mix)
+        if self.predictor.__class__.__name__ != "Predictor":
+            raise ValueError("adapt runs on the torch engine; load the model with engine='torch'")
+        predictor = copy.deepcopy(self.predictor)
+        items = _inputs(images)
+        loaded = predictor.load_named(items, on_error="skip")
+        report = adapt_predictor(predictor, loaded.images, loaded.names, loaded.reasons, settings)
+        report.excluded += [(name, f"unreadable: {error}") for name, error in loaded.skipped]
+        for warning in report.warnings:
+            log.warning("%s", warning)
+        if out is None:
+            return Model(predictor)
+        paths = [Path(src) for src, _ in items if isinstance(src, str | os.PathLike)]
+        source = os.fspath(images) if isinstance(images, str | os.PathLike) else "<in-memory images>"
+        write_adapted(predictor, Path(out), report, source, folder_fingerprint(paths), settings)
+        return load(out)
 
     def gradcam(self, image: ImageInput, *, overlay: bool = True, target: str | None = None) -> np.ndarray:
         """Grad-CAM saliency of one image: an RGB uint8 (S, S, 3) overlay, or with `overlay=False` the heatmap
@@ -397,6 +446,8 @@ def evaluate(
     *,
     device: str = "cpu",
     seed: int = 0,
+    adapt: bool = False,
+    folds: int = 5,
 ) -> Evaluation:
     """Score a trained model on a labelled folder (its test/ split when it has one, else every image).
 
@@ -408,7 +459,8 @@ def evaluate(
     """
     from lungxray.pipeline import evaluate_run, find_data
 
-    result = evaluate_run(Path(run_dir), find_data(_path(data)), _path(out), seed=seed, device=device)
+    result = evaluate_run(Path(run_dir), find_data(_path(data)), _path(out), seed=seed, device=device,
+                          adapt=adapt, folds=folds)
     return Evaluation(Path(run_dir), _path(out), result)
 
 

@@ -29,6 +29,7 @@ from lungxray.ensemble import MemberPlan, out_of_bag_probs, plan_members
 from lungxray.files import write_json, write_text
 from lungxray.gradcam import saliency_summary
 from lungxray.models import build_model, stack_members
+from lungxray.ood import reference_from_pool, reference_meta, save_reference
 from lungxray.photometric import make_photometric
 from lungxray.predict import Predictor, make_predictions, normalised_entropy
 from lungxray.preprocess import prepare
@@ -42,6 +43,7 @@ from lungxray.runtime import (
     seed_everything,
     set_threads,
 )
+from lungxray.shift import folder_shift
 from lungxray.train import fit, fit_sequential
 from lungxray.waitpolicy import wait_policy
 
@@ -111,9 +113,11 @@ def calibrate(val_probs: np.ndarray, val_labels: np.ndarray, cfg: RunConfig) -> 
 
 
 def score(pred_meta: dict[str, Any], member_logits: np.ndarray, labels: np.ndarray, classes: list[str],
-          paths: list[str], seed: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Metrics with bootstrap intervals, calibration before/after, referral, and one row per image."""
-    pred = make_predictions(member_logits, pred_meta)
+          paths: list[str], seed: int, ood: np.ndarray | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Metrics with bootstrap intervals, calibration before/after, referral, and one row per image.
+
+    With `ood` (feature-space scores) referral also counts out-of-distribution images (`referral`)."""
+    pred = make_predictions(member_logits, pred_meta, ood)
     raw = make_predictions(member_logits, {**pred_meta, "temperature": 1.0})
     correct = pred.probs.argmax(1) == labels
     out = {
@@ -126,14 +130,30 @@ def score(pred_meta: dict[str, Any], member_logits: np.ndarray, labels: np.ndarr
         "mean_uncertainty_correct": float(pred.uncertainty[correct].mean()) if correct.any() else None,
         "mean_uncertainty_wrong": float(pred.uncertainty[~correct].mean()) if (~correct).any() else None,
         "reliability": {k: v.tolist() for k, v in metrics.reliability_curve(pred.probs, labels).items()},
+        "referral": referral_summary(correct, pred.refer, pred.refer_reason),
     }
     rows = [
         {"path": p, "true": classes[t], "label": classes[int(pred.probs[i].argmax())],
          **{f"prob_{c}": float(pred.probs[i, j]) for j, c in enumerate(classes)},
-         "uncertainty": float(pred.uncertainty[i]), "refer": bool(pred.refer[i])}
+         "uncertainty": float(pred.uncertainty[i]), "ood": float(pred.ood[i]), "refer": bool(pred.refer[i]),
+         "refer_reason": pred.refer_reason[i]}
         for i, (p, t) in enumerate(zip(paths, labels, strict=True))
     ]
     return out, rows
+
+
+def referral_summary(correct: np.ndarray, refer: np.ndarray, reasons: list[str]) -> dict[str, Any]:
+    """What the referral rule (uncertainty, out of distribution, input checks) did: how many it referred, how
+    accurate the accepted answers were, and how many of the errors it caught (the confident errors are the rest)."""
+    errors = ~correct
+    return {
+        "referred": float(refer.mean()) if len(refer) else None,
+        "accepted_accuracy": float(correct[~refer].mean()) if (~refer).any() else None,
+        "errors": int(errors.sum()), "errors_referred": int((errors & refer).sum()),
+        "confident_errors": int((errors & ~refer).sum()),
+        "out_of_distribution": int(sum(r.startswith("out of distribution") for r in reasons)),
+        "uncertain": int(sum(r.startswith("uncertain") for r in reasons)),
+    }
 
 
 def copied_from_training(test_paths: list[str], pool_paths: set[str], duplicates: list[Any]) -> dict[str, str]:
@@ -284,7 +304,10 @@ def _train_run(
         "data": {"root": str(Path(ds.root).resolve()), "fingerprint": ds.fingerprint},
     }
     predictor = Predictor(bundle=Bundle(model=model, meta=meta, path=run_dir), device=dev)
-    pool_logits = predictor.member_logits(images[pool])
+    # one pass over the pool: validation logits, and the training features behind ood scores and adaptation
+    pool_logits, predictor.reference = reference_from_pool(predictor, images[pool], ds.labels[pool],
+                                                           plan.train_index, plan.val_mask)
+    meta["ood"] = reference_meta(predictor.reference)
     val_probs, val_labels, val_index = validation_probs(pool_logits, ds.labels[pool], plan)
     meta.update(calibrate(val_probs, val_labels, cfg))
     val_scores, _ = score(meta, np.log(np.clip(val_probs, 1e-12, None))[:, None, :], val_labels, ds.classes,
@@ -293,9 +316,10 @@ def _train_run(
                                else "holdout", "test": None}
     test_rows: list[dict[str, Any]] = []
     if len(test):
-        test_logits = predictor.member_logits(images[test])
+        test_logits, test_features = predictor.member_outputs(images[test])
         results["test"], test_rows = score(meta, test_logits, ds.labels[test], ds.classes,
-                                           [ds.paths[i] for i in test], cfg.seed)
+                                           [ds.paths[i] for i in test], cfg.seed,
+                                           predictor.ood_scores(test_features))
         results["test_without_duplicates"] = score_without_copies(
             meta, test_logits, ds.labels[test], ds.classes, [ds.paths[i] for i in test],
             {ds.paths[i] for i in pool}, duplicates, cfg.seed)
@@ -321,6 +345,7 @@ def _train_run(
     results["members"] = {"best_epoch": state.member_best_epoch, "stopped": state.member_stopped}
     meta["metrics"] = {"validation": val_scores["metrics"],
                        "test": results["test"]["metrics"] if results["test"] else None}
+    save_reference(run_dir, predictor.reference)  # before the bundle: meta.json is written last
     save_bundle(run_dir, model, meta, cfg.to_yaml())
     write_json(run_dir / "plan.json", {"train_index": plan.train_index, "val_mask": plan.val_mask.astype(int),
                                        "pool_paths": [ds.paths[i] for i in pool]})
@@ -345,6 +370,21 @@ def read_run_info(run_dir: str | Path) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError):
         return {}
     return info if isinstance(info, dict) else {}
+
+
+def adapted_scores(predictor: Predictor, images: np.ndarray, labels: np.ndarray, paths: list[str],
+                   data: str | Path, folds: int, seed: int) -> dict[str, Any]:
+    """Cross-fitted adapted scores (`adapt.crossfit`): each image scored by a model adapted on the other folds."""
+    from lungxray.adapt import crossfit, patient_groups
+
+    groups = patient_groups(paths, data)
+    fit = crossfit(predictor, images, groups, folds, seed=seed)
+    scores, _ = score(predictor.meta, fit.logits, labels, predictor.classes, paths, seed, fit.ood)
+    grouped = int((~np.char.startswith(groups.astype(str), "image:")).sum())
+    return {"overall": scores, "folds": int(fit.fold.max()) + 1, "grouped_by_patient": grouped,
+            "adapted_on": [len(a) for a in fit.adapted_on],
+            "warnings": sorted({w for r in fit.reports for w in r.warnings}),
+            "class_mix": [r.class_mix for r in fit.reports]}
 
 
 def find_data(explicit: str | Path | None = None) -> Path:
@@ -385,7 +425,7 @@ def bundle_data(run_dir: str | Path, explicit: str | Path | None = None) -> Path
 
 
 def evaluate_run(run_dir: str | Path, data: str | Path, out: str | Path | None = None, seed: int = 0,
-                 device: str = "cpu") -> dict[str, Any]:
+                 device: str = "cpu", adapt: bool = False, folds: int = 5) -> dict[str, Any]:
     """Score a bundle on a labelled folder (its test/ split when it has one, else every image).
 
     Folders whose names map to no class of the model are skipped and listed; with several top-level sources
@@ -393,6 +433,9 @@ def evaluate_run(run_dir: str | Path, data: str | Path, out: str | Path | None =
     others only class folders, the latter are scored whole (never another source's train/ images). When the folder
     has a train/ split too, the scores are also given without the scored images that have a copy in it.
     Read-only unless `out` is given: then evaluation.json, predictions.csv and evaluation.md are written there.
+    The folder's site verdict (`lungxray.shift`) is part of the result; with `adapt` the model is also scored
+    adapted to the folder, cross-fitted: each image by a model adapted on the other `folds` folds (by patient where
+    a MANIFEST.csv says), never on itself.
     """
     predictor = Predictor.load(run_dir, device)
     meta, classes = predictor.meta, predictor.classes
@@ -403,11 +446,16 @@ def evaluate_run(run_dir: str | Path, data: str | Path, out: str | Path | None =
     if len(idx) == 0:
         raise ValueError(f"{data}: no readable images of the classes {', '.join(classes)}")
     images = prepare(ds.images[idx], contract.get("standardize", "none"), contract.get("crop_border", 0.0))
-    logits = predictor.member_logits(images)
+    logits, features = predictor.member_outputs(images)
+    ood = predictor.ood_scores(features)
     labels, paths = ds.labels[idx], [ds.paths[i] for i in idx]
-    overall, rows = score(meta, logits, labels, classes, paths, seed)
+    overall, rows = score(meta, logits, labels, classes, paths, seed, ood)
+    shift = folder_shift(predictor, ood) if ood is not None else None
     result: dict[str, Any] = {"data": str(data), "images": len(idx), "overall": overall,
-                              "skipped": [s.__dict__ for s in ds.skipped], "sources": {}, "written_to": None}
+                              "skipped": [s.__dict__ for s in ds.skipped], "sources": {}, "written_to": None,
+                              "shift": shift.to_dict() if shift else None}
+    if adapt:
+        result["adapted"] = adapted_scores(predictor, images, labels, paths, data, folds, seed)
     others = {ds.paths[i] for i in np.setdiff1d(np.arange(len(ds)), idx)}  # train/ images beside the scored ones
     if others:
         result["without_duplicates"] = score_without_copies(meta, logits, labels, classes, paths, others,

@@ -135,6 +135,16 @@ def referral_reasons(uncertainty: np.ndarray, ood: np.ndarray, meta: dict[str, A
 
 
 @dataclass
+class LoadedImages:
+    """Decoded model inputs with their names, input-check reasons, and the inputs that could not be read."""
+
+    images: np.ndarray  # (N, S, S) uint8, preprocessed under the bundle's contract
+    reasons: list[str | None]  # (N,) input-check reason or None
+    names: list[str]  # (N,)
+    skipped: list[tuple[str, str]]  # (name, error)
+
+
+@dataclass
 class Predictor:
     """A loaded bundle, ready to score images. Use `Predictor.load(run_dir)`."""
 
@@ -200,10 +210,9 @@ class Predictor:
         logits, features = self.member_outputs(images, batch_size)
         return make_predictions(logits, self.meta, self.ood_scores(features), input_reasons)
 
-    def predict_named(self, items: Sequence[tuple[Any, str]], on_error: str = "raise",
-                      batch_size: int = 32) -> Predictions:
-        """The one path from (source, name) pairs to Predictions: decode, check, score. With `on_error="skip"` an
-        unreadable input is logged and listed in `Predictions.skipped` instead of raising ImageDecodeError."""
+    def load_named(self, items: Sequence[tuple[Any, str]], on_error: str = "raise") -> LoadedImages:
+        """Decode and check (source, name) pairs; with `on_error="skip"` an unreadable input is logged and listed
+        in `skipped` instead of raising ImageDecodeError."""
         images, reasons, names, skipped = [], [], [], []
         for source, name in items:
             try:
@@ -219,8 +228,14 @@ class Predictor:
             names.append(name)
         size = int(self.meta["input"]["size"])
         stack = np.stack(images) if images else np.zeros((0, size, size), np.uint8)
-        pred = self.predict_images(stack, reasons, batch_size)
-        pred.names, pred.skipped = names, skipped
+        return LoadedImages(stack, reasons, names, skipped)
+
+    def predict_named(self, items: Sequence[tuple[Any, str]], on_error: str = "raise",
+                      batch_size: int = 32) -> Predictions:
+        """The one path from (source, name) pairs to Predictions: decode, check, score (see `load_named`)."""
+        loaded = self.load_named(items, on_error)
+        pred = self.predict_images(loaded.images, loaded.reasons, batch_size)
+        pred.names, pred.skipped = loaded.names, loaded.skipped
         return pred
 
     def predict(self, sources: Sequence[Any]) -> Predictions:

@@ -241,6 +241,7 @@ def evaluation_lines(result: dict[str, Any], out_dir: Path | None) -> list[str]:
     lines.append(f"referred {_pct(ref.get('referral_rate'))}; accuracy on the accepted {_pct(ref.get('accuracy'))}; "
                  f"mean uncertainty correct {_num3(result['overall'].get('mean_uncertainty_correct'))}, wrong "
                  f"{_num3(result['overall'].get('mean_uncertainty_wrong'))}")
+    lines += site_lines(result)
     skipped = result.get("skipped") or []
     if skipped:
         lines.append(f"left out {len(skipped)} file(s) or folder(s):")
@@ -248,6 +249,32 @@ def evaluation_lines(result: dict[str, Any], out_dir: Path | None) -> list[str]:
         lines += [f"  ... and {len(skipped) - 20} more (listed in the report)"] if len(skipped) > 20 else []
     lines.append(f"wrote evaluation.md, evaluation.json and predictions.csv to {out_dir}" if out_dir else
                  "nothing written (read-only; pass --out DIR to save evaluation.md, evaluation.json, predictions.csv)")
+    return lines
+
+
+def site_lines(result: dict[str, Any]) -> list[str]:
+    """The site verdict, what referral caught, and with --adapt the cross-fitted adapted scores beside frozen."""
+    lines = []
+    referral = result["overall"].get("referral") or {}
+    if referral.get("errors"):
+        lines.append(f"errors referred: {referral['errors_referred']} of {referral['errors']} "
+                     f"({referral['out_of_distribution']} images referred as out of distribution, "
+                     f"{referral['uncertain']} as uncertain)")
+    if result.get("shift"):
+        lines.append(f"site: {result['shift']['verdict']}")
+    adapted = result.get("adapted")
+    if adapted:
+        fm, fi = result["overall"]["metrics"], result["overall"]["intervals"]
+        am, ai = adapted["overall"]["metrics"], adapted["overall"]["intervals"]
+        by = f", by patient ({adapted['grouped_by_patient']} images grouped)" if adapted["grouped_by_patient"] else ""
+        lines.append(f"adapted to this folder, cross-fitted ({adapted['folds']} folds{by}; each image scored by a "
+                     f"model adapted on the other folds):")
+        lines.append(f"  accuracy frozen {_iv(fi['accuracy'])} -> adapted {_iv(ai['accuracy'])}")
+        lines.append(f"  macro F1 frozen {_iv(fi['macro_f1'])} -> adapted {_iv(ai['macro_f1'])}")
+        for c, figures in am["per_class"].items():
+            if figures.get("recall") is not None:
+                lines.append(f"  recall {c}: {_pct(fm['per_class'][c].get('recall'))} -> {_pct(figures['recall'])}")
+        lines += [f"  warning: {w}" for w in adapted["warnings"]]
     return lines
 
 
@@ -393,8 +420,9 @@ def shift_table(result: dict[str, Any]) -> list[str]:
              + " | mean |", "|---|---|" + "---|" * (levels + 1)]
     for name, info in result["summary"]["per_shift"].items():
         by_level = {c["level"]: c for c in cells if c["shift"] == name}
-        row = [f"{100 * by_level[i]['macro_f1']:.0f} ({100 * by_level[i]['accuracy']:.0f})" if i in by_level else "–"
-               for i in range(1, levels + 1)]
+        row = [f"{100 * by_level[i]['macro_f1']:.0f} ({100 * by_level[i]['accuracy']:.0f})"
+               + (f" → {100 * by_level[i]['adapted']['macro_f1']:.0f}" if "adapted" in by_level[i] else "")
+               if i in by_level else "–" for i in range(1, levels + 1)]
         lines.append(f"| {name} | {info['simulated_by'] or 'no (held out)'} | " + " | ".join(row)
                      + f" | **{100 * info['macro_f1']:.1f}** |")
     return lines
