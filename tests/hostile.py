@@ -135,3 +135,14 @@ def corpus(full: bool = False) -> dict[str, tuple[bytes, str]]:
         "RGBA PNG 7071 x 7071": (png_rgba_bomb() if full else png_rgba_claiming(7071, 7071), "rgba.png"),
         "JPEG claiming 7000 x 7000": (jpeg_claiming(), "claim.jpg"),
     }
+
+
+def dicom_jpeg(rows: int, cols: int, frame_side: int) -> bytes:
+    """A JPEG Baseline DICOM whose header says rows x cols around a frame_side x frame_side JPEG frame."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    yy, xx = np.mgrid[0:frame_side, 0:frame_side]
+    buf = io.BytesIO()
+    Image.fromarray(((xx * 3 + yy) % 256).astype(np.uint8)).save(buf, format="JPEG", quality=95)
+    return _dicom(rows, cols, encapsulate([buf.getvalue()]), JPEGBaseline8Bit)

@@ -152,3 +152,9 @@ def test_only_regular_files_are_read(tmp_path: Path, limits: None) -> None:
 def test_limits_are_validated() -> None:
     with pytest.raises(ValueError, match="max_ratio must be positive"):
         dataclasses.replace(decode_limits(), max_ratio=0)
+
+
+def test_a_compressed_dicom_frame_must_match_the_header() -> None:
+    assert decode_image(hostile.dicom_jpeg(64, 64, 64), 32, "ok.dcm").shape == (32, 32)
+    with pytest.raises(ImageDecodeError, match=r"the compressed frame declares 128 x 128 pixels, the DICOM header 64"):
+        decode_image(hostile.dicom_jpeg(64, 64, 128), 32, "lie.dcm")

@@ -483,12 +483,33 @@ def _dicom_to_gray(data: bytes, name: str) -> np.ndarray:
                                "decompression bomb")
     if syntax is not None and syntax.is_encapsulated:
         _check_ratio(name, expected, stored)
+        _check_frame(ds.PixelData, name, rows, cols)
     elif not expected <= stored <= expected + 1:  # native: exactly what the header declares (plus a pad byte)
         raise ImageDecodeError(
             f"{name}: DICOM pixel data is {stored} bytes, but Rows x Columns x SamplesPerPixel x BitsAllocated "
             f"({rows} x {cols} x {samples} x {bits}) declares {expected}")
     with _BUDGET.reserve(rows * cols * (samples * 8 + 32), name):  # pixels, float64 LUT output, float32 result
         return _dicom_pixels(ds, name, (rows, cols) if samples == 1 else (rows, cols, samples))
+
+
+def _check_frame(pixel_data: bytes, name: str, rows: int, cols: int) -> None:
+    """A JPEG or JPEG 2000 frame must declare the image the DICOM header does, before it is decoded (its own
+    header could otherwise claim a far larger picture than Rows x Columns)."""
+    from pydicom.encaps import generate_frames
+
+    try:
+        frame = next(generate_frames(pixel_data, number_of_frames=1))
+    except Exception as exc:
+        raise ImageDecodeError(f"{name}: corrupt encapsulated DICOM pixel data ({exc})") from exc
+    if not frame.startswith((b"\xff\xd8", b"\xff\x4f\xff\x51", b"\x00\x00\x00\x0cjP")):
+        return  # RLE and other codecs decode into an array of the header's shape
+    try:
+        size = _open_image(frame, name).size
+    except ImageDecodeError:
+        return  # a codec Pillow cannot read (lossless JPEG): the decoder's own error will say so
+    if size != (cols, rows):
+        raise ImageDecodeError(f"{name}: the compressed frame declares {size[0]} x {size[1]} pixels, the DICOM "
+                               f"header {cols} x {rows}")
 
 
 def _int_element(ds: Any, keyword: str, default: int, name: str) -> int:
