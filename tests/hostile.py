@@ -134,6 +134,7 @@ def corpus(full: bool = False) -> dict[str, tuple[bytes, str]]:
         "GIF with a 7000 x 7000 canvas": (gif_canvas(), "canvas.gif"),
         "RGBA PNG 7071 x 7071": (png_rgba_bomb() if full else png_rgba_claiming(7071, 7071), "rgba.png"),
         "JPEG claiming 7000 x 7000": (jpeg_claiming(), "claim.jpg"),
+        "JPEG DICOM frame larger than its header": (dicom_jpeg(64, 64, 1024 if full else 128), "frame.dcm"),
     }
 
 

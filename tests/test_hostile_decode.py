@@ -36,6 +36,7 @@ EXPECTED = {  # case -> (pattern of the one-line error, HTTP status the server m
     "GIF with a 7000 x 7000 canvas": (r"declares 46\.7 MB of pixels in a file of 35 bytes", 413),
     "RGBA PNG 7071 x 7071": (r"declares 190\.7 MB of pixels .* decompression bomb", 413),
     "JPEG claiming 7000 x 7000": (r"declares 46\.7 MB of pixels in a file of \d+ bytes", 413),
+    "JPEG DICOM frame larger than its header": (r"the compressed frame declares 128 x 128 pixels", 422),
 }
 
 

@@ -23,6 +23,7 @@ EXPECTED = {
     "GIF with a 7000 x 7000 canvas": 413,
     "RGBA PNG 7071 x 7071": 413,
     "JPEG claiming 7000 x 7000": 413,
+    "JPEG DICOM frame larger than its header": 422,
 }
 
 
