@@ -95,6 +95,7 @@ CASES: dict[str, tuple[Callable[[Path], None], str]] = {
     "size 100000": (_meta("input.size", 100000, seal=True), r"meta\.json: input\.size: 100000 is not in \[16, 2048\]"),
     "no input": (_meta("input", _DELETE, seal=True), r"meta\.json: input: missing"),
     "classes not a list": (_meta("classes", "covid", seal=True), r"meta\.json: classes: expected a list"),
+    "huge width": (_meta("arch_args.width", 10**9, seal=True), r"meta\.json: arch_args\.width: 1000000000 is not a"),
     "unknown arch": (_meta("arch", "os.system", seal=True), r"meta\.json: arch: 'os\.system' is not a known arch"),
     "weights truncated": (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:999]),
                           r"model\.safetensors: content does not match the digest in meta\.json"),

@@ -47,6 +47,8 @@ def test_config_values_out_of_range_are_refused(tiny_dataset: Path, tmp_path: Pa
     _one_line(_train(tiny_dataset, out, "--set", "data.image_size=100000"), capsys,
               r"data\.image_size must be in \[32, 2048\]")
     _one_line(_train(tiny_dataset, out, "--set", "ensemble.members=100000"), capsys, r"ensemble\.members must be in")
+    _one_line(_train(tiny_dataset, out, "--set", "model.args.width=1000000000"), capsys,
+              r"model\.args\.width: '1000000000' is not a number in \[-65536, 65536\]")
     assert not (out / "meta.json").exists()
 
 

@@ -24,6 +24,7 @@ from typing import Any
 META_DIGEST_KEY = "meta.json"
 MAX_IMAGE_SIZE = 2048  # model input side; beyond it one decoded image alone is gigabytes of activations
 MAX_MEMBERS = 256
+MAX_ARCH_NUMBER = 65536  # widths, depths, sizes: a bigger one would allocate gigabytes while building the model
 
 
 class MetaError(ValueError):
@@ -156,8 +157,14 @@ def validate_meta(meta: Any, format_version: int) -> BundleMeta:
     if arch not in list_models():
         raise MetaError(f"arch: {arch!r} is not a known architecture ({', '.join(list_models())})")
     arch_args = _get(meta, "arch_args", dict, "an object", {})
-    if not all(isinstance(k, str) for k in arch_args):
-        raise MetaError("arch_args: keys must be strings")
+    for key, value in arch_args.items():
+        if not isinstance(key, str):
+            raise MetaError("arch_args: keys must be strings")
+        if isinstance(value, bool) or value is None or isinstance(value, str):
+            continue
+        if not isinstance(value, int | float) or not math.isfinite(value) or abs(value) > MAX_ARCH_NUMBER:
+            raise MetaError(f"arch_args.{key}: {_short(value)} is not a number in [-{MAX_ARCH_NUMBER}, "
+                            f"{MAX_ARCH_NUMBER}] (or a string, true/false, null)")
     return BundleMeta(
         format_version=int(version), name=str(_get(meta, "name", str, "a string", "")), classes=_classes(meta),
         arch=arch, arch_args=dict(arch_args), members=_integer(meta, "members", 1, MAX_MEMBERS),

@@ -325,6 +325,12 @@ def _validate(c: RunConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    for key, value in c.model.args.items():  # scalars only, and sizes that fit in memory (no alias-built trees)
+        if isinstance(value, bool) or value is None or isinstance(value, str):
+            continue
+        if not isinstance(value, int | float) or not math.isfinite(value) or abs(value) > 65536:
+            raise ConfigError(f"model.args.{key}: {str(value)[:40]!r} is not a number in [-65536, 65536] (or a "
+                              "string, true/false, null)")
     try:
         c.augment.params()
         if c.ensemble.augment_preset is not None:
