@@ -99,9 +99,11 @@ def main() -> int:
     parser.add_argument("--server-threads", type=int, default=4)
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--max-extra-mb", type=float, default=1024.0, help="allowed peak above the idle server")
+    parser.add_argument("--only", action="append", metavar="TEXT",
+                        help="only the cases whose name contains TEXT (repeatable), e.g. --only legit")
     args = parser.parse_args()
 
-    corpus = cases()
+    corpus = {k: v for k, v in cases().items() if not args.only or any(t in k for t in args.only)}
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     failures: list[str] = []
