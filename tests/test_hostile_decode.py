@@ -159,3 +159,20 @@ def test_a_compressed_dicom_frame_must_match_the_header() -> None:
     assert decode_image(hostile.dicom_jpeg(64, 64, 64), 32, "ok.dcm").shape == (32, 32)
     with pytest.raises(ImageDecodeError, match=r"the compressed frame declares 128 x 128 pixels, the DICOM header 64"):
         decode_image(hostile.dicom_jpeg(64, 64, 128), 32, "lie.dcm")
+
+
+@pytest.mark.parametrize("mode", ["I;16", "P", "1", "LA"])
+def test_reduced_decoding_keeps_every_mode_and_its_scaling(mode: str) -> None:
+    yy, xx = np.mgrid[0:320, 0:300]
+    base = Image.fromarray(((xx + yy) % 256).astype(np.uint8))
+    if mode == "I;16":
+        im = Image.fromarray(((xx + yy) * 50).astype(np.uint16))
+    elif mode == "LA":
+        im = Image.merge("LA", (base, Image.new("L", base.size, 255)))
+    else:
+        im = base.convert(mode)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    reduced = decode_image(buf.getvalue(), 32, mode)  # short side 300 >= 8 x 32: decoded at reduced size
+    full = to_model_input(read_grayscale(buf.getvalue(), mode), 32)
+    assert np.abs(reduced.astype(int) - full.astype(int)).mean() < 3.0, mode

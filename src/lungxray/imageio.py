@@ -350,7 +350,7 @@ def _reduction(width: int, height: int, reduce_for: int | None) -> int:
     return max(1, min(width, height) // (REDUCE_ABOVE // 2 * reduce_for))
 
 
-_REDUCIBLE = ("L", "LA", "RGB", "RGBA", "I", "F", "I;16", "I;16L", "I;16B", "I;16N")
+_REDUCIBLE = ("L", "LA", "RGB", "RGBA", "I", "F")  # modes Image.reduce takes (others are converted first)
 
 
 def _pil_estimate(im: Image.Image, factor: int) -> int:
@@ -394,7 +394,9 @@ def _reduced(im: Image.Image, factor: int, target: int) -> Image.Image:
     im.load()
     rest = max(1, min(im.size) // keep)
     if rest > 1:
-        if im.mode not in ("L", "LA", "RGB", "RGBA", "I", "F") and not im.mode.startswith("I;16"):
+        if im.mode.startswith("I;16"):  # Pillow cannot reduce 16-bit modes; back to 16 bits keeps the scaling rule
+            return im.convert("I").reduce(rest).convert("I;16")
+        if im.mode not in _REDUCIBLE:
             im = im.convert("RGBA" if "transparency" in im.info or im.mode in ("PA", "La", "RGBa") else "RGB")
         im = im.reduce(rest)
     return im
