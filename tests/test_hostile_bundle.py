@@ -181,9 +181,15 @@ def test_non_finite_weights_are_never_written_or_loaded(tmp_path: Path) -> None:
     model = build_model("compact_cnn", members=1, image_size=32)
     with torch.no_grad():
         next(model.parameters()).fill_(float("nan"))
+    meta = {"name": "x", "classes": ["a", "b", "c"], "arch": "compact_cnn", "arch_args": {"image_size": 32},
+            "members": 1, "input": {"size": 32, "channels": 1, "mean": 0.5, "std": 0.25}}
     with pytest.raises(BundleError, match="holds NaN or infinite values"):
-        save_bundle(tmp_path / "nan", model, {"name": "x"})
+        save_bundle(tmp_path / "nan", model, meta)
     assert not (tmp_path / "nan" / "meta.json").exists()
+    with pytest.raises(BundleError, match=r"invalid meta\.json \(temperature: nan is not a finite number"):
+        save_bundle(tmp_path / "t", build_model("compact_cnn", members=1, image_size=32),
+                    {**meta, "temperature": float("nan")})
+    assert not (tmp_path / "t").exists()
 
 
 def test_damaged_checkpoints_are_refused(tmp_path: Path) -> None:

@@ -78,6 +78,10 @@ def save_bundle(run_dir: Path, model: nn.Module, meta: dict[str, Any], config_ya
     `extra_files` are further tensor files of the bundle ({"features.safetensors": tensors}); every tensor file's
     digest goes into meta["digests"] and is verified at load, like meta.json's own. Tensor files already in the
     folder (written just before, other than the training checkpoint) are covered too."""
+    try:  # never write a bundle that load_bundle would refuse
+        validate_meta(json.loads(json.dumps({"format_version": FORMAT_VERSION, **meta}, default=str)), FORMAT_VERSION)
+    except MetaError as exc:
+        raise BundleError(f"{run_dir}: not writing a bundle with an invalid meta.json ({exc})") from None
     state = model.state_dict()
     bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
     if bad is not None:
