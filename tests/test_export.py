@@ -65,7 +65,7 @@ def test_graph_contract(runs: dict[str, Path], exported: dict[str, Path]) -> Non
     dims = inp.type.tensor_type.shape.dim
     assert inp.name == "image" and inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [1, 64, 64]
-    assert [o.name for o in model.graph.output] == ["probs", "member_probs"]
+    assert [o.name for o in model.graph.output] == ["probs", "member_probs", "member_features"]
     assert model.opset_import[0].version == 17
     # every member reads the same image: the packed stem is exported as one dense 1-channel conv, no Expand
     first_conv = next(n for n in model.graph.node if n.op_type == "Conv")

@@ -251,3 +251,15 @@ def test_one_class_guard_acts_on_the_hannover_folder(tmp_path_factory: pytest.Te
     report = adapt_predictor(predictor, loaded.images, loaded.names, loaded.reasons, AdaptSettings())
     assert report.images >= 190
     assert max(report.class_mix) > max(report.frozen_mix) - 0.05  # aligned to (at most) the classes it predicts
+
+
+def test_onnx_engine_gives_the_same_ood_scores_and_referrals(trained_ensemble: Path, tiny_dataset: Path,
+                                                            tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained_ensemble, run)
+    images = _images(tiny_dataset / "test")[:6] + [np.full((96, 96), 128, np.uint8)]
+    torch_pred = lungxray.load(run).predict(images)
+    onnx_pred = lungxray.load(run, engine="onnx").predict(images)
+    assert np.isfinite(onnx_pred.ood).all()
+    np.testing.assert_allclose(onnx_pred.ood, torch_pred.ood, rtol=1e-3, atol=1e-4)
+    assert onnx_pred.refer_reason == torch_pred.refer_reason

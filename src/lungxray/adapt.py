@@ -275,7 +275,8 @@ def patient_groups(paths: list[str], root: str | Path) -> np.ndarray:
             for row in csv.DictReader(fh):
                 if row.get("path") and row.get("patient_id"):
                     known[str((manifest.parent / row["path"]).resolve())] = row["patient_id"]
-    return np.array([known.get(str(Path(p).resolve()), f"image:{p}") for p in paths])
+    where = [Path(p) if Path(p).is_absolute() else Path(root) / p for p in paths]  # dataset paths are relative
+    return np.array([known.get(str(w.resolve()), f"image:{p}") for w, p in zip(where, paths, strict=True)])
 
 
 def crossfit_folds(groups: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:

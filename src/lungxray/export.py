@@ -7,7 +7,9 @@ Graph contract (written into the ONNX file's metadata too):
   rather than uint8 so that any runtime or framework can feed it without a cast; the batch axis is dynamic.
 - inside: x / 255, (x - mean) / std, the packed network (its stem reads the one input channel for all K members,
   `_shared_input_stem`), softmax per member, the mean over members, log, / temperature, softmax.
-- outputs `probs` (N, C) calibrated ensemble probabilities, `member_probs` (N, K, C) uncalibrated member ones.
+- outputs `probs` (N, C) calibrated ensemble probabilities, `member_probs` (N, K, C) uncalibrated member ones,
+  `member_features` (N, K, D) each member's penultimate features, from which the engine computes the same
+  out-of-distribution score as PyTorch (`lungxray.ood`; the training statistics stay in the bundle).
 
 An opt-in int8 variant (`lungxray.quantize`, `lungxray export --quantize int8`) keeps this contract.
 
@@ -36,6 +38,7 @@ from torch import Tensor, nn
 from lungxray.bundle import WEIGHTS, load_bundle, read_meta
 from lungxray.files import atomic_write
 from lungxray.models import PackedNet
+from lungxray.ood import penultimate
 from lungxray.predict import Predictor
 
 log = logging.getLogger(__name__)
@@ -44,7 +47,7 @@ __all__ = ["ONNX_NAME", "OnnxPredictor", "ParityError", "ensure_onnx", "export_c
 
 ONNX_NAME = "model.onnx"
 INPUT_NAME = "image"
-OUTPUT_NAMES = ("probs", "member_probs")
+OUTPUT_NAMES = ("probs", "member_probs", "member_features")
 PARITY_TOLERANCE = 1e-4
 _FINGERPRINT_KEY = "lungxray.bundle_fingerprint"
 ONNX_THREADS = 1  # intra-op threads of the onnx engine; see `_session`
@@ -64,10 +67,12 @@ class _Deployable(nn.Module):
     def __init__(self, model: nn.Module, members: int, mean: float, std: float, temperature: float,
                  shared_stem: bool = False) -> None:
         super().__init__()
+        model = copy.deepcopy(model)  # the tap below must not touch the bundle's own model
+        self.tap = _tap_penultimate(model)
         self.model, self.members, self.shared_stem = model, members, shared_stem
         self.mean, self.std, self.temperature = float(mean), float(std), float(temperature)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # (N, 1, S, S) pixels 0..255
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # (N, 1, S, S) pixels 0..255
         z = (x * (1.0 / 255.0) - self.mean) * (1.0 / self.std)  # same expression as runtime.normalize
         if self.shared_stem:
             net = cast(PackedNet, self.model)
@@ -76,7 +81,32 @@ class _Deployable(nn.Module):
             logits = self.model(z.expand(-1, self.members, -1, -1))  # (N, K, C)
         member_probs = logits.softmax(-1)
         mean = member_probs.mean(1).clamp_min(1e-12)  # (N, C)
-        return (mean.log() / self.temperature).softmax(-1), member_probs
+        return (mean.log() / self.temperature).softmax(-1), member_probs, self.tap.seen
+
+
+class _Tap(nn.Module):
+    """Passes through to `inner` and keeps its input: the penultimate features become a graph output."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.seen = torch.zeros(0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.seen = x
+        return self.inner(x)
+
+
+def _tap_penultimate(model: nn.Module) -> _Tap:
+    """Replace the model's output layer (`ood.penultimate`) by a `_Tap` around it, in place."""
+    target = penultimate(model)
+    for module in model.modules():
+        for name, child in module.named_children():
+            if child is target:
+                tap = _Tap(child)
+                setattr(module, name, tap)
+                return tap
+    raise ValueError("the output layer was not found among the model's children")
 
 
 def _shared_input_stem(model: nn.Module, members: int, size: int) -> nn.Module | None:
@@ -264,15 +294,17 @@ def _session(path: str | Path, device: str = "cpu", threads: int = ONNX_THREADS)
         raise RuntimeError(f"{path}: cannot load the ONNX model ({str(exc).splitlines()[0]})") from exc
 
 
-def _run_session(session: Any, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 (N, S, S) -> (probs (N, C), member_probs (N, K, C)) from ONNX Runtime."""
-    probs, member = [], []
+def _run_session(session: Any, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, ...]:
+    """uint8 (N, S, S) -> (probs (N, C), member_probs (N, K, C), member_features (N, K, D) or None) from ONNX
+    Runtime; files exported before the features output have no third output."""
+    names = [n for n in OUTPUT_NAMES if n in {o.name for o in session.get_outputs()}]
+    outs: list[list[np.ndarray]] = [[] for _ in names]
     for start in range(0, len(images), batch_size):
         x = images[start : start + batch_size, None].astype(np.float32)
-        p, mp = session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
-        probs.append(p)
-        member.append(mp)
-    return np.concatenate(probs), np.concatenate(member)
+        for got, value in zip(outs, session.run(names, {INPUT_NAME: x}), strict=True):
+            got.append(value)
+    arrays = [np.concatenate(o) for o in outs]
+    return arrays[0], arrays[1], arrays[2] if len(arrays) > 2 else None
 
 
 def parity_check(predictor: Predictor, onnx_path: str | Path, images: np.ndarray | None = None,
@@ -281,7 +313,7 @@ def parity_check(predictor: Predictor, onnx_path: str | Path, images: np.ndarray
     if images is None:
         images = parity_images(int(predictor.meta["input"]["size"]))
     ref = predictor.predict_images(images)
-    probs, member = _run_session(_session(onnx_path), images)
+    probs, member, _ = _run_session(_session(onnx_path), images)
     diff = float(max(np.abs(probs - ref.probs).max(), np.abs(member - ref.member_probs).max()))
     if not diff <= tolerance:  # also catches NaN
         raise ParityError(f"ONNX parity check failed: max |probability difference| {diff:.3g} > {tolerance:g} "
@@ -332,7 +364,13 @@ class OnnxPredictor(Predictor):
         return cls(load_bundle(run_dir, "cpu"), torch.device("cpu"), session=_session(path, device, threads))
 
     def member_logits(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        return self.member_outputs(images, batch_size)[0]
+
+    def member_outputs(self, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        k = self.bundle.members
         if len(images) == 0:
-            return np.zeros((0, self.bundle.members, len(self.classes)), np.float64)
-        _, member = _run_session(self.session, images, batch_size)
-        return np.log(np.maximum(member.astype(np.float64), 1e-300))
+            return np.zeros((0, k, len(self.classes)), np.float64), np.zeros((0, k, 0), np.float32)
+        _, member, features = _run_session(self.session, images, batch_size)
+        if features is None:
+            features = np.full((len(images), k, 0), np.nan, np.float32)
+        return np.log(np.maximum(member.astype(np.float64), 1e-300)), features

@@ -187,7 +187,10 @@ class Predictor:
         return logits, got.feature_array(self.bundle.members)
 
     def ood_scores(self, features: np.ndarray) -> np.ndarray | None:
-        return None if self.reference is None or len(features) == 0 else self.reference.score(features)
+        """Feature-space scores (`lungxray.ood`); None without a reference or features (an old ONNX export)."""
+        if self.reference is None or len(features) == 0 or features.shape[-1] != self.reference.class_means.shape[-1]:
+            return None
+        return self.reference.score(features)
 
     def member_logits(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """uint8 (N, S, S) preprocessed images -> float32 member logits (N, K, C), in fp32 for exact parity."""

@@ -48,8 +48,8 @@ class AgreementError(RuntimeError):
 
 def agreement(reference: str | Path, candidate: str | Path, images: np.ndarray) -> Agreement:
     """Compare the `probs` output of two ONNX files on uint8 (N, S, S) images."""
-    ref, _ = _run_session(_session(reference), images)
-    got, _ = _run_session(_session(candidate), images)
+    ref = _run_session(_session(reference), images)[0]
+    got = _run_session(_session(candidate), images)[0]
     return Agreement(len(images), float(np.abs(got - ref).max()), float((got.argmax(1) == ref.argmax(1)).mean()))
 
 
