@@ -372,18 +372,20 @@ def _pil_to_gray(im: Image.Image, name: str, stored: int | None = None, reduce_f
     if frames > 1 and im.format != "MPO":  # MPO: a camera JPEG plus previews, frame 0 is the picture
         raise ImageDecodeError(f"{name}: multi-frame image ({frames} frames) is not supported")
     factor = _reduction(*im.size, reduce_for)
+    if factor > 1:  # JPEG / JPEG 2000 decode smaller by themselves; im.size is then the size they decode at
+        keep = REDUCE_ABOVE // 2 * (reduce_for or 1)
+        _draft(im, keep, factor)
+        factor = max(1, min(im.size) // keep)  # what is left to reduce after decoding
     with _BUDGET.reserve(_pil_estimate(im, factor), name):
+        im.load()
         if factor > 1:
-            im = _reduced(im, factor, reduce_for or 1)
-        else:
-            im.load()
+            im = _reduce(im, factor)
         im = ImageOps.exif_transpose(im) or im
         return _pil_pixels(im, name)
 
 
-def _reduced(im: Image.Image, factor: int, target: int) -> Image.Image:
-    """Decode at reduced size: JPEG draft (DCT scaling), JPEG 2000 resolution levels, else a box reduction."""
-    keep = REDUCE_ABOVE // 2 * target
+def _draft(im: Image.Image, keep: int, factor: int) -> None:
+    """Configure reduced decoding before load: JPEG draft (DCT scaling), JPEG 2000 resolution levels."""
     if im.format in ("JPEG", "MPO") and im.mode in ("L", "RGB", "CMYK", "YCbCr"):
         w, h = im.size
         scale = max(1, min(w, h) // keep)
@@ -391,15 +393,15 @@ def _reduced(im: Image.Image, factor: int, target: int) -> Image.Image:
     elif im.format == "JPEG2000":
         levels = max(0, min(5, factor.bit_length() - 1))
         im.reduce = levels  # type: ignore[assignment, method-assign]  # the plugin decodes 1 / 2**levels only
-    im.load()
-    rest = max(1, min(im.size) // keep)
-    if rest > 1:
-        if im.mode.startswith("I;16"):  # Pillow cannot reduce 16-bit modes; back to 16 bits keeps the scaling rule
-            return im.convert("I").reduce(rest).convert("I;16")
-        if im.mode not in _REDUCIBLE:
-            im = im.convert("RGBA" if "transparency" in im.info or im.mode in ("PA", "La", "RGBa") else "RGB")
-        im = im.reduce(rest)
-    return im
+
+
+def _reduce(im: Image.Image, factor: int) -> Image.Image:
+    """A box reduction of the decoded integer pixels, before any float copy."""
+    if im.mode.startswith("I;16"):  # Pillow cannot reduce 16-bit modes; back to 16 bits keeps the scaling rule
+        return im.convert("I").reduce(factor).convert("I;16")
+    if im.mode not in _REDUCIBLE:
+        im = im.convert("RGBA" if "transparency" in im.info or im.mode in ("PA", "La", "RGBa") else "RGB")
+    return im.reduce(factor)
 
 
 def _pil_pixels(im: Image.Image, name: str) -> np.ndarray:
