@@ -52,7 +52,8 @@ def main() -> None:
         m = _json([sys.executable, "-m", "lungxray", "bench", "train", "--arch", args.arch, "--json", "--no-peak",
                    *common, *extra])
         ratios.append(m["images_per_second"] / k["images_per_second"])
-        settings = f"{m['dtype']}, {'CL' if m['channels_last'] else 'NCHW'}, {m['threads']}t, fused={m.get('fused')}"
+        settings = (f"{m['dtype']}, {'CL' if m['channels_last'] else 'NCHW'}, {m['threads']}t, fused={m.get('fused')}, "
+                    f"micro-batch={m.get('micro_batch')}")
         print(f"| {i} | {k['images_per_second']:.1f} ({k['load_average']}) | {m['images_per_second']:.1f} "
               f"({m['load_average']}) | {ratios[-1]:.2f}x | {settings} | {m['cpu']} | {m['isa']} |", flush=True)
     print(f"\nmedian ratio {statistics.median(ratios):.2f}x ({m['dtype']}, channels_last={m['channels_last']}, "

@@ -9,7 +9,9 @@ candidate (the real step, `bench.bench_train`, on synthetic images of the run's 
 1. precision: bf16 against fp32, only where the CPU has native bf16 (AVX512-BF16 or AMX; on CUDA where the
    GPU supports it) and `train.precision` is `auto`; elsewhere fp32 (`runtime.resolve_precision`);
 2. memory format: channels_last against the default layout;
-3. the fused C kernels (models that have them: `seed_cnn`), on against off;
+3. the fused C kernels (models that have them: `seed_cnn`), on against off, and its micro-batches (slices of 8
+   images through the conv blocks, `SeedCNN.micro_batch`) against the whole batch: the slices keep maps in cache
+   on AMX, but on AVX2 fp32 they cost more in the weight gradients' reductions than they save (1.3x, measured);
 4. threads: all cores against half of them, when `train.threads` is 0 and there are at least 2 cores.
 
 Coordinate descent (each stage keeps the winner of the one before), candidates interleaved over two rounds, the
@@ -67,11 +69,19 @@ class Choice:
     rates: dict[str, float] = field(default_factory=dict)  # candidate -> best-step member-images/s
     isa: str = ""
     cpu: str = ""
+    micro_batch: int | None = None  # SeedCNN.micro_batch; None where the model has none
+
+    @property
+    def model_attrs(self) -> dict[str, Any]:
+        """The per-instance speed switches to set on the model."""
+        attrs = {"fused": self.fused, "micro_batch": self.micro_batch}
+        return {k: v for k, v in attrs.items() if v is not None}
 
     def line(self) -> str:
         """One line for the training log, run.json and `lungxray bench`."""
         threads = "all cores" if self.threads == 0 else f"{self.threads} threads"
         fused = "" if self.fused is None else f", fused kernels {'on' if self.fused else 'off'}"
+        fused += "" if self.micro_batch is None else f", micro-batch {self.micro_batch or 'off'}"
         return (f"runtime: {self.precision}, {'channels_last' if self.channels_last else 'NCHW'}, {threads}{fused}"
                 f" ({self.source}: {self.reason}) on {self.cpu}, {self.isa}")
 
@@ -84,30 +94,35 @@ class Choice:
         return dataclasses.replace(cfg, precision=precision, channels_last=self.channels_last, threads=self.threads)
 
     def apply_model(self, model: torch.nn.Module) -> None:
-        """Set the per-instance kernel switch (models that have one)."""
-        if self.fused is not None and hasattr(model, "fused"):
-            model.fused = self.fused  # type: ignore[assignment]
+        """Set the per-instance speed switches (on models that have them)."""
+        for attr, value in self.model_attrs.items():
+            if hasattr(model, attr):
+                setattr(model, attr, value)
 
 
 def _cache_dir() -> Path:
     return Path(os.environ.get("LUNGXRAY_CACHE") or Path.home() / ".cache" / "lungxray") / "autotune"
 
 
-def _has_fused(arch: str, model_args: dict[str, Any]) -> bool:
-    """Whether the model trains through the fused C kernels (an instance `fused` switch, no BatchNorm)."""
+def _switches(arch: str, model_args: dict[str, Any]) -> dict[str, Any]:
+    """The model's speed switches with their defaults: `fused` and `micro_batch` (seed_cnn without BatchNorm)."""
     from lungxray.models import build_model
 
     model = build_model(arch, **model_args)
-    return bool(getattr(model, "fused", None) is not None and not getattr(model, "batch_norm", False))
+    if getattr(model, "batch_norm", False):
+        return {}
+    return {k: getattr(model, k) for k in ("fused", "micro_batch") if getattr(model, k, None) is not None}
 
 
-def from_config(cfg: TrainConfig, device: torch.device, reason: str, fused: bool | None = None) -> Choice:
+def from_config(cfg: TrainConfig, device: torch.device, reason: str, fused: bool | None = None,
+                micro_batch: int | None = None) -> Choice:
     """The settings as written (no measurement)."""
     feats = cpu_features()
     isa = feats["isa"] if device.type == "cpu" else torch.cuda.get_device_name(device)
     precision = str(resolve_precision(device, cfg.precision)).replace("torch.", "")
     precision = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(precision, precision)
-    return Choice(precision, cfg.channels_last, cfg.threads, fused, "config", reason, isa=isa, cpu=feats["cpu"])
+    return Choice(precision, cfg.channels_last, cfg.threads, fused, "config", reason, isa=isa, cpu=feats["cpu"],
+                  micro_batch=micro_batch)
 
 
 def _key(arch: str, model_args: dict[str, Any], members: int, image_size: int, batch_size: int,
@@ -136,20 +151,26 @@ def _load(path: Path, key: dict[str, Any]) -> Choice | None:
         c = raw["choice"]
         ok = (raw.get("key") == key and c["precision"] in ("bf16", "fp16", "fp32")
               and isinstance(c["channels_last"], bool) and isinstance(c["threads"], int) and c["threads"] >= 0
-              and c["fused"] in (None, True, False) and isinstance(c["reason"], str))
+              and c["fused"] in (None, True, False) and isinstance(c["reason"], str) and _micro_ok(c))
         if not ok:
             return None
         rates = {str(k): float(v) for k, v in c.get("rates", {}).items()}
         return Choice(c["precision"], c["channels_last"], c["threads"], c["fused"], "cache", c["reason"], rates,
-                      c.get("isa", ""), c.get("cpu", ""))
+                      c.get("isa", ""), c.get("cpu", ""), c.get("micro_batch"))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+def _micro_ok(c: dict[str, Any]) -> bool:
+    m = c.get("micro_batch")
+    return m is None or (isinstance(m, int) and not isinstance(m, bool) and m >= 0)
 
 
 def _label(c: dict[str, Any]) -> str:
     threads = "all" if c["threads"] == 0 else str(c["threads"])
     fused = "" if c["fused"] is None else ("+fused" if c["fused"] else "-fused")
-    return f"{c['precision']}/{'CL' if c['channels_last'] else 'NCHW'}/{threads}t{fused}"
+    micro = "" if c.get("micro_batch") is None else f"/mb{c['micro_batch']}"
+    return f"{c['precision']}/{'CL' if c['channels_last'] else 'NCHW'}/{threads}t{fused}{micro}"
 
 
 def choose(
@@ -167,15 +188,15 @@ def choose(
     """The fastest settings for training this model shape on this machine: cached, or measured now (and cached)."""
     device = torch.device(device)
     model_args = dict(model_args or {})
-    has_fused = device.type == "cpu" and _has_fused(arch, {**model_args, "image_size": image_size})
+    switches = _switches(arch, {**model_args, "image_size": image_size}) if device.type == "cpu" else {}
     if not cfg.autotune or os.environ.get("LUNGXRAY_AUTOTUNE", "1") == "0":
         return from_config(cfg, device, "train.autotune is off" if not cfg.autotune else "LUNGXRAY_AUTOTUNE=0",
-                           fused=True if has_fused else None)
+                           switches.get("fused"), switches.get("micro_batch"))
     key = _key(arch, model_args, members, image_size, batch_size, device, cfg)
     path = _cache_dir() / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]}.json"
     if use_cache and (cached := _load(path, key)) is not None:
         return cached
-    choice = _measure(arch, model_args, members, image_size, batch_size, device, cfg, has_fused, steps)
+    choice = _measure(arch, model_args, members, image_size, batch_size, device, cfg, switches, steps)
     try:
         write_json(path, {"key": key, "choice": dataclasses.asdict(choice), "measured_at": time.time(),
                           "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None})
@@ -185,14 +206,14 @@ def choose(
 
 
 def _measure(arch: str, model_args: dict[str, Any], members: int, image_size: int, batch_size: int,
-             device: torch.device, cfg: TrainConfig, has_fused: bool, steps: int) -> Choice:
+             device: torch.device, cfg: TrainConfig, switches: dict[str, Any], steps: int) -> Choice:
     from lungxray.bench import bench_train
 
     feats = cpu_features()
     native = feats["native_bf16"] if device.type == "cpu" else torch.cuda.is_bf16_supported()
-    base = from_config(dataclasses.replace(cfg, channels_last=True), device, "", True if has_fused else None)
+    base = from_config(dataclasses.replace(cfg, channels_last=True), device, "")
     current: dict[str, Any] = {"precision": base.precision, "channels_last": True, "threads": cfg.threads,
-                               "fused": base.fused}
+                               "fused": switches.get("fused"), "micro_batch": switches.get("micro_batch")}
     rates: dict[str, float] = {}
     threads_before = torch.get_num_threads()
     reasons = []
@@ -200,7 +221,7 @@ def _measure(arch: str, model_args: dict[str, Any], members: int, image_size: in
     def rate(c: dict[str, Any]) -> float:
         r = bench_train(arch, batch_size, steps, 1, members, device, c["precision"], c["channels_last"], False,
                         c["threads"], image_size, model_args=model_args, optimizer=cfg.optimizer, with_peak=False,
-                        model_attrs={"fused": c["fused"]} if c["fused"] is not None else None)
+                        model_attrs={k: c[k] for k in ("fused", "micro_batch") if c[k] is not None})
         rates[_label(c)] = max(rates.get(_label(c), 0.0), float(r["images_per_second_best"]))
         return rates[_label(c)]
 
@@ -229,8 +250,10 @@ def _measure(arch: str, model_args: dict[str, Any], members: int, image_size: in
             else:
                 reasons.append("fp32: no native bf16" + (f" ({feats['isa']})" if device.type == "cpu" else ""))
         stage("NCHW", {"channels_last": False})
-        if has_fused:
+        if switches.get("fused"):
             stage("unfused", {"fused": False})
+        if switches.get("micro_batch"):
+            stage("no micro-batches", {"micro_batch": 0})
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
         if device.type == "cpu" and cfg.threads == 0 and cores >= 2:
@@ -244,7 +267,7 @@ def _measure(arch: str, model_args: dict[str, Any], members: int, image_size: in
     best = rates.get(_label(current), 0.0)
     reason = f"{best:.0f} member-img/s; " + "; ".join(reasons)
     return Choice(current["precision"], current["channels_last"], current["threads"], current["fused"], "measured",
-                  reason, rates, isa, feats["cpu"])
+                  reason, rates, isa, feats["cpu"], current["micro_batch"])
 
 
 def _from_record(record: Any) -> Choice | None:
@@ -252,10 +275,11 @@ def _from_record(record: Any) -> Choice | None:
     try:
         c = dict(record)
         ok = (c["precision"] in ("bf16", "fp16", "fp32") and isinstance(c["channels_last"], bool)
-              and isinstance(c["threads"], int) and c["threads"] >= 0 and c["fused"] in (None, True, False))
+              and isinstance(c["threads"], int) and c["threads"] >= 0 and c["fused"] in (None, True, False)
+              and _micro_ok(c))
         return Choice(c["precision"], c["channels_last"], c["threads"], c["fused"], "resumed", str(c["reason"]),
                       {str(k): float(v) for k, v in c.get("rates", {}).items()}, str(c.get("isa", "")),
-                      str(c.get("cpu", ""))) if ok else None
+                      str(c.get("cpu", "")), c.get("micro_batch")) if ok else None
     except (KeyError, TypeError, ValueError):
         return None
 
@@ -268,8 +292,8 @@ def for_run(cfg: RunConfig, device: torch.device, distributed: bool = False, rec
     if recorded is not None and (previous := _from_record(recorded)) is not None:
         return previous
     if cfg.train.deterministic or distributed:
-        fused = True if device.type == "cpu" and _has_fused(cfg.model.arch, args) else None
+        switches = _switches(cfg.model.arch, args) if device.type == "cpu" else {}
         why = "deterministic run" if cfg.train.deterministic else "distributed run: every rank the same"
-        return from_config(cfg.train, device, why, fused)
+        return from_config(cfg.train, device, why, switches.get("fused"), switches.get("micro_batch"))
     model_args = {k: v for k, v in args.items() if k != "image_size"}
     return choose(cfg.model.arch, model_args, members, cfg.data.image_size, cfg.train.batch_size, device, cfg.train)

@@ -169,8 +169,7 @@ def bench_train(
         runtime = choose(arch, model_args, members, image_size, batch_size, dev, base)
         precision, threads = runtime.precision, runtime.threads
         channels_last = runtime.channels_last if channels_last is None else channels_last
-        if runtime.fused is not None and "fused" not in (model_attrs or {}):
-            model_attrs = {**(model_attrs or {}), "fused": runtime.fused}
+        model_attrs = {**runtime.model_attrs, **(model_attrs or {})}
     set_threads(threads)
     defaults = TrainConfig()
     cfg = TrainConfig(
@@ -236,7 +235,7 @@ def bench_train(
         "peak_memory_mb": (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else _peak_rss_mb() * 2**20)
         / 2**20,
         **machine_info(dev),
-        "fused": (model_attrs or {}).get("fused", getattr(model, "fused", None)),
+        "fused": getattr(model, "fused", None), "micro_batch": getattr(model, "micro_batch", None),
         "runtime": runtime.to_dict() if runtime is not None else None,
     }
     log.debug("bench train %s: %.1f img/s (median of %d steps)", arch, rate, steps)
