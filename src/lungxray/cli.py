@@ -10,6 +10,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from lungxray.waitpolicy import choose_wait_policy
 
@@ -164,7 +165,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise FileNotFoundError("no image files found in " + ", ".join(args.paths))
     model = load(args.run_dir, args.device, engine=args.engine, onnx=args.onnx)
     order = {str(p): i for i, p in enumerate(paths)}
-    rows = sorted(model.predict(paths, on_error="skip").to_rows(), key=lambda r: order.get(r["path"], len(order)))
+    pred = model.predict(paths, on_error="skip")
+    rows = sorted(pred.to_rows(), key=lambda r: order.get(r["path"], len(order)))
     if args.cam:
         from lungxray.gradcam import write_cams
 
@@ -187,7 +189,22 @@ def _cmd_predict(args: argparse.Namespace) -> int:
           file=sys.stdout if args.csv else sys.stderr)
     if failed:
         log.warning("%d of %d files could not be read (see the error column)", failed, len(rows))
+    site = site_verdict(model, pred)
+    if site:
+        print(f"site: {site}", file=sys.stdout if args.csv else sys.stderr)
     return 1 if failed == len(rows) else 0
+
+
+def site_verdict(model: Any, pred: Any) -> str | None:
+    """The folder-level shift verdict for a batch of predictions (None for a few images or an old bundle)."""
+    import numpy as np
+
+    from lungxray.shift import MIN_IMAGES, folder_shift
+
+    if len(pred) < MIN_IMAGES or not np.isfinite(pred.ood).any():
+        return None
+    result = folder_shift(model.predictor, pred.ood)
+    return result.verdict if result else None
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:

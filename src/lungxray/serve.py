@@ -111,6 +111,9 @@ class PredictResponse(BaseModel):
     disagreement: float
     refer: bool
     refer_threshold: float | None
+    refer_reason: str = ""  # "" when accepted; "out of distribution: ..." or "uncertain (...)" when referred
+    ood: float | None = None  # feature-space distance to the training images (None: the bundle has no reference)
+    ood_threshold: float | None = None  # above it the image is referred as out of distribution
     overlay_png_base64: str | None
     classes: list[str]
     model: ModelInfo
@@ -193,14 +196,14 @@ class _Engine:
         if not looks_like_image(data):
             raise HTTPException(415, f"{filename}: not an image this service reads (send {FORMATS})")
         try:
-            image = self.predictor.preprocess(data, name=filename)
+            image, reason = self.predictor.load_input(data, name=filename)
         except ImageDecodeError as exc:
             status = decode_status(exc)
             raise HTTPException(status, str(exc), {"Retry-After": "2"} if status == 503 else None) from exc
         batch = image[None]  # (1, S, S)
         cam = None
         with self.replica() as predictor:
-            pred = predictor.predict_images(batch)
+            pred = predictor.predict_images(batch, [reason])
             if overlay:
                 from lungxray.gradcam import gradcam  # lazy: loaded with the first map asked for
 
@@ -217,6 +220,9 @@ class _Engine:
             disagreement=float(pred.disagreement[0]),
             refer=bool(pred.refer[0]),
             refer_threshold=self.refer_threshold,
+            refer_reason=pred.refer_reason[0],
+            ood=float(pred.ood[0]) if np.isfinite(pred.ood[0]) else None,
+            ood_threshold=(self.predictor.meta.get("ood") or {}).get("threshold"),
             overlay_png_base64=png,
             classes=list(pred.classes),
             model=self.model,
