@@ -28,7 +28,7 @@ from lungxray.predict import Predictor, load_predictor
 from lungxray.serve import ServeSettings, create_app, serve_in_thread
 
 SCHEMA = {"label", "probabilities", "uncertainty", "disagreement", "refer", "refer_threshold", "overlay_png_base64",
-          "classes", "model", "image_png_base64"}
+          "classes", "model", "image_png_base64", "ood", "ood_threshold", "refer_reason"}
 
 
 class Client:
