@@ -142,7 +142,7 @@ def main() -> None:
     ap.add_argument("--data", default="../shared/data/covid19-dataset")
     ap.add_argument("--hannover", default="../shared/data/external-dev/hannover")
     ap.add_argument("--parts", default="ood,shift,hannover,curve")
-    ap.add_argument("--shift", default="contrast", help="synthetic shift for the curve (none: clean)")
+    ap.add_argument("--shift", default="contrast_low", help="synthetic shift for the curve (none: clean)")
     ap.add_argument("--level", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()

@@ -271,7 +271,7 @@ def test_one_class_guard_acts_on_the_hannover_folder(tmp_path_factory: pytest.Te
     assert report.images >= 190 and report.one_class and any("one class" in w for w in report.warnings)
     top = int(np.argmax(report.frozen_mix))
     assert report.class_mix[top] > 0.8  # aligned to that class's training images, not the training mix
-    assert (after == top).mean() >= (before == top).mean() - 0.03  # the guard's 2%, plus the outliers left out
+    assert (after == top).mean() >= (before == top).mean() - 0.02  # the outliers left out may differ
 
 
 def test_onnx_engine_gives_the_same_ood_scores_and_referrals(trained_ensemble: Path, tiny_dataset: Path,

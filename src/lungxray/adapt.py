@@ -14,7 +14,7 @@ experiment that opened issue 17. Done naively it is also dangerous, and the thre
   classes, and aligning it to that mix pushes its images toward the other classes (macro F1 0.55-0.57 in the
   issue's experiment; Hannover's COVID recall 0.93 -> 0.46 here). The target is the training images' statistics
   *with the site's class mix*: a folder the model calls one class (> 85%) is aligned to that class's training
-  images, and may not lose more than 2% of that class's share (else the adaptation is blended back toward the
+  images, and may not lose any of that class's share (else the adaptation is blended back toward the
   source statistics, down to nothing); any other folder starts from the training mix, which is then
   re-estimated from the adapted model's predictions until stable.
 - **Shrunk toward the training statistics for small folders.** The site's moments are blended with the training
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 PRIOR_STRENGTH = 16.0
 MIN_IMAGES = 8
 ONE_CLASS_SHARE = 0.85  # mean predicted share above which a folder is treated as one class
-ONE_CLASS_TOLERANCE = 0.02  # share of that class the one-class guard lets adaptation lose
+ONE_CLASS_TOLERANCE = 0.0  # share of that class the one-class guard lets adaptation lose (none: never below frozen)
 OUTLIER_FACTOR = 10.0  # a site image this many times farther from the folder's centre than its median is left out
 
 

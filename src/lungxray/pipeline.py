@@ -382,7 +382,8 @@ def adapted_scores(predictor: Predictor, images: np.ndarray, labels: np.ndarray,
     scores, _ = score(predictor.meta, fit.logits, labels, predictor.classes, paths, seed, fit.ood)
     grouped = int((~np.char.startswith(groups.astype(str), "image:")).sum())
     return {"overall": scores, "folds": int(fit.fold.max()) + 1, "grouped_by_patient": grouped,
-            "adapted_on": [len(a) for a in fit.adapted_on],
+            "adapted_on": [len(a) for a in fit.adapted_on], "left_out": [len(r.excluded) for r in fit.reports],
+            "one_class": [r.one_class for r in fit.reports], "blend": [r.blend for r in fit.reports],
             "warnings": sorted({w for r in fit.reports for w in r.warnings}),
             "class_mix": [r.class_mix for r in fit.reports]}
 
