@@ -205,3 +205,18 @@ def test_the_kernel_cache_refuses_libraries_it_cannot_trust(tmp_path: Path) -> N
         with pytest.raises(RuntimeError, match="belongs to another user"):
             fused_stem._trusted_folder(folder)
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_an_interrupted_run_is_protected_but_a_run_that_never_trained_is_not(tmp_path: Path) -> None:
+    from lungxray.runlock import RunFolderError, check_new_run
+
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "config.yaml").write_text("name: r\n")
+    (out / "run.json").write_text('{"complete": false}')
+    check_new_run(out)  # stopped on a data error before its first epoch: nothing to lose
+    (out / "members" / "0").mkdir(parents=True)
+    (out / "members" / "0" / "checkpoint.safetensors").write_bytes(b"x")
+    with pytest.raises(RunFolderError, match=r"holds an interrupted run; continue it with --resume"):
+        check_new_run(out)
+    check_new_run(out, force=True)

@@ -4,9 +4,9 @@ Why: two trainings into one `--out` used to overwrite each other's checkpoints a
 `train --out` on a finished reference bundle replaced it. A run now holds `RUN_DIR/.lock` (its pid and host) for
 its whole life; a second run into the same folder is refused while that process lives, and a lock left by a
 crashed (killed) process is recognised by its dead pid and taken over. A new run (not `--resume`) is also refused
-in a folder that holds a finished bundle or an interrupted run unless `force=True`, and always in a non-empty
-folder that is not a lungxray run at all (the end of a run deletes `members/`, `ranks/` and stale `.*.tmp` files,
-which must never be someone else's).
+in a folder that holds a finished bundle or an interrupted run (a checkpoint) unless `force=True`, and always in a
+non-empty folder that is not a lungxray run at all (the end of a run deletes `members/`, `ranks/` and stale `.*.tmp`
+files, which must never be someone else's).
 """
 
 from __future__ import annotations
@@ -76,8 +76,18 @@ def check_new_run(run_dir: Path, force: bool = False) -> None:
 
     if (run_dir / "meta.json").is_file() or read_run_info(run_dir).get("complete"):
         raise RunFolderError(f"{run_dir} holds a finished bundle; choose another --out, or pass --force to replace it")
-    raise RunFolderError(f"{run_dir} holds an interrupted run; continue it with --resume {run_dir}, or pass --force "
-                         "to start it over")
+    if _has_progress(run_dir):
+        raise RunFolderError(f"{run_dir} holds an interrupted run; continue it with --resume {run_dir}, or pass "
+                             "--force to start it over")
+    # only config.yaml / run.json of a run that stopped before its first epoch (a data error): nothing to lose
+
+
+def _has_progress(run_dir: Path) -> bool:
+    """A checkpoint of the run itself, of a sequential member (members/) or of a rank (ranks/)."""
+    if (run_dir / "checkpoint.safetensors").is_file():
+        return True
+    return any(next((run_dir / sub).rglob("*.safetensors"), None) is not None for sub in ("members", "ranks")
+               if (run_dir / sub).is_dir())
 
 
 @contextlib.contextmanager
