@@ -279,7 +279,8 @@ def _set_meta(key: str, value: object) -> Callable[[Path], None]:
 
 
 CONFIG_CASES = {
-    "unknown key in the file": ("train:\n  epoch: 3\n", [], r"unknown config key train\.epoch \(did you mean train\.epochs\? known: "),
+    "unknown key in the file": ("train:\n  epoch: 3\n", [],
+                                r"unknown config key train\.epoch \(did you mean train\.epochs\? known: "),
     "unknown key on the command line": ("", ["--set", "train.epohcs=3"], r"unknown config key train\.epohcs"),
     "wrong type on the command line": ("", ["--set", "train.epochs=three"], r"train\.epochs: expected an integer"),
     "wrong type in the file": ("train:\n  lr: fast\n", [], r"train\.lr: expected a number, got 'fast'"),

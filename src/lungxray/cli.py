@@ -184,8 +184,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(buf.getvalue())
     where = args.csv or "standard output"
-    print(f"wrote {len(rows)} row{'' if len(rows) == 1 else 's'} to {where}: {len(rows) - failed} predicted ({referred} referred to a radiologist)"
-          f", {failed} unreadable" + (f"; Grad-CAM overlays in {args.cam}" if args.cam else ""),
+    print(f"wrote {len(rows)} row{'' if len(rows) == 1 else 's'} to {where}: {len(rows) - failed} predicted "
+          f"({referred} referred to a radiologist), {failed} unreadable"
+          + (f"; Grad-CAM overlays in {args.cam}" if args.cam else ""),
           file=sys.stdout if args.csv else sys.stderr)
     if failed:
         log.warning("%d of %d files could not be read (see the error column)", failed, len(rows))
