@@ -81,7 +81,7 @@ def test_predict_a_folder_and_convert_to_a_dataframe(model: Model, tiny_dataset:
     assert len(pred) == 18
     df = pred.to_dataframe()
     assert list(df.columns) == ["path", "label", "prob_covid", "prob_normal", "prob_pneumonia", "uncertainty",
-                                "disagreement", "refer"]
+                                "disagreement", "ood", "refer", "refer_reason"]
     assert df["label"].tolist() == pred.labels
     np.testing.assert_allclose(df[["prob_covid", "prob_normal", "prob_pneumonia"]].sum(axis=1), 1.0, atol=1e-6)
     assert set(df["refer"]) <= {True, False}

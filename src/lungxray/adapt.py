@@ -212,7 +212,7 @@ def align_with_class_mix(predictor: Any, site: np.ndarray, frozen: np.ndarray, o
     adapted model's predictions: re-estimating from a one-class folder's adapted predictions instead feeds back
     toward the training mix (measured: a model that called 95% of the Hannover films covid drifted to 61%)."""
     reference, prior = predictor.reference, predictor.reference.class_prior
-    mix = estimate_class_mix(frozen, prior, settings.prior_strength) if one_class else prior
+    mix = frozen.mean(0) if one_class else prior  # the moments are shrunk already; shrinking the mix too mixes classes
     align_batchnorm(predictor, site, reference, mix, settings.prior_strength)
     if one_class or settings.class_mix == "train":
         return mix
@@ -233,11 +233,15 @@ def keep_the_predicted_class(predictor: Any, site: np.ndarray, frozen: np.ndarra
     toward the source's, halving the step until no more than `ONE_CLASS_TOLERANCE` of the share is lost.
     Returns (blend weight 0..1 of the adaptation kept, the predictions it gives)."""
     top = int(frozen.mean(0).argmax())
-    share = float((frozen.argmax(1) == top).mean())
-    adapted_state = {n: (bn.running_mean.clone(), bn.running_var.clone())
+
+    def lost(probs: np.ndarray) -> bool:  # fewer images of that class, or less belief in it on average
+        return bool((probs.argmax(1) == top).mean() < (frozen.argmax(1) == top).mean() - ONE_CLASS_TOLERANCE
+                    or probs[:, top].mean() < frozen[:, top].mean() - ONE_CLASS_TOLERANCE)
+
+    adapted_state = {n: (bn.running_mean.clone(), bn.running_var.clone())  # type: ignore[union-attr]
                      for n, bn in batchnorm_layers(predictor.bundle.model).items()}
     blend = 1.0
-    while float((adapted.argmax(1) == top).mean()) < share - ONE_CLASS_TOLERANCE and blend > 0.01:
+    while lost(adapted) and blend > 0.01:
         blend /= 2
         set_blend(predictor, adapted_state, blend)
         adapted = predictor.predict_images(site).probs

@@ -89,7 +89,11 @@ class Probe:
 
 @dataclass
 class AuditResult:
-    """What :func:`audit` found; ``to_dict()`` is the JSON the CLI prints with ``--json``."""
+    """What :func:`audit` found; ``to_dict()`` is the JSON the CLI prints with ``--json``.
+
+    >>> result = lungxray.audit("data/covid19-dataset")
+    >>> result.verdict, [(p["name"], p["accuracy"], p["chance"]) for p in result.to_dict()["probes"]]
+    """
 
     data: str
     classes: list[str]

@@ -294,7 +294,8 @@ def _session(path: str | Path, device: str = "cpu", threads: int = ONNX_THREADS)
         raise RuntimeError(f"{path}: cannot load the ONNX model ({str(exc).splitlines()[0]})") from exc
 
 
-def _run_session(session: Any, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, ...]:
+def _run_session(session: Any, images: np.ndarray,
+                 batch_size: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """uint8 (N, S, S) -> (probs (N, C), member_probs (N, K, C), member_features (N, K, D) or None) from ONNX
     Runtime; files exported before the features output have no third output."""
     names = [n for n in OUTPUT_NAMES if n in {o.name for o in session.get_outputs()}]
