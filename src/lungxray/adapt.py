@@ -14,7 +14,8 @@ experiment that opened issue 17. Done naively it is also dangerous, and the thre
   classes, and aligning it to that mix pushes its images toward the other classes (macro F1 0.55-0.57 in the
   issue's experiment; Hannover's COVID recall 0.93 -> 0.46 here). The target is the training images' statistics
   *with the site's class mix*: a folder the model calls one class (> 85%) is aligned to that class's training
-  images, and may not lose any of that class's share (else the adaptation is blended back toward the
+  images (only from 100 images on; smaller one-class folders are left as they are), and may not lose any of
+  that class's share (else the adaptation is blended back toward the
   source statistics, down to nothing); any other folder starts from the training mix, which is then
   re-estimated from the adapted model's predictions until stable.
 - **Shrunk toward the training statistics for small folders.** The site's moments are blended with the training
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 PRIOR_STRENGTH = 16.0
 MIN_IMAGES = 8
 ONE_CLASS_SHARE = 0.85  # mean predicted share above which a folder is treated as one class
+ONE_CLASS_MIN_IMAGES = 100  # below, a one-class folder is not adapted (guarded 8-32 images lost 3-4% on Hannover)
 ONE_CLASS_TOLERANCE = 0.0  # share of that class the one-class guard lets adaptation lose (none: never below frozen)
 OUTLIER_FACTOR = 10.0  # a site image this many times farther from the folder's centre than its median is left out
 
@@ -194,7 +196,10 @@ def adapt_predictor(predictor: Any, images: np.ndarray, names: list[str], reason
     mix = align_with_class_mix(predictor, site, frozen, one_class, settings)
     adapted = predictor.predict_images(site).probs
     blend = 1.0
-    if one_class:
+    if one_class and len(site) < ONE_CLASS_MIN_IMAGES:  # too few for the guard to generalise: leave it as it was
+        restore_source(predictor, reference)
+        blend, adapted = 0.0, frozen
+    elif one_class:
         blend, adapted = keep_the_predicted_class(predictor, site, frozen, adapted)
     report = AdaptReport(images=len(keep), excluded=excluded, class_mix=[float(v) for v in mix],
                          frozen_mix=[float(v) for v in frozen.mean(0)], one_class=one_class, blend=blend,
@@ -270,7 +275,10 @@ def adaptation_warnings(report: AdaptReport, classes: list[str], settings: Adapt
         out.append(f"the folder looks like one class ({report.frozen_mix[top]:.0%} {classes[top]} predicted): it was "
                    f"aligned to the training {classes[top]} images, not to the training mix; a sample of the site's "
                    f"whole archive adapts better")
-    if report.blend < 1.0:
+    if report.one_class and report.images < ONE_CLASS_MIN_IMAGES:
+        out.append(f"fewer than {ONE_CLASS_MIN_IMAGES} images of a one-class folder: the model was left as it was "
+                   f"(adapting so few measured worse than not adapting)")
+    elif report.blend < 1.0:
         out.append(f"adapting moved this one-class folder's images away from {classes[top]}; only "
                    f"{report.blend:.0%} of the adaptation was kept" if report.blend > 0 else
                    f"adapting moved this one-class folder's images away from {classes[top]}; the model was left "
