@@ -228,7 +228,8 @@ def test_cli_front_door(capsys: pytest.CaptureFixture) -> None:
         with pytest.raises(SystemExit):
             build_parser().parse_args([command, "--help"])
         assert "a trained model: the run folder" in capsys.readouterr().out, command
-    assert main(["train", "--config", "configs/smoke.yaml", "--set", "train.epoch=3", "--out", "/nonexistent/x"]) == 2
+    assert main(["train", "--config", "configs/smoke.yaml", "--set", "train.epoch=3", "--data", "tests",
+                 "--out", "/nonexistent/x"]) == 2
     assert "did you mean train.epochs?" in capsys.readouterr().err
 
 
