@@ -304,25 +304,37 @@ def adapt_bundle(run_dir: str | Path, data: str | Path, out: str | Path, setting
     from lungxray.predict import Predictor, expand_paths
 
     out = Path(out)
-    if (out / META).exists() and not force:
-        raise AdaptError(f"{out} already holds a bundle; pass --force to replace it")
-    if out.resolve() == Path(run_dir).resolve():
-        raise AdaptError(f"{out} is the source bundle itself; write the adapted bundle to another folder")
+    check_out(out, Path(run_dir), force)  # before the work, not after it
     files = expand_paths([data])
     if not files:
         raise AdaptError(f"{data}: no image files")
     predictor = Predictor.load(run_dir)
-    loaded = predictor.load_named([(f, str(f)) for f in files], on_error="skip")
-    report = adapt_predictor(predictor, loaded.images, loaded.names, loaded.reasons, settings)
-    report.excluded += [(name, f"unreadable: {error}") for name, error in loaded.skipped]
-    write_adapted(predictor, out, report, data, folder_fingerprint(files), settings or AdaptSettings())
+    report = adapt_sources(predictor, [(f, str(f)) for f in files], settings)
+    write_adapted(predictor, out, report, data, folder_fingerprint(files), settings or AdaptSettings(), force)
     return out, report
 
 
+def adapt_sources(predictor: Any, items: list[tuple[Any, str]], settings: AdaptSettings | None) -> AdaptReport:
+    """Decode and check (source, name) pairs, adapt `predictor` in place; unreadable inputs are listed as left out."""
+    loaded = predictor.load_named(items, on_error="skip")
+    report = adapt_predictor(predictor, loaded.images, loaded.names, loaded.reasons, settings)
+    report.excluded += [(name, f"unreadable: {error}") for name, error in loaded.skipped]
+    return report
+
+
+def check_out(out: Path, source: Path, force: bool) -> None:
+    """Nothing finished is overwritten without --force, and never the source bundle itself."""
+    if out.resolve() == source.resolve():
+        raise AdaptError(f"{out} is the source bundle itself; write the adapted bundle to another folder")
+    if (out / META).exists() and not force:
+        raise AdaptError(f"{out} already holds a bundle; pass --force to replace it")
+
+
 def write_adapted(predictor: Any, out: Path, report: AdaptReport, data: str | Path, fingerprint: str,
-                  settings: AdaptSettings) -> None:
+                  settings: AdaptSettings, force: bool = False) -> None:
     """The adapted bundle: the source's files with new BN statistics; meta records source, site and settings."""
     source = predictor.bundle.path
+    check_out(out, Path(source), force)
     meta = {k: v for k, v in predictor.meta.items() if k not in ("format_version", "metrics")}
     previous = meta.get("adaptation") or {}
     meta["adaptation"] = {

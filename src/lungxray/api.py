@@ -105,7 +105,8 @@ class Model:
         return shift_test(reference.null_scores, pred.ood, reference.threshold, alpha)
 
     def adapt(self, images: ImageInput | Iterable[ImageInput], *, out: str | os.PathLike[str] | None = None,
-              prior_strength: float | None = None, class_mix: Literal["estimate", "train"] = "estimate") -> Model:
+              prior_strength: float | None = None, class_mix: Literal["estimate", "train"] = "estimate",
+              force: bool = False) -> Model:
         """A copy of this model adapted to a site from its unlabelled images (`lungxray.adapt`).
 
         With `out` the adapted bundle is written there (what `lungxray adapt` does) and loaded from it; without,
@@ -115,7 +116,7 @@ class Model:
         """
         import copy
 
-        from lungxray.adapt import PRIOR_STRENGTH, AdaptSettings, adapt_predictor, folder_fingerprint, write_adapted
+        from lungxray.adapt import PRIOR_STRENGTH, AdaptSettings, adapt_sources, folder_fingerprint, write_adapted
 
         settings = AdaptSettings(prior_strength=PRIOR_STRENGTH if prior_strength is None else prior_strength,
                                  class_mix=class_mix)
@@ -123,16 +124,14 @@ class Model:
             raise ValueError("adapt runs on the torch engine; load the model with engine='torch'")
         predictor = copy.deepcopy(self.predictor)
         items = _inputs(images)
-        loaded = predictor.load_named(items, on_error="skip")
-        report = adapt_predictor(predictor, loaded.images, loaded.names, loaded.reasons, settings)
-        report.excluded += [(name, f"unreadable: {error}") for name, error in loaded.skipped]
+        report = adapt_sources(predictor, items, settings)
         for warning in report.warnings:
             log.warning("%s", warning)
         if out is None:
             return Model(predictor)
         paths = [Path(src) for src, _ in items if isinstance(src, str | os.PathLike)]
         source = os.fspath(images) if isinstance(images, str | os.PathLike) else "<in-memory images>"
-        write_adapted(predictor, Path(out), report, source, folder_fingerprint(paths), settings)
+        write_adapted(predictor, Path(out), report, source, folder_fingerprint(paths), settings, force)
         return load(out)
 
     def gradcam(self, image: ImageInput, *, overlay: bool = True, target: str | None = None) -> np.ndarray:

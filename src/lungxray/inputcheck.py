@@ -53,7 +53,10 @@ def dicom_reason(data: bytes) -> str | None:
     part = str(getattr(ds, "BodyPartExamined", "") or "").upper()
     if part and not any(word in part for word in CHEST_WORDS):
         return f"DICOM BodyPartExamined {part} is not the chest"
-    return None
+    try:  # the same header gives the geometry: parsed once
+        return geometry_reason(int(ds.Columns), int(ds.Rows))
+    except (AttributeError, TypeError, ValueError):
+        return None
 
 
 def geometry_reason(width: int, height: int) -> str | None:
@@ -88,21 +91,11 @@ def header_reason(source: Any) -> str | None:
     from lungxray.imageio import is_dicom_bytes
 
     if is_dicom_bytes(data):
-        return dicom_reason(data) or _dicom_geometry(data)
+        return dicom_reason(data)
     try:
         im = Image.open(io.BytesIO(data))
         return geometry_reason(*im.size) or colour_reason(im)
     except Exception:  # decodable, but not by a plain open: nothing to say
-        return None
-
-
-def _dicom_geometry(data: bytes) -> str | None:
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
-        return geometry_reason(int(ds.Columns), int(ds.Rows))
-    except Exception:  # see dicom_reason
         return None
 
 

@@ -7,9 +7,10 @@ covariance (Ledoit-Wolf shrunk; Lee et al., NeurIPS 2018), fitted on the images 
 
     ood(x) = mean_k min_c (f_k(x) - mu_kc)' P_k (f_k(x) - mu_kc) / D
 
-(D feature channels, so a training-like image scores about 1). The referral threshold is a quantile of the
-*honest* scores of training images: each pool image scored only by the members that never trained on it (its
-out-of-bag members; a single model's holdout), so the threshold is set on data the model has, never on test.
+(D feature channels; the reference's honest training scores have a median of about 0.2). The referral
+threshold is a quantile of the *honest* scores of training images: each pool image scored only by the members
+that never trained on it (its out-of-bag members; a single model's holdout), so the threshold is set on data
+the model has, never on test.
 Those honest scores are also the null distribution of the folder-level shift test (`lungxray.shift`).
 
 The same pass records, per BatchNorm layer and class, the mean and mean square of the layer's input on the clean
