@@ -34,7 +34,7 @@ from lungxray.photometric import make_photometric
 from lungxray.predict import Predictor, make_predictions, normalised_entropy
 from lungxray.preprocess import prepare
 from lungxray.report import duplicates_text, write_evaluation_report, write_report, write_rows_csv
-from lungxray.runlock import check_new_run, run_lock
+from lungxray.runlock import RUN_INFO, check_new_run, read_run_info, run_lock
 from lungxray.runtime import (
     INPUT_MEAN,
     INPUT_STD,
@@ -49,7 +49,6 @@ from lungxray.waitpolicy import wait_policy
 
 log = logging.getLogger(__name__)
 
-RUN_INFO = "run.json"  # the data root and whether the run finished, so `--resume RUN_DIR` needs nothing else
 
 
 @dataclass
@@ -361,15 +360,6 @@ def _train_run(
                                     "runtime": runtime.to_dict()})
     return RunResult(run_dir=run_dir, config=cfg, metrics=distributed.share_from_main(results),
                      history=state.history)
-
-
-def read_run_info(run_dir: str | Path) -> dict[str, Any]:
-    """What train_run recorded in RUN_DIR/run.json ({} for runs without one, or an unreadable one)."""
-    try:
-        info = json.loads((Path(run_dir) / RUN_INFO).read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return info if isinstance(info, dict) else {}
 
 
 def adapted_scores(predictor: Predictor, images: np.ndarray, labels: np.ndarray, paths: list[str],

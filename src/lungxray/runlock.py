@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 LOCK = ".lock"
+RUN_INFO = "run.json"  # the data root and whether the run finished, so `--resume RUN_DIR` needs nothing else
 RUN_FILES = ("config.yaml", "run.json", "meta.json", "checkpoint.safetensors")
 
 
@@ -58,6 +61,19 @@ def _held_by_other(lock: Path) -> int | None:
     return pid if pid != os.getpid() and _alive(pid) else None
 
 
+def read_run_info(run_dir: str | Path) -> dict[str, Any]:
+    """What train_run recorded in RUN_DIR/run.json ({} for runs without one, or an unreadable one).
+
+    It lives here, beside the lock, because both the run-folder guard and the pipeline read it; in pipeline it made
+    runlock import pipeline back (a cycle). `lungxray.pipeline.read_run_info` stays importable (re-exported).
+    """
+    try:
+        info = json.loads((Path(run_dir) / RUN_INFO).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
 def check_new_run(run_dir: Path, force: bool = False) -> None:
     """Refuse to start a new run in `run_dir` when that would overwrite something (see the module docstring)."""
     if not run_dir.exists():
@@ -72,8 +88,6 @@ def check_new_run(run_dir: Path, force: bool = False) -> None:
     if force:
         log.warning("%s: --force: replacing what it holds", run_dir)
         return
-    from lungxray.pipeline import read_run_info
-
     if (run_dir / "meta.json").is_file() or read_run_info(run_dir).get("complete"):
         raise RunFolderError(f"{run_dir} holds a finished bundle; choose another --out, or pass --force to replace it")
     if _has_progress(run_dir):
