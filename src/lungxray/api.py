@@ -392,9 +392,9 @@ def override_keys(overrides: Mapping[str, Any]) -> dict[str, Any]:
 
 def parse_overrides(texts: Sequence[str]) -> dict[str, Any]:
     """`--set key=value` strings (values read as YAML) -> {dotted key: value}, for the CLI."""
-    from lungxray.config import _parse_override
+    from lungxray.config import parse_override
 
-    return {".".join(path): value for path, value in map(_parse_override, texts)}
+    return {".".join(path): value for path, value in map(parse_override, texts)}
 
 
 # ----------------------------------------------------------------------------------------------------- evaluate

@@ -47,6 +47,7 @@ import torch
 
 from lungxray.config import RunConfig, TrainConfig
 from lungxray.files import write_json
+from lungxray.hostinfo import cache_root, usable_cores
 from lungxray.runtime import cpu_features, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ class Choice:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("LUNGXRAY_CACHE") or Path.home() / ".cache" / "lungxray") / "autotune"
+    return cache_root() / "autotune"
 
 
 def _switches(arch: str, model_args: dict[str, Any]) -> dict[str, Any]:
@@ -140,7 +141,7 @@ def _key(arch: str, model_args: dict[str, Any], members: int, image_size: int, b
         "onednn_max_isa": feats["onednn_max_isa"], "aten_cpu_capability": os.environ.get("ATEN_CPU_CAPABILITY"),
         "fused_env": os.environ.get("LUNGXRAY_FUSED"), "torch": torch.__version__, "device": device.type,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cores": usable_cores(),
         "arch": arch, "model_args": {k: model_args[k] for k in sorted(model_args)}, "members": members,
         "image_size": image_size, "batch_size": batch_size, "precision": cfg.precision, "threads": cfg.threads,
         "optimizer": cfg.optimizer,
@@ -150,7 +151,7 @@ def _key(arch: str, model_args: dict[str, Any], members: int, image_size: int, b
 def _busy() -> tuple[float, bool]:
     """(1-minute load average, whether it exceeds the cores): a busy CPU's measurements are provisional."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     return load, load > cores
 
 
@@ -268,7 +269,7 @@ def _measure(arch: str, model_args: dict[str, Any], members: int, image_size: in
             stage("unfused", {"fused": False})
         if switches.get("micro_batch"):
             stage("no micro-batches", {"micro_batch": 0})
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = usable_cores()
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
         if device.type == "cpu" and cfg.threads == 0 and cores >= 2:
             if load < cores:  # on a busy CPU fewer threads win for the moment only: not a per-machine fact

@@ -33,6 +33,7 @@ import torch
 from lungxray.augment import Augmenter, resolve_params
 from lungxray.config import TrainConfig
 from lungxray.ensemble import MemberPlan, plan_members
+from lungxray.hostinfo import usable_cores
 from lungxray.models import build_model, count_flops
 from lungxray.runtime import cpu_features, resolve_device, resolve_precision, set_threads
 from lungxray.train import TrainState, fit, make_optimizer, train_one_epoch
@@ -89,7 +90,7 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
     info: dict[str, Any] = {
         "cpu": cpu,
         "isa": cpu_features()["isa"],  # what the kernels may use (ONEDNN_MAX_CPU_ISA applied)
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cores": usable_cores(),
         "threads": torch.get_num_threads(),
         "omp_wait_policy": wait_policy(),
         "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,

@@ -245,7 +245,7 @@ def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _parse_override(text: str) -> tuple[list[str], Any]:
+def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key.sub=value")
     key, _, value = text.partition("=")
@@ -257,7 +257,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any]) 
     items = (
         [(k.split("."), v) for k, v in overrides.items()]
         if isinstance(overrides, dict)
-        else [_parse_override(o) for o in overrides]
+        else [parse_override(o) for o in overrides]
     )
     for path, value in items:
         node = raw

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from lungxray import imageio
+from lungxray.hostinfo import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -271,7 +272,7 @@ def _sha256_file(path: Path) -> str:
 
 
 def _default_cache_dir() -> Path:
-    return Path(os.environ.get("LUNGXRAY_CACHE") or Path.home() / ".cache" / "lungxray")
+    return cache_root()
 
 
 def _read_cache(path: Path, rels: list[str], size: int) -> dict[str, np.ndarray] | None:

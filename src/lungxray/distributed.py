@@ -34,6 +34,7 @@ from torch import nn
 
 from lungxray.augment import Augmenter
 from lungxray.ensemble import MemberPlan
+from lungxray.hostinfo import usable_cores
 from lungxray.models import build_model, extract_member, stack_members
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ class DistContext:
         """CPU threads per rank: the cores split between the ranks of this node (0 = runtime default)."""
         if not self.active:
             return 0
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = usable_cores()
         return max(1, cores // self.local_world)
 
 

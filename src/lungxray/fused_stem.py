@@ -42,6 +42,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lungxray.hostinfo import cache_root
+
 log = logging.getLogger(__name__)
 
 __all__ = ["ENV_SWITCH", "bf16_autocast", "fused_available", "fused_pool_relu", "fused_stem", "kernel_info",
@@ -56,7 +58,7 @@ _state: dict[str, Any] = {"lib": None, "tried": False, "reason": None, "compile_
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("LUNGXRAY_CACHE") or Path.home() / ".cache" / "lungxray") / "kernels"
+    return cache_root() / "kernels"
 
 
 def _compiler() -> str | None:

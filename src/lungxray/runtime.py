@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lungxray.hostinfo import usable_cores
+
 log = logging.getLogger(__name__)
 
 # The input contract every model is trained with; it is written into each bundle and read back by predict.
@@ -161,7 +163,7 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 def set_threads(threads: int = 0) -> int:
     """Use all cores by default (PyTorch sometimes picks fewer in containers)."""
-    n = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    n = threads or usable_cores()
     torch.set_num_threads(n)
     return n
 

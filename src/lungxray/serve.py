@@ -25,7 +25,6 @@ import copy
 import dataclasses
 import io
 import logging
-import os
 import queue
 import re
 import socket
@@ -47,6 +46,7 @@ from starlette.datastructures import UploadFile
 
 from lungxray import __version__
 from lungxray.bundle import Bundle
+from lungxray.hostinfo import usable_cores
 from lungxray.imageio import DecodeBusy, ImageDecodeError, decode_limits, is_dicom_bytes, set_decode_limits
 from lungxray.predict import Predictor, load_predictor
 
@@ -397,7 +397,7 @@ def run_server(run_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, t
                              decode_budget_mb=decode_budget_mb)
     predictor = load_predictor(run_dir, device, engine, onnx_path)
     if replicas > 1 and predictor.device.type == "cpu":
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = usable_cores()
         torch.set_num_threads(max(1, cores // replicas))
         log.info("%d model replicas, %d PyTorch thread(s) each", replicas, torch.get_num_threads())
     app = create_app(predictor, settings)

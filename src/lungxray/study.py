@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ import numpy as np
 from lungxray import metrics
 from lungxray.config import ConfigError, check_run_name, load_config, safe_yaml
 from lungxray.files import write_json
+from lungxray.hostinfo import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def _run_task(task: dict[str, Any], data: str, threads: int) -> str:
 
 
 def run_tasks(tasks: list[dict[str, Any]], data: str, jobs: int) -> None:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     threads = max(1, cores // max(jobs, 1))
     started = time.perf_counter()
     if jobs <= 1:
