@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import hostile  # noqa: E402
 from load_serve import start_server  # noqa: E402
 
-from lungxray.serve import free_port  # noqa: E402
+from lungxray.serve.app import free_port  # noqa: E402
 
 MB = 1024 * 1024
 

@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lungxray.models import build_model, count_flops, list_models
+from lungxray.models.nets import build_model, count_flops, list_models
 
 
 def step_times(

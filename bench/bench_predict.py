@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lungxray.bundle import save_bundle
-from lungxray.export import ONNX_NAME, OnnxPredictor
-from lungxray.models import build_model
-from lungxray.predict import Predictor, load_predictor
+from lungxray.inference.bundle import save_bundle
+from lungxray.inference.onnx import ONNX_NAME, OnnxPredictor
+from lungxray.inference.predictor import Predictor, load_predictor
+from lungxray.models.nets import build_model
 from lungxray.runtime import INPUT_MEAN, INPUT_STD
 
 

@@ -16,7 +16,7 @@ import argparse
 import os
 import statistics
 
-from lungxray.bench import bench_train
+from lungxray.speed.bench import bench_train
 
 POOL = 251  # training images in the reference dataset's train/ split
 

@@ -1,4 +1,4 @@
-"""Round-robin A/B of seed_cnn's fused kernels (lungxray/fused_stem.py) against the eager modules.
+"""Round-robin A/B of seed_cnn's fused kernels (lungxray/models/kernels/fused_stem.py) against the eager modules.
 
     .venv/bin/python bench/fused_stem_ab.py [--steps 12] [--warmup 3] [--block-rounds 20] \
         [--variants fused:8 stem:8 eager:8]
@@ -36,14 +36,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lungxray.augment import Augmenter, resolve_params
-from lungxray.bench import _synthetic_images
 from lungxray.config import TrainConfig
-from lungxray.ensemble import MemberPlan
-from lungxray.fused_stem import fused_pool_relu, fused_stem, kernel_info
-from lungxray.models import ConvBlock, build_model
+from lungxray.models.kernels.fused_stem import fused_pool_relu, fused_stem, kernel_info
+from lungxray.models.nets import ConvBlock, build_model
 from lungxray.runtime import resolve_precision, reuse_freed_memory, set_threads
-from lungxray.train import TrainState, make_optimizer, train_one_epoch
+from lungxray.speed.bench import _synthetic_images
+from lungxray.training.loop import TrainState, make_optimizer, train_one_epoch
+from lungxray.training.plan import MemberPlan
+from lungxray.transforms.geometric import Augmenter, resolve_params
 
 HEAP_LIMIT = 1 << 30  # what the lungxray command sets
 GLIBC_DEFAULT_THRESHOLD = 128 * 1024

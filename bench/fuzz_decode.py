@@ -98,10 +98,10 @@ def hostile_dicom(rng: np.random.Generator) -> bytes:
 def run(seconds: float, seed: int, out: Path, slow: float) -> int:
     import torch
 
-    from lungxray.bundle import Bundle
-    from lungxray.imageio import ImageDecodeError
-    from lungxray.models import build_model
-    from lungxray.predict import Predictor
+    from lungxray.inference.bundle import Bundle
+    from lungxray.inference.predictor import Predictor
+    from lungxray.io.decode import ImageDecodeError
+    from lungxray.models.nets import build_model
 
     model = build_model("compact_cnn", num_classes=3, members=1, width=4).eval()
     predictors = [

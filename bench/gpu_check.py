@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def check_augment() -> str:
-    from lungxray.augment import Augmenter, resolve_params
+    from lungxray.transforms.geometric import Augmenter, resolve_params
 
     x = torch.rand(16, 1, 128, 128)
     cpu = Augmenter(resolve_params("intense", horizontal_flip=True), seed=3, device="cpu")(x)
@@ -38,8 +38,8 @@ def check_train_and_predict(tmp: Path) -> str:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import write_dataset
 
-    from lungxray.pipeline import train_run
-    from lungxray.predict import Predictor
+    from lungxray.inference.predictor import Predictor
+    from lungxray.training.pipeline import train_run
 
     data = write_dataset(tmp / "tiny", {"train": 18, "test": 6})
     overrides = {"data.image_size": 64, "train.epochs": 3, "train.batch_size": 16, "train.lr": 0.003,
@@ -58,8 +58,8 @@ def check_train_and_predict(tmp: Path) -> str:
 
 
 def check_every_model_steps() -> str:
-    from lungxray.bench import bench_train
-    from lungxray.models import list_models
+    from lungxray.models.nets import list_models
+    from lungxray.speed.bench import bench_train
 
     rates = []
     for name in list_models():

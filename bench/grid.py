@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from lungxray.bench import peak_flops
 from lungxray.runtime import cpu_features
+from lungxray.speed.bench import peak_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {  # name -> bench train flags

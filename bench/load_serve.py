@@ -28,7 +28,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from lungxray.serve import free_port
+from lungxray.serve.app import free_port
 
 
 def synthetic_png(size: int = 1024, seed: int = 0) -> bytes:

@@ -12,8 +12,8 @@ import argparse
 
 from torch.profiler import ProfilerActivity, profile
 
-from lungxray.bench import bench_train
 from lungxray.runtime import reuse_freed_memory
+from lungxray.speed.bench import bench_train
 
 KINDS = {  # label -> substrings of operator names
     "convolution": ("convolution",),

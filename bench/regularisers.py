@@ -16,9 +16,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from lungxray.augment import PRESETS, Augmenter
-from lungxray.bench import latencies
-from lungxray.train import mixup_batch
+from lungxray.speed.bench import latencies
+from lungxray.training.loop import mixup_batch
+from lungxray.transforms.geometric import PRESETS, Augmenter
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:

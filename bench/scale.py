@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def training_images(data: str | None, size: int) -> tuple[np.ndarray, np.ndarray, str]:
     """(images, labels, description) of the training split, or synthetic stand-ins when no dataset is found."""
-    from lungxray.data import load_dataset
-    from lungxray.pipeline import find_data
+    from lungxray.io.dataset import load_dataset
+    from lungxray.training.pipeline import find_data
 
     try:
         ds = load_dataset(find_data(data), size=size)
@@ -38,7 +38,7 @@ def training_images(data: str | None, size: int) -> tuple[np.ndarray, np.ndarray
 
 def one(args: argparse.Namespace) -> None:
     """Child process: one replication factor, JSON on stdout."""
-    from lungxray.bench import bench_epochs
+    from lungxray.speed.bench import bench_epochs
 
     images, labels, source = training_images(args.data, args.size)
     images, labels = np.tile(images, (args.one, 1, 1)), np.tile(labels, args.one)

@@ -15,13 +15,13 @@ import time
 
 import numpy as np
 
-from lungxray import metrics
-from lungxray.adapt import AdaptSettings, adapt_predictor, crossfit, patient_groups, restore_source
-from lungxray.data import Dataset, load_dataset
-from lungxray.predict import Predictor
-from lungxray.preprocess import prepare
-from lungxray.robustness import apply_shift
-from lungxray.shift import shift_test
+from lungxray.evaluation import metrics
+from lungxray.evaluation.robustness import apply_shift
+from lungxray.inference.predictor import Predictor
+from lungxray.io.dataset import Dataset, load_dataset
+from lungxray.sites.adapt import AdaptSettings, adapt_predictor, crossfit, patient_groups, restore_source
+from lungxray.sites.shift import shift_test
+from lungxray.transforms.preprocess import prepare
 
 
 def _prep(predictor: Predictor, images: np.ndarray) -> np.ndarray:

@@ -65,7 +65,7 @@ SMOKE_OVERRIDES = {"data.image_size": 64, "train.epochs": 3, "train.batch_size":
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path) -> Path:
     """One smoke model trained on the tiny dataset (a few seconds), shared by the downstream tests."""
-    from lungxray.pipeline import train_run
+    from lungxray.training.pipeline import train_run
 
     out = tmp_path_factory.mktemp("runs") / "smoke"
     train_run(Path(__file__).parents[1] / "configs/smoke.yaml", tiny_dataset, out, overrides=SMOKE_OVERRIDES)
@@ -75,7 +75,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path) ->
 @pytest.fixture(scope="session")
 def trained_ensemble(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path) -> Path:
     """A 3-member bootstrap ensemble trained packed on the tiny dataset."""
-    from lungxray.pipeline import train_run
+    from lungxray.training.pipeline import train_run
 
     out = tmp_path_factory.mktemp("runs") / "ensemble"
     overrides = {**SMOKE_OVERRIDES, "ensemble.members": 3, "ensemble.bootstrap": True}

@@ -16,7 +16,7 @@ import lungxray
 from lungxray.api import Evaluation, Model, Run, override_keys
 from lungxray.cli import main
 from lungxray.config import ConfigError
-from lungxray.predict import Predictor, expand_paths, predict_files
+from lungxray.inference.predictor import Predictor, expand_paths, predict_files
 
 SMOKE = Path(__file__).parents[1] / "configs/smoke.yaml"
 
@@ -42,11 +42,11 @@ def test_import_is_light_and_public_names_are_documented() -> None:
 
 
 def test_train_stays_the_api_function_after_the_training_module_is_imported() -> None:
-    import lungxray.pipeline  # imports the submodule lungxray/train.py
-    from lungxray.train import fit
+    import lungxray.training.pipeline  # imports lungxray/training/loop.py: no package attribute `train` to clash
+    from lungxray.training.loop import fit
 
     assert lungxray.train is lungxray.api.train and callable(fit)
-    assert sys.modules["lungxray.train"].fit is fit
+    assert sys.modules["lungxray.training.loop"].fit is fit
 
 
 def test_predict_accepts_paths_pil_images_and_arrays_alike(model: Model, test_files: list[Path]) -> None:

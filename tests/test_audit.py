@@ -1,5 +1,5 @@
-"""lungxray.audit: the probes flag classes that differ only outside the lungs (a border marker, the file format),
-stay at chance when the same files are shuffled into random class folders, and the CLI's JSON and errors."""
+"""lungxray.evaluation.audit: the probes flag classes that differ only outside the lungs (a border marker, the file
+format), stay at chance when the same files are shuffled into random class folders, and the CLI's JSON and errors."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lungxray.audit import AuditResult, audit, file_facts, wilson
 from lungxray.cli import main
+from lungxray.evaluation.audit import AuditResult, audit, file_facts, wilson
 
 CLASSES = ("alpha", "beta", "gamma")
 PER_CLASS = 20
@@ -169,7 +169,7 @@ def test_file_facts_read_dicom_tags(tmp_path: Path) -> None:
 
 def test_border_only_never_sees_the_centre() -> None:
     """A marker inside the blanked centre changes the thumbnail but not one border_only feature."""
-    from lungxray.audit import image_features
+    from lungxray.evaluation.audit import image_features
 
     rng = np.random.default_rng(0)
     films = np.stack([_film(rng, 256) for _ in range(4)])

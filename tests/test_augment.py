@@ -10,9 +10,16 @@ import pytest
 import scipy.ndimage as ndi
 import torch
 
-from lungxray.augment import PRESETS, Augmenter, AugmentParams, _affine_grid, keras_transform_matrix, resolve_params
 from lungxray.config import ConfigError, load_config
 from lungxray.runtime import INPUT_MEAN, INPUT_STD
+from lungxray.transforms.geometric import (
+    PRESETS,
+    Augmenter,
+    AugmentParams,
+    _affine_grid,
+    keras_transform_matrix,
+    resolve_params,
+)
 
 FULL = AugmentParams(
     rotation_range=20,

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lungxray import autotune
 from lungxray.config import TrainConfig, load_config
 from lungxray.runtime import cpu_features, resolve_precision
+from lungxray.speed import autotune
 
 TINY = {"arch": "compact_cnn", "model_args": {"width": 4}, "members": 2, "image_size": 32, "batch_size": 4}
 

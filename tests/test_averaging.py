@@ -10,13 +10,13 @@ import torch
 from filegen import learnable_problem
 from torch import nn
 
-from lungxray.augment import Augmenter, resolve_params
-from lungxray.averaging import WeightAverage, decay_for
 from lungxray.config import ConfigError, TrainConfig, load_config
-from lungxray.ensemble import MemberPlan, plan_members
-from lungxray.models import build_model
+from lungxray.models.nets import build_model
 from lungxray.runtime import seed_everything
-from lungxray.train import TrainState, evaluate_members, fit
+from lungxray.training.averaging import WeightAverage, decay_for
+from lungxray.training.loop import TrainState, evaluate_members, fit
+from lungxray.training.plan import MemberPlan, plan_members
+from lungxray.transforms.geometric import Augmenter, resolve_params
 
 
 def test_decay_gives_the_time_constant_in_epochs() -> None:

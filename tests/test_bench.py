@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from lungxray import bench
 from lungxray.cli import main
+from lungxray.speed import bench
 
 TINY = ["--image-size", "64", "--batch-size", "4", "--steps", "3", "--warmup", "1"]
 

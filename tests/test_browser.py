@@ -19,8 +19,8 @@ from conftest import synthetic_xray
 from PIL import Image
 from playwright.sync_api import Page, expect, sync_playwright
 
-from lungxray.predict import Predictor
-from lungxray.serve import free_port
+from lungxray.inference.predictor import Predictor
+from lungxray.serve.app import free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [

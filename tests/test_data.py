@@ -1,4 +1,4 @@
-"""lungxray.data: folder layouts, labels, skips, the decode cache, seeded splits and the duplicate check."""
+"""lungxray.io.dataset: folder layouts, labels, skips, the decode cache, seeded splits and the duplicate check."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lungxray import imageio
-from lungxray.data import (
+from lungxray.io import decode as imageio
+from lungxray.io.dataset import (
     CANONICAL_ORDER,
     canonical_label,
     index_folder,
@@ -21,7 +21,7 @@ from lungxray.data import (
     stratified_kfold,
     stratified_split,
 )
-from lungxray.duplicates import Duplicate, find_duplicates, summarize_duplicates
+from lungxray.io.duplicates import Duplicate, find_duplicates, summarize_duplicates
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "covid19-dataset"
 
@@ -182,7 +182,7 @@ def test_load_dataset_skips_corrupt_files_and_caches(
     (root / "test/Normal/empty.jpg").write_bytes(b"")
     cache = tmp_path / "cache"
     calls = _counting(monkeypatch)
-    with caplog.at_level(logging.WARNING, logger="lungxray.data"):
+    with caplog.at_level(logging.WARNING, logger="lungxray.io.dataset"):
         ds = load_dataset(root, size=32, cache_dir=cache)
     assert len(calls) == 6 and len(ds) == 4
     assert ds.images.shape == (4, 32, 32) and ds.images.dtype == np.uint8

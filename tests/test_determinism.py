@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from lungxray.pipeline import train_run
+from lungxray.training.pipeline import train_run
 
 SMOKE = Path(__file__).parents[1] / "configs" / "smoke.yaml"
 TIMING_METRICS = ("total_seconds", "train_seconds", "load_seconds", "train_images_per_second")

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lungxray import distributed
-from lungxray.bundle import load_bundle
-from lungxray.predict import Predictor
+from lungxray.inference.bundle import load_bundle
+from lungxray.inference.predictor import Predictor
+from lungxray.training import distributed
 
 ROOT = Path(__file__).parents[1]
 SMOKE = ROOT / "configs/smoke.yaml"
@@ -72,7 +72,7 @@ def test_unknown_strategy_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_two_ranks_reproduce_one_process(tiny_dataset: Path, tmp_path: Path) -> None:
-    from lungxray.pipeline import train_run
+    from lungxray.training.pipeline import train_run
 
     single = train_run(SMOKE, tiny_dataset, tmp_path / "one", overrides=EXACT, device="cpu")
     out = tmp_path / "two"
@@ -116,9 +116,9 @@ def test_local_share_starts_from_the_members_initial_weights(monkeypatch: pytest
     """Rank 1 of 2 under the members strategy trains members 1 and 2 of 3, from their single-process init."""
     import torch
 
-    from lungxray.augment import Augmenter, resolve_params
-    from lungxray.ensemble import plan_members
-    from lungxray.models import build_model, extract_member
+    from lungxray.models.nets import build_model, extract_member
+    from lungxray.training.plan import plan_members
+    from lungxray.transforms.geometric import Augmenter, resolve_params
 
     monkeypatch.setattr(distributed, "_CTX", distributed.DistContext(rank=1, world=2, strategy="members"))
     plan = plan_members(np.repeat([0, 1, 2], 10), 3, bootstrap=True, seed=0)

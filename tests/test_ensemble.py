@@ -5,9 +5,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lungxray.bundle import read_meta
-from lungxray.ensemble import bootstrap_sample, combine, out_of_bag_probs, plan_members
-from lungxray.pipeline import train_run
+from lungxray.inference.bundle import read_meta
+from lungxray.training.pipeline import train_run
+from lungxray.training.plan import bootstrap_sample, combine, out_of_bag_probs, plan_members
 
 
 def test_bootstrap_sample_is_stratified_and_seeded() -> None:

@@ -12,11 +12,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from lungxray.bundle import read_meta, update_meta
 from lungxray.cli import main
-from lungxray.export import ONNX_NAME, OnnxPredictor, ParityError, export_onnx, parity_check
-from lungxray.predict import Predictor, expand_paths
-from lungxray.quantize import (
+from lungxray.inference.bundle import read_meta, update_meta
+from lungxray.inference.onnx import ONNX_NAME, OnnxPredictor, ParityError, export_onnx, parity_check
+from lungxray.inference.predictor import Predictor, expand_paths
+from lungxray.inference.quantize import (
     INT8_MAX_PROB_DIFF,
     INT8_MIN_LABEL_AGREEMENT,
     AgreementError,

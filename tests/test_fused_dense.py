@@ -1,5 +1,6 @@
-"""lungxray.fused_dense: the seed network's large dense layer trained from an optimizer-kept bf16 copy gives what
-autocast + PyTorch's fused AdamW give, keeps AdamW's state format, and stays out of the way everywhere else."""
+"""lungxray.models.kernels.fused_dense: the seed network's large dense layer trained from an optimizer-kept bf16
+copy gives what autocast + PyTorch's fused AdamW give, keeps AdamW's state format, and stays out of the way
+everywhere else."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lungxray import fused_stem as fs
 from lungxray.config import TrainConfig
-from lungxray.fused_dense import MIN_WEIGHTS, attach_dense_masters
-from lungxray.models import PackedLinear, build_model
-from lungxray.train import make_optimizer
+from lungxray.models.kernels import fused_stem as fs
+from lungxray.models.kernels.fused_dense import MIN_WEIGHTS, attach_dense_masters
+from lungxray.models.nets import PackedLinear, build_model
+from lungxray.training.loop import make_optimizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 IN, OUT = 65536, 16  # 1 M weights: the smallest layer that gets a master
@@ -176,10 +177,10 @@ def test_seed_cnn_gets_one_master_and_trains() -> None:
 
 def _fit_seed_cnn(run_dir: Path, epochs: int, resume: bool) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """A real fit() of seed_cnn with its master, bf16 autocast, checkpointing every epoch (as a new process)."""
-    from lungxray.augment import Augmenter, resolve_params
-    from lungxray.ensemble import plan_members
     from lungxray.runtime import seed_everything
-    from lungxray.train import fit
+    from lungxray.training.loop import fit
+    from lungxray.training.plan import plan_members
+    from lungxray.transforms.geometric import Augmenter, resolve_params
 
     seed_everything(0, deterministic=True)
     rng = np.random.default_rng(0)

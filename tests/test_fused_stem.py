@@ -1,5 +1,5 @@
-"""lungxray.fused_stem: the C kernels for seed_cnn's first block (conv -> max-pool -> ReLU) and for the max-pool ->
-ReLU of blocks 2-3 equal the eager modules.
+"""lungxray.models.kernels.fused_stem: the C kernels for seed_cnn's first block (conv -> max-pool -> ReLU) and for the
+max-pool -> ReLU of blocks 2-3 equal the eager modules.
 
 The kernel-specific tests skip (with the reason) where the kernel cannot be built; the fallback tests run
 everywhere, also under LUNGXRAY_FUSED=0.
@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lungxray import fused_stem as fs
-from lungxray.models import build_model
+from lungxray.models.kernels import fused_stem as fs
+from lungxray.models.nets import build_model
 
 SIZE = 64
 
@@ -200,7 +200,7 @@ def test_fallback_when_the_build_fails(monkeypatch: pytest.MonkeyPatch, caplog: 
     monkeypatch.setattr(fs, "_compiler", lambda: "/nonexistent/gcc")
     model = build_model("seed_cnn", image_size=SIZE, width=8).train()
     x = torch.randn(2, 1, SIZE, SIZE)
-    with caplog.at_level(logging.WARNING, logger="lungxray.fused_stem"):
+    with caplog.at_level(logging.WARNING, logger="lungxray.models.kernels.fused_stem"):
         assert not fs.fused_available()
         assert not model._fused_first_block(x)
         model(x).sum().backward()

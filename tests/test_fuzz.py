@@ -38,10 +38,10 @@ from pydicom.uid import (
 )
 from test_robustness_input import corrupt_corpus, dicom_bytes, encode, gradient, readable_corpus
 
-from lungxray.bundle import Bundle
-from lungxray.imageio import ImageDecodeError
-from lungxray.models import build_model
-from lungxray.predict import Predictor
+from lungxray.inference.bundle import Bundle
+from lungxray.inference.predictor import Predictor
+from lungxray.io.decode import ImageDecodeError
+from lungxray.models.nets import build_model
 
 # pydicom warns about every malformed element it reads or is given; the property is about exceptions
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -15,9 +15,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from lungxray.bundle import Bundle
 from lungxray.cli import main
-from lungxray.gradcam import (
+from lungxray.evaluation.gradcam import (
     cam_names,
     central_mass,
     gallery_indices,
@@ -26,8 +25,9 @@ from lungxray.gradcam import (
     overlay,
     overlay_png,
 )
-from lungxray.models import PackedNet, build_model, extract_member, list_models
-from lungxray.predict import Predictor, expand_paths
+from lungxray.inference.bundle import Bundle
+from lungxray.inference.predictor import Predictor, expand_paths
+from lungxray.models.nets import PackedNet, build_model, extract_member, list_models
 from lungxray.runtime import INPUT_MEAN, INPUT_STD
 
 SIZE = 64

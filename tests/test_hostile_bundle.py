@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from lungxray.bench import _scratch_bundle
-from lungxray.bundle import (
+from lungxray.cli import main
+from lungxray.inference.bundle import (
     BundleError,
     load_bundle,
     read_info,
@@ -25,8 +25,8 @@ from lungxray.bundle import (
     update_meta,
     write_bundle_file,
 )
-from lungxray.bundlemeta import BundleMeta, InputContract
-from lungxray.cli import main
+from lungxray.inference.bundlemeta import BundleMeta, InputContract
+from lungxray.speed.bench import _scratch_bundle
 
 
 @pytest.fixture(scope="module")
@@ -175,8 +175,8 @@ def test_a_bundle_without_digests_loads_with_a_warning_and_can_be_sealed(bundle:
 
 
 def test_non_finite_weights_are_never_written_or_loaded(tmp_path: Path) -> None:
-    from lungxray.bundle import save_bundle
-    from lungxray.models import build_model
+    from lungxray.inference.bundle import save_bundle
+    from lungxray.models.nets import build_model
 
     model = build_model("compact_cnn", members=1, image_size=32)
     with torch.no_grad():
@@ -193,9 +193,9 @@ def test_non_finite_weights_are_never_written_or_loaded(tmp_path: Path) -> None:
 
 
 def test_damaged_checkpoints_are_refused(tmp_path: Path) -> None:
-    from lungxray.augment import Augmenter, resolve_params
-    from lungxray.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-    from lungxray.train import TrainState
+    from lungxray.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from lungxray.training.loop import TrainState
+    from lungxray.transforms.geometric import Augmenter, resolve_params
 
     model = torch.nn.Linear(4, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -232,8 +232,8 @@ def test_bundle_files_get_the_users_umask(bundle: Path) -> None:
 def test_save_bundle_covers_every_tensor_file_of_the_folder(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    from lungxray.bundle import save_bundle
-    from lungxray.models import build_model
+    from lungxray.inference.bundle import save_bundle
+    from lungxray.models.nets import build_model
 
     out = tmp_path / "b"
     out.mkdir()
@@ -252,9 +252,9 @@ def test_save_bundle_covers_every_tensor_file_of_the_folder(tmp_path: Path) -> N
 def test_damaged_sequential_members_are_refused(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    from lungxray.checkpoint import CheckpointError, load_member, member_record
-    from lungxray.files import write_json
-    from lungxray.train import TrainState
+    from lungxray.io.files import write_json
+    from lungxray.training.checkpoint import CheckpointError, load_member, member_record
+    from lungxray.training.loop import TrainState
 
     model = torch.nn.Linear(4, 2)
     sd = {k: v.clone() for k, v in model.state_dict().items()}

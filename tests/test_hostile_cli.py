@@ -18,8 +18,8 @@ import hostile
 import pytest
 import torch
 
-from lungxray.bench import _scratch_bundle
 from lungxray.cli import main
+from lungxray.speed.bench import _scratch_bundle
 
 ROOT = Path(__file__).parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -80,7 +80,7 @@ def test_a_run_name_never_escapes_the_runs_folder(tiny_dataset: Path, tmp_path: 
 def test_training_that_diverges_stops_with_one_line(tiny_dataset: Path, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str],
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    train = importlib.import_module("lungxray.train")
+    train = importlib.import_module("lungxray.training.loop")
     real = train.train_one_epoch
 
     def poisoned(model: torch.nn.Module, *args: object, **kwargs: object) -> dict[str, float]:
@@ -179,7 +179,7 @@ def test_predict_of_only_bad_files_exits_non_zero(bundle: Path, tmp_path: Path) 
 
 
 def test_the_kernel_cache_refuses_libraries_it_cannot_trust(tmp_path: Path) -> None:
-    from lungxray import fused_stem
+    from lungxray.models.kernels import fused_stem
 
     folder = tmp_path / "kernels"
     folder.mkdir()
@@ -208,7 +208,7 @@ def test_the_kernel_cache_refuses_libraries_it_cannot_trust(tmp_path: Path) -> N
 
 
 def test_an_interrupted_run_is_protected_but_a_run_that_never_trained_is_not(tmp_path: Path) -> None:
-    from lungxray.runlock import RunFolderError, check_new_run
+    from lungxray.training.runlock import RunFolderError, check_new_run
 
     out = tmp_path / "r"
     out.mkdir()

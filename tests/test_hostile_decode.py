@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lungxray.imageio import (
+from lungxray.io.decode import (
     DecodeBusy,
     ImageDecodeError,
     decode_image,
@@ -28,7 +28,7 @@ from lungxray.imageio import (
     set_decode_limits,
     to_model_input,
 )
-from lungxray.serve import decode_status
+from lungxray.serve.app import decode_status
 
 EXPECTED = {  # case -> (pattern of the one-line error, HTTP status the server maps it to)
     "deflated DICOM bomb": (r"inflates to .* a decompression bomb", 413),
@@ -104,7 +104,7 @@ def test_one_image_over_the_per_image_limit_is_refused(limits: None) -> None:
 
 
 def test_the_shared_budget_makes_concurrent_decodes_wait_then_refuses(limits: None) -> None:
-    from lungxray import imageio
+    from lungxray.io import decode as imageio
 
     set_decode_limits(dataclasses.replace(decode_limits(), budget_bytes=8 * 1024 * 1024, wait_s=0.2))
     data = hostile.good_png(300)

@@ -12,10 +12,11 @@ import hostile
 import pytest
 from fastapi.testclient import TestClient
 
-from lungxray import cli, imageio
-from lungxray.bench import _scratch_bundle
-from lungxray.predict import Predictor
-from lungxray.serve import ServeSettings, create_app
+from lungxray import cli
+from lungxray.inference.predictor import Predictor
+from lungxray.io import decode as imageio
+from lungxray.serve.app import ServeSettings, create_app
+from lungxray.speed.bench import _scratch_bundle
 
 EXPECTED = {
     "deflated DICOM bomb": 413,
@@ -85,7 +86,8 @@ def test_a_full_decode_budget_is_a_503_with_retry_after(bundle: Path, restore_li
 
 
 def test_serve_does_not_inherit_the_training_memory_setting(bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lungxray import runtime, serve
+    from lungxray import runtime
+    from lungxray.serve import app as serve
 
     calls: list[str] = []
     monkeypatch.setattr(runtime, "reuse_freed_memory", lambda *a, **k: calls.append("reuse") or True)

@@ -1,4 +1,4 @@
-"""lungxray.imageio: every supported input decodes the documented way; every bad input gives ImageDecodeError."""
+"""lungxray.io.decode: every supported input decodes the documented way; every bad input gives ImageDecodeError."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from PIL import Image
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGLSLossless
 
-from lungxray.imageio import (
+from lungxray.io.decode import (
     IMAGE_SUFFIXES,
     MAX_PIXELS,
     ImageDecodeError,

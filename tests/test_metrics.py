@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import special, stats
 
-from lungxray import metrics as M
+from lungxray.evaluation import metrics as M
 
 CLASSES = ["covid", "normal", "pneumonia"]
 

@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from filegen import learnable_problem
 
-from lungxray.augment import Augmenter, resolve_params
 from lungxray.config import ConfigError, TrainConfig, load_config
-from lungxray.ensemble import plan_members
-from lungxray.models import build_model
+from lungxray.models.nets import build_model
 from lungxray.runtime import seed_everything
-from lungxray.train import evaluate_members, fit, member_losses, mixup_batch
+from lungxray.training.loop import evaluate_members, fit, member_losses, mixup_batch
+from lungxray.training.plan import plan_members
+from lungxray.transforms.geometric import Augmenter, resolve_params
 
 
 def test_mixed_loss_is_the_cross_entropy_against_the_mixed_label() -> None:

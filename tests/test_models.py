@@ -1,4 +1,4 @@
-"""lungxray.models: the packed-ensemble contract, member portability, the registry, FLOPs and the fast paths."""
+"""lungxray.models.nets: the packed-ensemble contract, member portability, the registry, FLOPs and the fast paths."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lungxray import models
-from lungxray.models import (
+from lungxray.models import nets as models
+from lungxray.models.nets import (
     build_model,
     count_flops,
     extract_member,

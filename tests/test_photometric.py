@@ -13,9 +13,10 @@ from conftest import synthetic_xray
 from PIL import Image
 
 from lungxray.config import ConfigError, TrainConfig, load_config
-from lungxray.ensemble import plan_members
-from lungxray.models import build_model
-from lungxray.photometric import (
+from lungxray.models.nets import build_model
+from lungxray.runtime import normalize
+from lungxray.training.plan import plan_members
+from lungxray.transforms.photometric import (
     PRESETS,
     PhotometricAugmenter,
     PhotometricParams,
@@ -24,7 +25,6 @@ from lungxray.photometric import (
     make_photometric,
     resolve_photometric,
 )
-from lungxray.runtime import normalize
 
 
 def xray_batch(n: int = 4, size: int = 64) -> torch.Tensor:
@@ -153,9 +153,9 @@ def test_config_refuses_unknown_preset() -> None:
 
 
 def _fit(run_dir, epochs: int, resume: bool, photometric: bool = True) -> dict[str, torch.Tensor]:
-    from lungxray.augment import PRESETS as GEOMETRY
-    from lungxray.augment import Augmenter
-    from lungxray.train import fit
+    from lungxray.training.loop import fit
+    from lungxray.transforms.geometric import PRESETS as GEOMETRY
+    from lungxray.transforms.geometric import Augmenter
 
     run_dir.mkdir(exist_ok=True)
     torch.manual_seed(0)

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lungxray.bundle import BundleError, load_bundle, read_meta
 from lungxray.cli import main, summary
-from lungxray.pipeline import training_pool
-from lungxray.predict import Predictor, expand_paths, predict_files
+from lungxray.inference.bundle import BundleError, load_bundle, read_meta
+from lungxray.inference.predictor import Predictor, expand_paths, predict_files
+from lungxray.training.pipeline import training_pool
 
 
 def _csv(path: Path) -> list[dict[str, str]]:
@@ -88,7 +88,7 @@ def test_bundle_errors_are_one_line(tmp_path: Path, trained_run: Path) -> None:
 
 
 def test_validation_never_touches_test(tiny_dataset: Path) -> None:
-    from lungxray.data import load_dataset
+    from lungxray.io.dataset import load_dataset
 
     ds = load_dataset(tiny_dataset, size=32)
     pool, holdout, test = training_pool(ds, 0.2, seed=0)

@@ -13,12 +13,12 @@ import pytest
 import torch
 from filegen import learnable_problem
 
-from lungxray.augment import Augmenter, resolve_params
 from lungxray.config import TrainConfig
-from lungxray.ensemble import plan_members
-from lungxray.models import build_model, extract_member, scatter_members, select_members
+from lungxray.models.nets import build_model, extract_member, scatter_members, select_members
 from lungxray.runtime import seed_everything
-from lungxray.train import evaluate_members, fit
+from lungxray.training.loop import evaluate_members, fit
+from lungxray.training.plan import plan_members
+from lungxray.transforms.geometric import Augmenter, resolve_params
 
 
 @pytest.mark.parametrize("name", ["compact_cnn", "seed_cnn"])

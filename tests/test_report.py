@@ -13,7 +13,7 @@ from conftest import SMOKE_OVERRIDES, write_dataset
 from PIL import Image
 
 from lungxray.cli import summary
-from lungxray.report import FIGURE_LABELS_KEY, figure_labels, subplots
+from lungxray.evaluation.report import FIGURE_LABELS_KEY, figure_labels, subplots
 
 CONFIG = Path(__file__).parents[1] / "configs/smoke.yaml"
 
@@ -21,7 +21,7 @@ CONFIG = Path(__file__).parents[1] / "configs/smoke.yaml"
 @pytest.fixture(scope="module")
 def leaky_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A smoke run whose test split holds 3 exact copies of training images (2 covid, 1 normal)."""
-    from lungxray.pipeline import train_run
+    from lungxray.training.pipeline import train_run
 
     data = write_dataset(tmp_path_factory.mktemp("leaky"), {"train": 14, "test": 6}, seed=3)
     for folder, name in (("Covid", "train_001.png"), ("Covid", "train_002.png"), ("Normal", "train_004.png")):
@@ -94,7 +94,7 @@ def test_every_figure_of_the_report_has_titles_and_axis_labels(leaky_run: Path) 
 
 
 def test_the_figure_check_can_fail(tmp_path: Path) -> None:
-    from lungxray.report import save_figure
+    from lungxray.evaluation.report import save_figure
 
     fig, ax = subplots()
     ax.plot([0, 1], [0, 1])
@@ -108,7 +108,7 @@ def test_the_figure_check_can_fail(tmp_path: Path) -> None:
 
 
 def test_data_section_says_out_of_bag_validation() -> None:
-    from lungxray.report import data_section
+    from lungxray.evaluation.report import data_section
 
     data = {"counts": {"covid": 111}, "pool": 251, "holdout": 50, "test": 66, "validation_kind": "out-of-bag",
             "validation_images": 249, "duplicates": {}}
@@ -184,7 +184,7 @@ def test_evaluate_is_read_only_says_absent_classes_and_names_skipped_files(
 def test_evaluate_on_the_training_folder_scores_without_copies_too(leaky_run: Path, tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture) -> None:
     from lungxray.cli import main
-    from lungxray.pipeline import read_run_info
+    from lungxray.training.pipeline import read_run_info
 
     data = read_run_info(leaky_run)["data"]
     capsys.readouterr()
@@ -196,8 +196,8 @@ def test_evaluate_on_the_training_folder_scores_without_copies_too(leaky_run: Pa
 def test_a_moved_bundle_names_its_data_and_asks_for_data(trained_run: Path, tiny_dataset: Path, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from lungxray.bundle import read_meta, update_meta
     from lungxray.cli import main
+    from lungxray.inference.bundle import read_meta, update_meta
 
     assert Path(read_meta(trained_run)["data"]["root"]).is_absolute()  # new bundles work from any folder
     moved = shutil.copytree(trained_run, tmp_path / "elsewhere" / "run")
@@ -234,7 +234,7 @@ def test_cli_front_door(capsys: pytest.CaptureFixture) -> None:
 
 
 def test_training_log_estimates_the_time_left() -> None:
-    from lungxray.train import time_left
+    from lungxray.training.loop import time_left
 
     assert time_left([{"seconds": 10.0}] * 3, 30) == "  ~5.0 min left at most"
     assert time_left([{"seconds": 2.0}], 4) == "  ~8 s left at most"

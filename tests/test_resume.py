@@ -25,22 +25,22 @@ import torch
 from filegen import learnable_problem
 from safetensors import safe_open
 
-from lungxray.augment import Augmenter, resolve_params
-from lungxray.bundle import load_bundle
-from lungxray.checkpoint import (
+from lungxray.cli import main
+from lungxray.config import TrainConfig, load_config
+from lungxray.inference.bundle import load_bundle
+from lungxray.inference.predictor import Predictor, expand_paths
+from lungxray.models.nets import build_model
+from lungxray.runtime import seed_everything
+from lungxray.training.checkpoint import (
     CHECKPOINT_TENSORS,
     CheckpointError,
     checkpoint_epoch,
     has_checkpoint,
     remove_checkpoint,
 )
-from lungxray.cli import main
-from lungxray.config import TrainConfig, load_config
-from lungxray.ensemble import plan_members
-from lungxray.models import build_model
-from lungxray.pipeline import read_run_info, train_run
-from lungxray.predict import Predictor, expand_paths
-from lungxray.runtime import seed_everything
+from lungxray.training.pipeline import read_run_info, train_run
+from lungxray.training.plan import plan_members
+from lungxray.transforms.geometric import Augmenter, resolve_params
 
 ROOT = Path(__file__).parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -54,7 +54,7 @@ TIMING_METRICS = ("total_seconds", "train_seconds", "load_seconds", "train_image
 def _fit(run_dir: Path, epochs: int, resume: bool, seed: int = 0, plan_seed: int = 0,
          ema_epochs: float = 0.0) -> tuple[dict, list]:
     """Fresh model, optimizer and augmenter (as a new process would build them), then fit."""
-    from lungxray.train import fit
+    from lungxray.training.loop import fit
 
     seed_everything(seed, deterministic=True)
     threads = torch.get_num_threads()
@@ -281,7 +281,7 @@ class _Payload:
 
 
 def _tiny_bundle(run_dir: Path) -> None:
-    from lungxray.bundle import save_bundle
+    from lungxray.inference.bundle import save_bundle
 
     model = build_model("compact_cnn", num_classes=3, members=1, width=4)
     meta = {"classes": ["covid", "normal", "pneumonia"], "arch": "compact_cnn", "arch_args": {"width": 4},
@@ -292,7 +292,7 @@ def _tiny_bundle(run_dir: Path) -> None:
 def test_a_pickled_model_pt_is_never_loaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import pickle
 
-    from lungxray.bundle import BundleError
+    from lungxray.inference.bundle import BundleError
 
     marker = tmp_path / "pwned"
     _tiny_bundle(tmp_path / "run")
@@ -318,7 +318,7 @@ def test_the_server_listens_on_loopback_by_default() -> None:
     import inspect
 
     from lungxray.cli import build_parser
-    from lungxray.serve import run_server
+    from lungxray.serve.app import run_server
 
     assert build_parser().parse_args(["serve", "runs/x"]).host == "127.0.0.1"
     assert inspect.signature(run_server).parameters["host"].default == "127.0.0.1"
@@ -327,7 +327,7 @@ def test_the_server_listens_on_loopback_by_default() -> None:
 def test_sequential_members_resume_after_a_kill_between_their_two_files(tmp_path: Path) -> None:
     """Ensembles trained one member at a time keep each finished member as weights + JSON: a kill between the two
     writes must leave a member that is retrained (from its own checkpoint), not a run that cannot resume."""
-    from lungxray.train import fit_sequential
+    from lungxray.training.loop import fit_sequential
 
     images, labels = learnable_problem()
     plan = plan_members(labels.numpy(), members=2, bootstrap=True, seed=0)

@@ -15,8 +15,8 @@ from conftest import synthetic_xray
 from PIL import Image
 
 from lungxray.cli import main
-from lungxray.pipeline import evaluate_run
-from lungxray.robustness import QUICK, SHIFTS, apply_shift, run_benchmark, tta_logits, tta_views
+from lungxray.evaluation.robustness import QUICK, SHIFTS, apply_shift, run_benchmark, tta_logits, tta_views
+from lungxray.training.pipeline import evaluate_run
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_validation_split_and_tta(trained_run: Path, tiny_dataset: Path) -> None
     result = run_benchmark(trained_run, tiny_dataset, split="validation", shifts=["invert"], saliency=False)
     assert result["images"] == metrics["data"]["holdout"] > 0
     assert result["clean"]["accuracy"] == pytest.approx(metrics["validation"]["metrics"]["accuracy"])
-    from lungxray.predict import Predictor
+    from lungxray.inference.predictor import Predictor
 
     predictor = Predictor.load(trained_run)
     images = np.stack([synthetic_xray(0, np.random.default_rng(i), 64) for i in range(3)])
@@ -206,7 +206,7 @@ def chest_phantom(size: int = 128) -> np.ndarray:
 
 
 def test_lung_field_crop_keeps_the_lungs_and_drops_the_edges() -> None:
-    from lungxray.preprocess import crop_border, crop_lungs, lung_field_box, prepare
+    from lungxray.transforms.preprocess import crop_border, crop_lungs, lung_field_box, prepare
 
     img = chest_phantom()
     top, bottom, left, right = lung_field_box(img)

@@ -30,7 +30,7 @@ from filegen import dicom_bytes, png_claiming
 from PIL import Image
 
 from lungxray.cli import main
-from lungxray.data import load_dataset
+from lungxray.io.dataset import load_dataset
 
 ROOT = Path(__file__).parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -171,7 +171,7 @@ def test_a_folder_that_maps_to_no_known_class_is_a_class_when_training(tmp_path:
 @pytest.fixture(scope="module")
 def corrupt_run(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path) -> tuple[Path, dict[str, str], str]:
     """The tiny dataset plus the ten corrupt files in its class folders (train and test), trained for one epoch."""
-    from lungxray.pipeline import train_run
+    from lungxray.training.pipeline import train_run
 
     base = tmp_path_factory.mktemp("corrupt")
     data = base / "data"

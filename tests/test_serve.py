@@ -24,8 +24,8 @@ from filegen import dicom_bytes, png_claiming
 from PIL import Image
 
 from lungxray import cli
-from lungxray.predict import Predictor, load_predictor
-from lungxray.serve import ServeSettings, create_app, serve_in_thread
+from lungxray.inference.predictor import Predictor, load_predictor
+from lungxray.serve.app import ServeSettings, create_app, serve_in_thread
 
 SCHEMA = {"label", "probabilities", "uncertainty", "disagreement", "refer", "refer_threshold", "overlay_png_base64",
           "classes", "model", "image_png_base64", "ood", "ood_threshold", "refer_reason"}

@@ -14,19 +14,19 @@ from filegen import dicom_bytes
 from PIL import Image
 
 import lungxray
-from lungxray import adapt as adapt_mod
-from lungxray.adapt import AdaptSettings, adapt_predictor, crossfit, crossfit_folds, estimate_class_mix
 from lungxray.cli import main
-from lungxray.inputcheck import geometry_reason, input_reason, pixel_reason
-from lungxray.ood import FEATURES_FILE
-from lungxray.predict import Predictor, expand_paths
-from lungxray.shift import shift_test
+from lungxray.inference.predictor import Predictor, expand_paths
+from lungxray.io.inputcheck import geometry_reason, input_reason, pixel_reason
+from lungxray.sites import adapt as adapt_mod
+from lungxray.sites.adapt import AdaptSettings, adapt_predictor, crossfit, crossfit_folds, estimate_class_mix
+from lungxray.sites.ood import FEATURES_FILE
+from lungxray.sites.shift import shift_test
 
 
 @pytest.fixture(scope="module")
 def learned_ensemble(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Path) -> Path:
     """A 3-member bootstrap ensemble that has learned the tiny problem (the shared fixture is barely trained)."""
-    from lungxray.pipeline import train_run
+    from lungxray.training.pipeline import train_run
 
     out = tmp_path_factory.mktemp("runs") / "learned"
     overrides = {**SMOKE_OVERRIDES, "ensemble.members": 3, "ensemble.bootstrap": True, "train.epochs": 12,
@@ -258,7 +258,7 @@ def test_python_adapt_returns_a_model(trained_ensemble: Path, tiny_dataset: Path
 @pytest.mark.slow
 @pytest.mark.skipif(not (REAL_DATA / "../external-dev/hannover").is_dir(), reason="external-dev data not present")
 def test_one_class_guard_acts_on_the_hannover_folder(tmp_path_factory: pytest.TempPathFactory) -> None:
-    from lungxray.pipeline import train_run
+    from lungxray.training.pipeline import train_run
 
     run = tmp_path_factory.mktemp("real") / "smoke"
     train_run(Path(__file__).parents[1] / "configs/smoke.yaml", REAL_DATA, run,

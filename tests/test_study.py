@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from lungxray import pipeline
 from lungxray.cli import main
 from lungxray.config import ConfigError
-from lungxray.study import load_study
+from lungxray.study.experiments import load_study
+from lungxray.training import pipeline
 
 STUDY = Path(__file__).parents[1] / "configs/study.yaml"
 REQUIRED_ROWS = {

@@ -15,8 +15,6 @@ Importing the package is cheap: torch is imported on the first call that needs i
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -24,9 +22,9 @@ __version__ = "0.1.0"
 from lungxray.api import Evaluation, Model, Run, audit, evaluate, load, train
 
 if TYPE_CHECKING:
-    from lungxray.audit import AuditResult
-    from lungxray.imageio import ImageDecodeError
-    from lungxray.predict import Predictions
+    from lungxray.evaluation.audit import AuditResult
+    from lungxray.inference.predictor import Predictions
+    from lungxray.io.decode import ImageDecodeError
 
 __all__ = [
     "AuditResult",
@@ -42,7 +40,11 @@ __all__ = [
     "train",
 ]
 
-_LAZY = {"AuditResult": "lungxray.audit", "ImageDecodeError": "lungxray.imageio", "Predictions": "lungxray.predict"}
+_LAZY = {
+    "AuditResult": "lungxray.evaluation.audit",
+    "ImageDecodeError": "lungxray.io.decode",
+    "Predictions": "lungxray.inference.predictor",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -52,20 +54,3 @@ def __getattr__(name: str) -> Any:
         globals()[name] = value
         return value
     raise AttributeError(f"module 'lungxray' has no attribute {name!r}")
-
-
-class _Package(types.ModuleType):
-    """`lungxray.train` stays the API function after the submodule lungxray/train.py is imported.
-
-    Python binds every imported submodule as an attribute of its package, which would replace the function with
-    the module as soon as training code is loaded. The submodule itself stays importable as usual
-    (`from lungxray.train import fit`).
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and callable(self.__dict__.get(name)):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -21,10 +21,10 @@ if TYPE_CHECKING:
     import numpy as np
     from PIL import Image
 
-    from lungxray.audit import AuditResult
     from lungxray.config import RunConfig
-    from lungxray.predict import Predictions, Predictor
-    from lungxray.shift import ShiftResult
+    from lungxray.evaluation.audit import AuditResult
+    from lungxray.inference.predictor import Predictions, Predictor
+    from lungxray.sites.shift import ShiftResult
 
     ImageInput: TypeAlias = str | os.PathLike[str] | bytes | Image.Image | np.ndarray
     ConfigSource: TypeAlias = str | os.PathLike[str] | Mapping[str, Any] | RunConfig
@@ -90,12 +90,12 @@ class Model:
     def shift(self, images: ImageInput | Iterable[ImageInput], *, alpha: float = 0.01) -> ShiftResult:
         """Is this set of images (typically a folder of one site) from another site than the training images?
 
-        A two-sample test of their feature-space scores against the training images' (`lungxray.shift`); the
+        A two-sample test of their feature-space scores against the training images' (`lungxray.sites.shift`); the
         result has `shifted`, `p_value`, `score` and a one-line `verdict`.
 
         >>> model.shift("other-hospital/").verdict
         """
-        from lungxray.shift import shift_test
+        from lungxray.sites.shift import shift_test
 
         reference = self.predictor.reference
         if reference is None:
@@ -107,7 +107,7 @@ class Model:
     def adapt(self, images: ImageInput | Iterable[ImageInput], *, out: str | os.PathLike[str] | None = None,
               prior_strength: float | None = None, class_mix: Literal["estimate", "train"] = "estimate",
               force: bool = False) -> Model:
-        """A copy of this model adapted to a site from its unlabelled images (`lungxray.adapt`).
+        """A copy of this model adapted to a site from its unlabelled images (`lungxray.sites.adapt`).
 
         With `out` the adapted bundle is written there (what `lungxray adapt` does) and loaded from it; without,
         the adapted model lives in memory only. Labels and folder names are ignored.
@@ -116,7 +116,7 @@ class Model:
         """
         import copy
 
-        from lungxray.adapt import PRIOR_STRENGTH, AdaptSettings, adapt_sources, folder_fingerprint, write_adapted
+        from lungxray.sites.adapt import PRIOR_STRENGTH, AdaptSettings, adapt_sources, folder_fingerprint, write_adapted
 
         settings = AdaptSettings(prior_strength=PRIOR_STRENGTH if prior_strength is None else prior_strength,
                                  class_mix=class_mix)
@@ -145,7 +145,7 @@ class Model:
         """
         import numpy as np
 
-        saliency = importlib.import_module("lungxray.gradcam")
+        saliency = importlib.import_module("lungxray.evaluation.gradcam")
         items = _inputs(image)
         if len(items) != 1:
             raise ValueError(f"gradcam takes one image, got {len(items)}")
@@ -186,7 +186,7 @@ def load(run_dir: str | os.PathLike[str], device: str = "cpu", *, engine: Litera
     >>> model = lungxray.load("runs/reference")
     >>> model.predict(["a.png", "b.png"])
     """
-    from lungxray.predict import load_predictor
+    from lungxray.inference.predictor import load_predictor
     from lungxray.runtime import resolve_device
 
     onnx_path = None if onnx is None else Path(onnx)
@@ -207,7 +207,7 @@ def _is_single(images: object) -> bool:
 
 def _inputs(images: object) -> list[tuple[Any, str]]:
     """(source, name) per image; folders expand to their image files, in-memory inputs get `<kind i>` names."""
-    from lungxray.predict import expand_paths
+    from lungxray.inference.predictor import expand_paths
 
     items: list[tuple[Any, str]] = []
     sources = [images] if _is_single(images) else list(images)  # type: ignore[call-overload]
@@ -247,8 +247,8 @@ class Run:
     @classmethod
     def from_dir(cls, run_dir: str | os.PathLike[str]) -> Run:
         """Reopen a finished run folder (e.g. `runs/reference` after `make run`) to inspect or display it."""
-        from lungxray.bundle import read_meta
         from lungxray.config import load_config
+        from lungxray.inference.bundle import read_meta
 
         path = Path(run_dir)
         read_meta(path)  # a clear BundleError for a folder that is not a finished run
@@ -318,7 +318,7 @@ def train(
     >>> run                                    # in Jupyter: a table of the test and validation figures
     """
     from lungxray.config import load_config
-    from lungxray.pipeline import find_data, read_run_info, train_run
+    from lungxray.training.pipeline import find_data, read_run_info, train_run
 
     if resume:
         if out is None:
@@ -425,7 +425,7 @@ class Evaluation:
         return None if self.out_dir is None else self.out_dir / "evaluation.md"
 
     def __str__(self) -> str:
-        from lungxray.report import evaluation_lines
+        from lungxray.evaluation.report import evaluation_lines
 
         return "\n".join(evaluation_lines(self.result, self.out_dir))
 
@@ -456,7 +456,7 @@ def evaluate(
 
     >>> lungxray.evaluate("runs/reference", data="other-hospital/")
     """
-    from lungxray.pipeline import evaluate_run, find_data
+    from lungxray.training.pipeline import evaluate_run, find_data
 
     result = evaluate_run(Path(run_dir), find_data(_path(data)), _path(out), seed=seed, device=device,
                           adapt=adapt, folds=folds)
@@ -471,7 +471,7 @@ def audit(data: str | os.PathLike[str], out: str | os.PathLike[str] | None = Non
 
     >>> print(lungxray.audit("data/covid19-dataset").verdict)
     """
-    from lungxray.audit import audit as run_audit
+    from lungxray.evaluation.audit import audit as run_audit
 
     return run_audit(data, out, seed=seed, folds=folds)
 

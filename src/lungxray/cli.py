@@ -40,7 +40,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         result = train(args.config, args.data, args.out, device=args.device, force=args.force,
                        **parse_overrides(args.overrides))
-    from lungxray.distributed import context, shutdown
+    from lungxray.training.distributed import context, shutdown
 
     if context().is_main:  # under torchrun every rank returns the metrics; one prints them
         print(summary(result.metrics, result.run_dir))
@@ -53,7 +53,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def summary(metrics: dict, run_dir: Path) -> str:
     """The lines `make run` prints: test metrics with intervals (and without the test images copied in the
     training split, side by side) and where the report is."""
-    from lungxray.report import _iv, terminal_scores
+    from lungxray.evaluation.report import _iv, terminal_scores
 
     test = metrics.get("test")
     lines = []
@@ -128,7 +128,7 @@ def csv_value(key: str, value: object) -> object:
 def extensionless_dicoms(given: Sequence[str], found: Sequence[Path]) -> list[Path]:
     """DICOM files without a file-name extension inside the given folders (PACS exports often have none): the
     folder search looks at extensions, so these are added here, by their DICM magic, and said."""
-    from lungxray.imageio import is_dicom_bytes
+    from lungxray.io.decode import is_dicom_bytes
 
     have, out = {str(p) for p in found}, []
     for folder in (Path(g) for g in given):
@@ -152,8 +152,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     import io
 
     from lungxray.api import load
-    from lungxray.files import write_text
-    from lungxray.predict import expand_paths
+    from lungxray.inference.predictor import expand_paths
+    from lungxray.io.files import write_text
 
     paths = expand_paths(args.paths)
     dicoms = extensionless_dicoms(args.paths, paths)
@@ -168,7 +168,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     pred = model.predict(paths, on_error="skip")
     rows = sorted(pred.to_rows(), key=lambda r: order.get(r["path"], len(order)))
     if args.cam:
-        from lungxray.gradcam import write_cams
+        from lungxray.evaluation.gradcam import write_cams
 
         cams = write_cams(model.predictor, [Path(r["path"]) for r in rows if not r["error"]], args.cam)
         for row in rows:
@@ -200,7 +200,7 @@ def site_verdict(model: Any, pred: Any) -> str | None:
     """The folder-level shift verdict for a batch of predictions (None for a few images or an old bundle)."""
     import numpy as np
 
-    from lungxray.shift import MIN_IMAGES, folder_shift
+    from lungxray.sites.shift import MIN_IMAGES, folder_shift
 
     if len(pred) < MIN_IMAGES or not np.isfinite(pred.ood).any():
         return None
@@ -221,16 +221,16 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 def _run_data(args: argparse.Namespace) -> Path:
     """`--data`, else the folder the run in `args.run_dir` was trained on (recorded in its meta.json)."""
-    from lungxray.pipeline import bundle_data
+    from lungxray.training.pipeline import bundle_data
 
     return bundle_data(args.run_dir, args.data)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from lungxray.export import PARITY_TOLERANCE, export_checked
+    from lungxray.inference.onnx import PARITY_TOLERANCE, export_checked
 
     if args.quantize:
-        from lungxray.quantize import export_int8
+        from lungxray.inference.quantize import export_int8
 
         out, parity, agree = export_int8(args.run_dir, args.out, _run_data(args), args.opset)
         print(f"wrote {out} (int8); fp32 export vs PyTorch: max |probability difference| {parity:.2e}; int8 vs fp32 "
@@ -262,7 +262,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from lungxray.serve import run_server
+    from lungxray.serve.app import run_server
 
     run_server(args.run_dir, args.host, args.port, args.workers_threads, args.max_upload_mb, args.device,
                args.replicas, args.engine, args.onnx, decode_budget_mb=args.decode_budget_mb)
@@ -279,8 +279,8 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
-    from lungxray.pipeline import find_data
-    from lungxray.study import run_study
+    from lungxray.study.experiments import run_study
+    from lungxray.training.pipeline import find_data
 
     report = run_study(args.study, find_data(args.data), args.out, quick=args.quick, jobs=args.jobs)
     print(f"study report: {report}")
@@ -310,8 +310,8 @@ def _add_robustness(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_robustness(args: argparse.Namespace) -> int:
-    from lungxray.report import shift_table
-    from lungxray.robustness import run_benchmark, write_benchmark
+    from lungxray.evaluation.report import shift_table
+    from lungxray.evaluation.robustness import run_benchmark, write_benchmark
 
     if args.into_report and args.quick:  # before the work, not after it
         raise ValueError("--into-report with --quick: quick mode's numbers are meaningless and never go into a report")
@@ -380,7 +380,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def _cmd_bench(args: argparse.Namespace) -> int:
     import json
 
-    from lungxray import bench
+    from lungxray.speed import bench
 
     if args.bench_command == "train":
         result = bench.bench_train(
@@ -493,7 +493,7 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_adapt(args: argparse.Namespace) -> int:
-    from lungxray.adapt import PRIOR_STRENGTH, AdaptSettings, adapt_bundle
+    from lungxray.sites.adapt import PRIOR_STRENGTH, AdaptSettings, adapt_bundle
 
     strength = PRIOR_STRENGTH if args.prior_strength is None else args.prior_strength
     out, report = adapt_bundle(args.run_dir, args.data, args.out,
@@ -510,7 +510,7 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
 
 
 def _classes(run_dir: Path) -> list[str]:
-    from lungxray.bundle import read_meta
+    from lungxray.inference.bundle import read_meta
 
     return list(read_meta(run_dir)["classes"])
 
@@ -529,9 +529,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.debug("%s", choose_wait_policy(args.command))  # train logs the setting with its device and threads
     from safetensors import SafetensorError
 
-    from lungxray.bundle import BundleError
     from lungxray.config import ConfigError
-    from lungxray.imageio import ImageDecodeError
+    from lungxray.inference.bundle import BundleError
+    from lungxray.io.decode import ImageDecodeError
     from lungxray.runtime import reuse_freed_memory
 
     if args.command != "serve":  # a training setting: a server would keep every burst's peak memory for good

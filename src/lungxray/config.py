@@ -22,8 +22,8 @@ from typing import Any, Literal
 
 import yaml
 
-from lungxray.augment import AugmentParams, resolve_params
-from lungxray.photometric import resolve_photometric
+from lungxray.transforms.geometric import AugmentParams, resolve_params
+from lungxray.transforms.photometric import resolve_photometric
 
 
 class ConfigError(ValueError):

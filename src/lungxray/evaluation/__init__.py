@@ -1,0 +1,1 @@
+"""How good and how trustworthy: metrics, scoring, Grad-CAM, robustness, reports, shortcut audit."""

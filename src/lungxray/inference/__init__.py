@@ -1,0 +1,1 @@
+"""A bundle on disk to predictions: bundle schema, the predictor, ensemble arithmetic, ONNX engines."""

@@ -1,0 +1,1 @@
+"""Files in: decoding, the labelled dataset and its splits, duplicates, atomic writes, input sanity checks."""

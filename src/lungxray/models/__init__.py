@@ -1,0 +1,1 @@
+"""The architectures (a registry of packed ensembles) and their optional fused CPU kernels."""

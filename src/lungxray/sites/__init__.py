@@ -1,0 +1,1 @@
+"""Another hospital: out-of-distribution scores, the shift test and unlabelled BatchNorm adaptation."""

@@ -1,0 +1,1 @@
+"""The study: named experiments compared honestly, and its report."""

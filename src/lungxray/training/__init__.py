@@ -1,0 +1,1 @@
+"""From a dataset to trained members: the run, member plans, the epoch loop, checkpoints, scale-out."""

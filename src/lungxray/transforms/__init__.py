@@ -1,0 +1,1 @@
+"""Pixels to pixels: per-image preprocessing, Keras-style geometric and photometric augmentation."""
