@@ -12,11 +12,10 @@ process, for many rounds, and the medians are compared. Two parts:
 2. The real training step, `train.train_one_epoch` on one batch at a time (gather, `seed` augmentation, forward
    under autocast, backward, fused AdamW), seed_cnn at batch 32, 256x256, one model per variant built from the
    same seed. A variant is `KIND:M[:mmap]`, M the micro-batch of the conv blocks (0: whole batch) and KIND
-   `fused` (every kernel: first block, pool + ReLU of blocks 2-3, the dense layer's one-pass bf16 update),
-   `nodense` (all but the dense layer's), `stem` (the first block's kernel only) or `eager`. Like the `lungxray`
-   command, the script keeps freed memory in glibc's heap (`runtime.reuse_freed_memory`); `:mmap` restores
-   glibc's default thresholds around that variant's steps, so `fused:8 fused:8:mmap` measures what that setting
-   is worth.
+   `fused` (both kernels: first block, pool + ReLU of blocks 2-3), `stem` (the first block's kernel only) or
+   `eager`. Like the `lungxray` command, the script keeps freed memory in glibc's heap
+   (`runtime.reuse_freed_memory`); `:mmap` restores glibc's default thresholds around that variant's steps, so
+   `fused:8 fused:8:mmap` measures what that setting is worth.
 
 Prints median step times, images/s and the ratios against the last variant, with the load average.
 """
@@ -130,14 +129,13 @@ class _Variant:
         if heap not in ("", "mmap"):
             raise SystemExit(f"variant {spec!r}: the only suffix is ':mmap'")
         self.mmap_default = heap == "mmap"
-        if kind not in ("fused", "nodense", "stem", "eager"):
-            raise SystemExit(f"variant {spec!r}: expected fused:M, nodense:M, stem:M or eager:M")
+        if kind not in ("fused", "stem", "eager"):
+            raise SystemExit(f"variant {spec!r}: expected fused:M, stem:M or eager:M")
         self.name, self.batch = spec, batch
         torch.manual_seed(0)
         self.model: Any = build_model("seed_cnn", image_size=size).to(memory_format=torch.channels_last)
-        self.model.fused = kind in ("fused", "nodense", "stem")
-        self.model.fused_pool = kind in ("fused", "nodense")
-        self.model.fused_dense = kind == "fused"
+        self.model.fused = kind in ("fused", "stem")
+        self.model.fused_pool = kind == "fused"
         self.model.micro_batch = int(micro or 0)
         self.cfg = cfg
         self.optimizer = make_optimizer(self.model, cfg)
@@ -205,7 +203,7 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--members", type=int, default=1, help="packed members for the block-alone part")
     ap.add_argument("--variants", nargs="+", default=["fused:8", "stem:8", "eager:8"],
-                    help="fused:M / nodense:M / stem:M / eager:M (M = micro-batch, 0 = whole batch); "
+                    help="fused:M / stem:M / eager:M (M = micro-batch, 0 = whole batch); "
                          "ratios against the last")
     ap.add_argument("--skip-block", action="store_true")
     ap.add_argument("--skip-step", action="store_true")

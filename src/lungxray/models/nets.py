@@ -17,16 +17,13 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lungxray.models.kernels.fused_stem import fused_pool_relu, fused_stem, use_fused_pool_relu, use_fused_stem
-
-if TYPE_CHECKING:
-    from lungxray.models.kernels.fused_dense import DenseMaster
 
 __all__ = ["PackedLinear", "PackedNet", "build_model", "count_flops", "extract_member", "list_models", "member_rows",
            "model_info", "register_model", "scatter_members", "select_members", "stack_members"]  # fmt: skip
@@ -145,7 +142,7 @@ def stack_members(state_dicts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     return {k: first[k].clone() if first[k].dim() == 0 else torch.cat([sd[k] for sd in state_dicts]) for k in keys}
 
 
-SPEED_ATTRIBUTES = ("micro_batch", "fused", "fused_pool", "fused_dense")  # per-instance speed settings, not weights
+SPEED_ATTRIBUTES = ("micro_batch", "fused", "fused_pool")  # per-instance speed settings, not weights
 
 
 def member_rows(t: Tensor, ks: list[int], members: int) -> Tensor:
@@ -207,7 +204,6 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features, self.members = in_features, out_features, members
         self.weight = nn.Parameter(torch.empty(members, out_features, in_features))
         self.bias = nn.Parameter(torch.empty(members * out_features)) if bias else None
-        self.master: DenseMaster | None = None  # set by fused_dense.attach_dense_masters (training speed only)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -220,8 +216,6 @@ class PackedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # (B, K, in) -> (B, K, out)
         k, o = self.members, self.out_features
         if k == 1:  # plain GEMM; view (not weight[0], whose backward zero-fills and copies the whole weight)
-            if self.master is not None and self.training and self.master.usable(x):
-                return self.master.linear(x, self.bias)  # bf16 copy kept by the optimizer (fused_dense)
             return F.linear(x, self.weight.view(o, self.in_features), self.bias)
         xt = x.transpose(0, 1)  # (K, B, in)
         wt = self.weight.transpose(1, 2)  # (K, in, out)
@@ -375,7 +369,6 @@ class SeedCNN(PackedNet):
     micro_batch: int = 8
     fused: bool = True
     fused_pool: bool = True
-    fused_dense: bool = True
 
     def __init__(
         self,

@@ -27,7 +27,6 @@ from torch import nn
 
 from lungxray.config import TrainConfig
 from lungxray.io.files import atomic_write, write_json
-from lungxray.models.kernels.fused_dense import attach_dense_masters
 from lungxray.models.nets import member_rows, scatter_members, select_members
 from lungxray.runtime import autocast, eval_mode, normalize
 from lungxray.training import distributed
@@ -82,10 +81,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     if cfg.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
-        if cfg.l2 == 0:  # a coupled L2 penalty would give the weight an autograd gradient of its own
-            attach_dense_masters(model, optimizer)  # the seed network's 14.7 M-weight layer: one pass per step
-        return optimizer
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, fused=fused)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, fused=fused)

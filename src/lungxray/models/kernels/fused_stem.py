@@ -150,9 +150,8 @@ def _load() -> ctypes.CDLL | None:
                 lib.seed_stem_backward_input.argtypes = [ptr] * 4 + [i64] * 5 + [i32, i32]
                 lib.seed_pool_relu_forward.argtypes = [ptr] * 3 + [i64] * 4 + [i32, i32]
                 lib.seed_pool_relu_backward.argtypes = [ptr] * 3 + [i64] * 4 + [i32, i32]
-                lib.seed_adamw_bf16.argtypes = [ptr] * 5 + [i64] + [ctypes.c_float] * 8 + [i32]
                 for fn in (lib.seed_stem_forward, lib.seed_stem_backward_weight, lib.seed_stem_backward_input,
-                           lib.seed_pool_relu_forward, lib.seed_pool_relu_backward, lib.seed_adamw_bf16):
+                           lib.seed_pool_relu_forward, lib.seed_pool_relu_backward):
                     fn.restype = None
                 _state["lib"], _state["path"] = lib, str(path)
             except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:

@@ -361,32 +361,3 @@ void seed_pool_relu_backward(const void *g, const uint8_t *code, void *dx, int64
     if (bf16) pool_relu_backward_u16((const uint16_t *)g, code, (uint16_t *)dx, N, H, W, C, nthreads);
     else pool_relu_backward_u32((const uint32_t *)g, code, (uint32_t *)dx, N, H, W, C, nthreads);
 }
-
-/* ------------------------------------------------------------------------------------- dense layer update */
-/* AdamW (decoupled weight decay) on an fp32 master weight from a bf16 gradient, writing the bf16 copy the next
- * forward reads: one pass over the weight instead of three (autocast's weight cast, the gradient's cast back to
- * fp32, the optimizer). The arithmetic is PyTorch's fused CPU AdamW, operation for operation (coefficients
- * computed in double by the caller; the compiler may fuse a multiply and an add, a last-bit difference):
- *   w *= decay;  m = m*beta1 + g*c1;  v = v*beta2 + g*g*c2;  w -= step_size*m / (sqrt(v)/bc2_sqrt + eps)
- * with decay = 1 - lr*wd, c1 = 1 - beta1, c2 = 1 - beta2, step_size = lr / (1 - beta1^t), bc2_sqrt =
- * sqrt(1 - beta2^t). w, m, v fp32 (n); g, w16 bf16 (n). */
-void seed_adamw_bf16(float *w, const uint16_t *g, float *m, float *v, uint16_t *w16, int64_t n, float decay,
-                     float step_size, float beta1, float c1, float beta2, float c2, float bc2_sqrt, float eps,
-                     int nthreads) {
-    const int64_t blocks = (n + VL - 1) / VL;
-    _Pragma("omp parallel for schedule(static) num_threads(clamp_threads(nthreads))")
-    for (int64_t b = 0; b < blocks; b++) {
-        const int64_t i = b * VL;
-        const int nl = (int)(n - i < VL ? n - i : VL);
-        const vf gv = load_bf16(g + i, nl);
-        const vf wv = load_f32(w + i, nl) * decay;
-        const vf mv = load_f32(m + i, nl) * beta1 + gv * c1;
-        const vf vv = load_f32(v + i, nl) * beta2 + gv * gv * c2;
-        const vf root = vsqrt(vv);
-        const vf out = wv - step_size * mv / (root / bc2_sqrt + eps);
-        store_f32(w + i, out, nl);
-        store_f32(m + i, mv, nl);
-        store_f32(v + i, vv, nl);
-        store_bf16(w16 + i, out, nl);
-    }
-}
