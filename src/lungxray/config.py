@@ -22,8 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
-from lungxray.transforms.geometric import AugmentParams, resolve_params
-from lungxray.transforms.photometric import resolve_photometric
+from lungxray.transforms.params import AugmentParams, resolve_params, resolve_photometric
 
 
 class ConfigError(ValueError):

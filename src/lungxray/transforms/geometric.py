@@ -29,15 +29,15 @@ region (a marker, one lung) must learn to use the rest when that region is hidde
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from lungxray.runtime import INPUT_MEAN, INPUT_STD
+from lungxray.transforms.params import GEOMETRIC_PRESETS as PRESETS
+from lungxray.transforms.params import AugmentParams, resolve_params
 
 __all__ = ["PRESETS", "AugmentParams", "Augmenter", "keras_transform_matrix", "resolve_params"]
 
@@ -46,61 +46,6 @@ log = logging.getLogger(__name__)
 _KEYS = ("theta", "tx", "ty", "shear", "zx", "zy")
 ERASE_AREA = (0.02, 0.4)  # fraction of the image a random-erasing rectangle covers (Zhong et al.'s defaults)
 ERASE_ASPECT = 0.3  # height/width ratio log-uniform in [ERASE_ASPECT, 1 / ERASE_ASPECT]
-
-
-@dataclass(frozen=True)
-class AugmentParams:
-    """Ranges with Keras ``ImageDataGenerator`` meanings (degrees for rotation and shear)."""
-
-    rotation_range: float = 0.0
-    width_shift_range: float = 0.0  # < 1: fraction of the width, >= 1: pixels
-    height_shift_range: float = 0.0  # < 1: fraction of the height, >= 1: pixels
-    shear_range: float = 0.0  # degrees
-    zoom_range: float = 0.0  # zx, zy ~ U[1-z, 1+z] independently
-    horizontal_flip: bool = False
-    erase_prob: float = 0.0  # probability of random erasing per sample (not in Keras; see the module docstring)
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            if f.name != "horizontal_flip" and not float(getattr(self, f.name)) >= 0.0:
-                raise ValueError(f"{f.name} must be a non-negative number, got {getattr(self, f.name)!r}")
-        if self.zoom_range >= 1.0:
-            raise ValueError(f"zoom_range must be < 1 (zoom factors stay positive), got {self.zoom_range}")
-        if self.erase_prob > 1.0:
-            raise ValueError(f"erase_prob is a probability, got {self.erase_prob}")
-
-    def has_affine(self) -> bool:
-        """True if any geometric range is non-zero (the flip alone needs no resampling)."""
-        ranges = ("rotation_range", "width_shift_range", "height_shift_range", "shear_range", "zoom_range")
-        return any(getattr(self, k) != 0 for k in ranges)
-
-    def is_identity(self) -> bool:
-        """True if augmentation would leave every image unchanged."""
-        return not self.has_affine() and not self.horizontal_flip and self.erase_prob == 0
-
-
-PRESETS: dict[str, AugmentParams] = {
-    "none": AugmentParams(),
-    "seed": AugmentParams(
-        rotation_range=10.0, width_shift_range=0.1, height_shift_range=0.1, shear_range=5.0, zoom_range=0.1
-    ),
-    # Stronger, for bootstrap ensemble members (diversity between members).
-    "intense": AugmentParams(
-        rotation_range=20.0, width_shift_range=0.15, height_shift_range=0.15, shear_range=10.0, zoom_range=0.2
-    ),
-}
-
-
-def resolve_params(preset: str | None = None, **overrides: float | bool) -> AugmentParams:
-    """Preset (default: identity) with field overrides applied; unknown names raise ``ValueError``."""
-    if preset is not None and preset not in PRESETS:
-        raise ValueError(f"unknown augmentation preset {preset!r}; choose one of {sorted(PRESETS)}")
-    base = PRESETS[preset] if preset is not None else AugmentParams()
-    names = {f.name for f in dataclasses.fields(AugmentParams)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise ValueError(f"unknown augmentation parameter(s) {unknown}; valid: {sorted(names)}")
-    return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]
 
 
 def _xy_matrices(p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

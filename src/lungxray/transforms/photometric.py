@@ -22,73 +22,22 @@ generator (never the global RNG), so a seed gives the same augmentations on any 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from lungxray.runtime import INPUT_MEAN, INPUT_STD
+from lungxray.transforms.params import PHOTOMETRIC_PRESETS as PRESETS
+from lungxray.transforms.params import PhotometricParams, resolve_photometric
 
-__all__ = ["PRESETS", "PhotometricAugmenter", "PhotometricParams", "jpeg_roundtrip", "make_photometric"]
+__all__ = ["PRESETS", "PhotometricAugmenter", "PhotometricParams", "jpeg_roundtrip", "make_photometric",
+           "resolve_photometric"]
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class PhotometricParams:
-    """Ranges and probabilities of the photometric steps; the zero/one values disable a step."""
-
-    gamma: float = 1.0  # g log-uniform in [1/gamma, gamma]
-    contrast: float = 1.0  # c log-uniform in [1/contrast, contrast]
-    brightness: float = 0.0  # b ~ U(-brightness, brightness), in [0, 1] intensity units
-    p_curve: float = 1.0  # probability that gamma / window-level change a sample at all
-    detail: tuple[float, float] = (0.0, 0.0)  # a ~ U(lo, hi); lo >= -1 (full blur), hi > 0 sharpens
-    sigma: tuple[float, float] = (0.5, 1.5)  # Gaussian sigma (pixels) of the detail step
-    p_detail: float = 0.0
-    noise: float = 0.0  # noise std ~ U(0, noise), [0, 1] intensity units
-    p_noise: float = 0.0
-    jpeg_quality: tuple[float, float] = (50.0, 95.0)  # q ~ U(lo, hi)
-    p_jpeg: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.gamma < 1 or self.contrast < 1:
-            raise ValueError("gamma and contrast are ranges [1/x, x]: they must be >= 1")
-        if not self.detail[0] >= -1.0 or self.detail[0] > self.detail[1]:
-            raise ValueError(f"detail must be (lo, hi) with -1 <= lo <= hi, got {self.detail}")
-        if not 0 < self.sigma[0] <= self.sigma[1] <= 8:
-            raise ValueError(f"sigma must be (lo, hi) with 0 < lo <= hi <= 8, got {self.sigma}")
-        if not 1 <= self.jpeg_quality[0] <= self.jpeg_quality[1] <= 100:
-            raise ValueError(f"jpeg_quality must be (lo, hi) within 1..100, got {self.jpeg_quality}")
-        for name in ("brightness", "noise", "p_curve", "p_detail", "p_noise", "p_jpeg"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
-
-    def is_identity(self) -> bool:
-        curve = self.p_curve > 0 and (self.gamma > 1 or self.contrast > 1 or self.brightness > 0)
-        detail = self.p_detail > 0 and self.detail != (0.0, 0.0)
-        return not (curve or detail or (self.p_noise > 0 and self.noise > 0) or self.p_jpeg > 0)
-
-
-PRESETS: dict[str, PhotometricParams] = {
-    "none": PhotometricParams(),
-    # Differences between modern digital detectors of one kind: mild curves, some softening, light noise.
-    "light": PhotometricParams(
-        gamma=1.25, contrast=1.2, brightness=0.05, p_curve=0.8, detail=(-0.5, 0.5), sigma=(0.5, 1.5),
-        p_detail=0.5, noise=0.02, p_noise=0.4, jpeg_quality=(50, 95), p_jpeg=0.3,
-    ),
-    # Only the grey-level curve (gamma, window/level), as strong as `strong`: the contrast shortcut of this
-    # dataset without blurring or burying the fine opacities that separate viral pneumonia from normal.
-    "curves": PhotometricParams(gamma=1.8, contrast=1.5, brightness=0.1, p_curve=0.9),
-    # Film scans, phone photos of monitors, publication figures: strong curves, blur, noise, heavy JPEG.
-    "strong": PhotometricParams(
-        gamma=1.8, contrast=1.5, brightness=0.1, p_curve=0.9, detail=(-1.0, 1.0), sigma=(0.5, 2.5),
-        p_detail=0.7, noise=0.05, p_noise=0.5, jpeg_quality=(15, 90), p_jpeg=0.5,
-    ),
-}
 
 # IJG standard luminance quantisation table (JPEG Annex K), the base of every libjpeg quality setting.
 _JPEG_LUMA = torch.tensor([
@@ -244,13 +193,6 @@ class PhotometricAugmenter:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.generator.set_state(state["generator"].to("cpu", torch.uint8))
-
-
-def resolve_photometric(preset: str, **overrides: object) -> PhotometricParams:
-    """A named preset with optional field overrides; an unknown name is a one-line ValueError."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown photometric preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    return dataclasses.replace(PRESETS[preset], **overrides)  # type: ignore[arg-type]
 
 
 def make_photometric(preset: str, seed: int = 0, device: str | torch.device = "cpu") -> PhotometricAugmenter | None:
