@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from lungxray.inference.bundle import save_bundle
+from lungxray.inference.engines import load_predictor
 from lungxray.inference.onnx import ONNX_NAME, OnnxPredictor
-from lungxray.inference.predictor import Predictor, load_predictor
+from lungxray.inference.predictor import Predictor
 from lungxray.models.nets import build_model
 from lungxray.runtime import INPUT_MEAN, INPUT_STD
 

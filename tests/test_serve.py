@@ -24,7 +24,8 @@ from filegen import dicom_bytes, png_claiming
 from PIL import Image
 
 from lungxray import cli
-from lungxray.inference.predictor import Predictor, load_predictor
+from lungxray.inference.engines import load_predictor
+from lungxray.inference.predictor import Predictor
 from lungxray.serve.app import ServeSettings, create_app, serve_in_thread
 
 SCHEMA = {"label", "probabilities", "uncertainty", "disagreement", "refer", "refer_threshold", "overlay_png_base64",

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
+from lungxray.evaluation.formatting import ci, pct
+
 if TYPE_CHECKING:
     import numpy as np
     from PIL import Image
@@ -171,7 +173,7 @@ class Model:
             ("input", f"{meta['input']['size']}×{meta['input']['size']} grayscale"),
             ("temperature", _num(meta.get("temperature"))),
             ("refer threshold", _num(meta.get("refer_threshold"))),
-            ("test accuracy", _pct(test.get("accuracy")) + (f" of {test['n']} images" if "n" in test else "")),
+            ("test accuracy", pct(test.get("accuracy")) + (f" of {test['n']} images" if "n" in test else "")),
         ]
         return _table(f"lungxray model {meta.get('name', '')}", [("", [v for _, v in rows])], [k for k, _ in rows])
 
@@ -186,7 +188,7 @@ def load(run_dir: str | os.PathLike[str], device: str = "cpu", *, engine: Litera
     >>> model = lungxray.load("runs/reference")
     >>> model.predict(["a.png", "b.png"])
     """
-    from lungxray.inference.predictor import load_predictor
+    from lungxray.inference.engines import load_predictor
     from lungxray.runtime import resolve_device
 
     onnx_path = None if onnx is None else Path(onnx)
@@ -273,7 +275,7 @@ class Run:
 
     def __str__(self) -> str:
         test = self.metrics.get("test")
-        score = f"test accuracy {_iv(test['intervals']['accuracy'])}" if test else "no test split"
+        score = f"test accuracy {ci(test['intervals']['accuracy'])}" if test else "no test split"
         epochs = self.metrics.get("timing", {}).get("epochs", len(self.history))
         return f"Run {self.config.name!r} in {self.run_dir}: {epochs} epochs, {score}"
 
@@ -479,18 +481,8 @@ def audit(data: str | os.PathLike[str], out: str | os.PathLike[str] | None = Non
 # --------------------------------------------------------------------------------------------------- rendering
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
 def _num(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
-
-
-def _iv(iv: Mapping[str, Any] | None) -> str:
-    if not iv or iv.get("value") is None:
-        return "n/a"
-    return f"{_pct(iv['value'])} ({_pct(iv['low'])}–{_pct(iv['high'])})"
 
 
 def _table(caption: str, columns: list[tuple[str, list[str]]], row_names: list[str],
@@ -518,9 +510,9 @@ def _scores_html(caption: str, columns: list[tuple[str, dict[str, Any]]], notes:
     cols = []
     for header, scores in columns:
         iv, refer = scores["intervals"], scores.get("refer") or {}
-        values = [_iv(iv.get(key)) for key, _ in keys]
+        values = [ci(iv.get(key)) for key, _ in keys]
         values.append(_num(scores.get("ece_calibrated")))
-        values.append(f"{_pct(refer.get('referral_rate'))} / {_pct(refer.get('accuracy'))}")
+        values.append(f"{pct(refer.get('referral_rate'))} / {pct(refer.get('accuracy'))}")
         cols.append((header, values))
     return _table(caption, cols, names, [*notes, "95% intervals: Wilson for accuracy and recall, percentile "
                                                  "bootstrap over images for F1 and AUC."])

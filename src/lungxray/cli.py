@@ -53,14 +53,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def summary(metrics: dict, run_dir: Path) -> str:
     """The lines `make run` prints: test metrics with intervals (and without the test images copied in the
     training split, side by side) and where the report is."""
-    from lungxray.evaluation.report import _iv, terminal_scores
+    from lungxray.evaluation.formatting import ci
+    from lungxray.evaluation.report import terminal_scores
 
     test = metrics.get("test")
     lines = []
     validation = metrics.get("validation")
     if validation:  # the figure the model was chosen and stopped on, before the test figure it was not
         kind = str(metrics.get("validation_kind") or "validation")
-        lines.append(f"{kind} accuracy {_iv(validation['intervals']['accuracy'])}  "
+        lines.append(f"{kind} accuracy {ci(validation['intervals']['accuracy'])}  "
                      f"({validation['metrics']['n']} images, what early stopping and model choice look at)")
     if test:
         lines += terminal_scores(test, metrics.get("test_without_duplicates"))

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lungxray.evaluation.audit import BINS, BORDER, GRID, MARGIN, AuditResult, image_features
+from lungxray.evaluation.formatting import pct
 from lungxray.io.dataset import Dataset
 from lungxray.io.files import write_json, write_text
 
@@ -22,18 +23,14 @@ if TYPE_CHECKING:
 __all__ = ["format_summary", "write_report"]
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
-
-
 def format_summary(result: AuditResult) -> str:
     """The terminal lines: one per probe, then duplicates, the verdict and where the report went."""
     lines = [f"audit of {result.data}: {sum(result.counts.values())} images, " + ", ".join(
         f"{c} {n}" for c, n in result.counts.items()) + f"; {result.folds}-fold cross-validation, seed {result.seed}"]
     for p in result.probes:
         flag = "SIGNAL" if p.signal else "ok"
-        lines.append(f"  {p.name:<12} accuracy {_pct(p.accuracy)} (95% CI {_pct(p.low)}-{_pct(p.high)})  chance "
-                     f"{_pct(p.chance)}  {flag}")
+        lines.append(f"  {p.name:<12} accuracy {pct(p.accuracy)} (95% CI {pct(p.low)}-{pct(p.high)})  chance "
+                     f"{pct(p.chance)}  {flag}")
     d = result.duplicates
     lines.append(f"  duplicates: {d['pairs_total']} pair(s), {d['across_classes']} with different labels; "
                  + ", ".join(f"{k} {v}" for k, v in d["counts"].items() if v) if d["pairs_total"] else
@@ -95,9 +92,9 @@ def _report_lines(result: AuditResult, figures: Sequence[tuple[str, str]]) -> li
              "| probe | what it sees | accuracy (95% Wilson CI) | chance | signal | recall per class | model alone | "
              "inner choice per fold |", "|---|---|---|---|---|---|---|---|"]
     for p in result.probes:
-        lines.append(f"| {p.name} | {p.what} | {_pct(p.accuracy)} ({_pct(p.low)}–{_pct(p.high)}) | "
-                     f"{_pct(p.chance)} | {'**yes**' if p.signal else 'no'} | {_mix(p.recall, _pct)} | "
-                     f"{_pct(p.model_accuracy)} | {', '.join(p.chosen)} |")
+        lines.append(f"| {p.name} | {p.what} | {pct(p.accuracy)} ({pct(p.low)}–{pct(p.high)}) | "
+                     f"{pct(p.chance)} | {'**yes**' if p.signal else 'no'} | {_mix(p.recall, pct)} | "
+                     f"{pct(p.model_accuracy)} | {', '.join(p.chosen)} |")
     lines += ["", f"Chance is the majority-class rate; a probe shows signal when its interval's lower bound exceeds "
               f"chance + {MARGIN:.2f}. \"majority\" in the last column means the inner cross-validation preferred "
               "predicting the largest class to the probe's model (no usable signal in that fold); \"model alone\" "

@@ -21,6 +21,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from lungxray.config import RunConfig
+from lungxray.evaluation.formatting import ci, pct
 from lungxray.io.files import atomic_write, write_text
 
 
@@ -145,26 +146,16 @@ def plot_cam_gallery(overlays: Sequence[np.ndarray], titles: Sequence[str], path
 def saliency_section(saliency: dict[str, Any]) -> list[str]:
     """Where the test-set Grad-CAM mass lies: near the uniform baseline or below it hints at shortcut learning."""
     lines = ["## Saliency (Grad-CAM, test split)", "",
-             f"Central mass: {_pct(saliency.get('central_mass_mean'))} of the saliency lies inside the image minus "
+             f"Central mass: {pct(saliency.get('central_mass_mean'))} of the saliency lies inside the image minus "
              f"a {100 * saliency['margin']:.0f}% band on every edge (uniform maps give "
-             f"{_pct(saliency['uniform_baseline'])}; far below that, the model reads borders, corners or burned-in "
-             f"text rather than the lungs). Correct {_pct(saliency.get('correct'))}, wrong "
-             f"{_pct(saliency.get('wrong'))}; per true class: "
-             + ", ".join(f"{c} {_pct(v)}" for c, v in saliency.get("per_true_class", {}).items()) + ".", ""]
+             f"{pct(saliency['uniform_baseline'])}; far below that, the model reads borders, corners or burned-in "
+             f"text rather than the lungs). Correct {pct(saliency.get('correct'))}, wrong "
+             f"{pct(saliency.get('wrong'))}; per true class: "
+             + ", ".join(f"{c} {pct(v)}" for c, v in saliency.get("per_true_class", {}).items()) + ".", ""]
     if saliency.get("gallery"):
         lines += ["Overlays for the predicted class (all misclassified test images, then correct ones; "
                   "c = central mass):", "", f"![Grad-CAM gallery](figures/{saliency['gallery']})", ""]
     return lines
-
-
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
-def _iv(iv: dict[str, Any] | None) -> str:
-    if not iv or iv.get("value") is None:
-        return "n/a"
-    return f"{_pct(iv['value'])} ({_pct(iv['low'])}–{_pct(iv['high'])})"
 
 
 INTERVALS_NOTE = ("95% intervals: Wilson score for proportions (accuracy, precision, recall), percentile bootstrap "
@@ -208,18 +199,18 @@ def terminal_scores(scores: dict[str, Any], without: dict[str, Any] | None = Non
         lines.append(f"(right of |: {without_copies_note(without)}, {om['n']} images left)")
     elif without and without.get("excluded"):
         lines.append(f"note: {without_copies_note(without)}: every {what} image has one, nothing left to score")
-    lines.append(beside(f"{what} accuracy {_iv(iv['accuracy'])} ({_correct(m)}/{m['n']} correct)",
-                        f"{_iv(oiv.get('accuracy'))} ({_correct(om)}/{om['n']} correct)" if other else ""))
-    lines.append(beside(f"{what} macro F1 {_iv(iv['macro_f1'])}", _iv(oiv.get("macro_f1"))))
-    lines.append(beside(f"{what} macro ROC AUC {_iv(iv.get('macro_roc_auc'))}", _iv(oiv.get("macro_roc_auc"))))
+    lines.append(beside(f"{what} accuracy {ci(iv['accuracy'])} ({_correct(m)}/{m['n']} correct)",
+                        f"{ci(oiv.get('accuracy'))} ({_correct(om)}/{om['n']} correct)" if other else ""))
+    lines.append(beside(f"{what} macro F1 {ci(iv['macro_f1'])}", ci(oiv.get("macro_f1"))))
+    lines.append(beside(f"{what} macro ROC AUC {ci(iv.get('macro_roc_auc'))}", ci(oiv.get("macro_roc_auc"))))
     for i, c in enumerate(m["per_class"]):
         n_c = m["per_class"][c]["support"]
-        here = f"  recall {c}: {_iv(iv.get(f'recall_{c}'))} ({m['confusion'][i][i]}/{n_c})" if n_c else \
+        here = f"  recall {c}: {ci(iv.get(f'recall_{c}'))} ({m['confusion'][i][i]}/{n_c})" if n_c else \
             f"  recall {c}: n/a (no {c} image)"
         alt = ""
         if other:
             on = om["per_class"][c]["support"]
-            alt = f"{_iv(oiv.get(f'recall_{c}'))} ({om['confusion'][i][i]}/{on})" if on else "n/a"
+            alt = f"{ci(oiv.get(f'recall_{c}'))} ({om['confusion'][i][i]}/{on})" if on else "n/a"
         lines.append(beside(here, alt))
     if m.get("absent_classes"):
         lines.append(f"  no image of {', '.join(m['absent_classes'])}: left out of the macro averages")
@@ -235,10 +226,10 @@ def evaluation_lines(result: dict[str, Any], out_dir: Path | None) -> list[str]:
         m, iv = scores["metrics"], scores["intervals"]
         absent = f"; no image of {', '.join(m['absent_classes'])} (left out of macro F1)" if m.get("absent_classes") \
             else ""
-        lines.append(f"  source {source} ({m['n']} images): accuracy {_iv(iv['accuracy'])}, macro F1 "
-                     f"{_iv(iv['macro_f1'])}{absent}")
+        lines.append(f"  source {source} ({m['n']} images): accuracy {ci(iv['accuracy'])}, macro F1 "
+                     f"{ci(iv['macro_f1'])}{absent}")
     ref = result["overall"].get("refer") or {}
-    lines.append(f"referred {_pct(ref.get('referral_rate'))}; accuracy on the accepted {_pct(ref.get('accuracy'))}; "
+    lines.append(f"referred {pct(ref.get('referral_rate'))}; accuracy on the accepted {pct(ref.get('accuracy'))}; "
                  f"mean uncertainty correct {_num3(result['overall'].get('mean_uncertainty_correct'))}, wrong "
                  f"{_num3(result['overall'].get('mean_uncertainty_wrong'))}")
     lines += site_lines(result)
@@ -269,11 +260,11 @@ def site_lines(result: dict[str, Any]) -> list[str]:
         by = f", by patient ({adapted['grouped_by_patient']} images grouped)" if adapted["grouped_by_patient"] else ""
         lines.append(f"adapted to this folder, cross-fitted ({adapted['folds']} folds{by}; each image scored by a "
                      f"model adapted on the other folds):")
-        lines.append(f"  accuracy frozen {_iv(fi['accuracy'])} -> adapted {_iv(ai['accuracy'])}")
-        lines.append(f"  macro F1 frozen {_iv(fi['macro_f1'])} -> adapted {_iv(ai['macro_f1'])}")
+        lines.append(f"  accuracy frozen {ci(fi['accuracy'])} -> adapted {ci(ai['accuracy'])}")
+        lines.append(f"  macro F1 frozen {ci(fi['macro_f1'])} -> adapted {ci(ai['macro_f1'])}")
         for c, figures in am["per_class"].items():
             if figures.get("recall") is not None:
-                lines.append(f"  recall {c}: {_pct(fm['per_class'][c].get('recall'))} -> {_pct(figures['recall'])}")
+                lines.append(f"  recall {c}: {pct(fm['per_class'][c].get('recall'))} -> {pct(figures['recall'])}")
         lines += [f"  warning: {w}" for w in adapted["warnings"]]
     return lines
 
@@ -298,18 +289,18 @@ def metrics_section(scores: dict[str, Any], classes: Sequence[str], title: str,
     else:
         lines += ["| metric | value (95% CI) |", "|---|---|"]
     for key in ("accuracy", "balanced_accuracy", "macro_precision", "macro_recall", "macro_f1", "macro_roc_auc"):
-        extra = f" {_iv(other['intervals'].get(key))} |" if other else ""
-        lines.append(f"| {key.replace('_', ' ')} | {_iv(iv.get(key))} |{extra}")
+        extra = f" {ci(other['intervals'].get(key))} |" if other else ""
+        lines.append(f"| {key.replace('_', ' ')} | {ci(iv.get(key))} |{extra}")
     if other:
-        lines += [f"| recall {c} | {_iv(iv.get(f'recall_{c}'))} | {_iv(other['intervals'].get(f'recall_{c}'))} |"
+        lines += [f"| recall {c} | {ci(iv.get(f'recall_{c}'))} | {ci(other['intervals'].get(f'recall_{c}'))} |"
                   for c in classes]
     lines += ["", "| class | precision | recall (sensitivity) | F1 | specificity | ROC AUC | support |",
               "|---|---|---|---|---|---|---|"]
     for c in classes:
         pc = m["per_class"][c]
         auc = "n/a" if pc.get("roc_auc") is None else f"{pc['roc_auc']:.3f}"
-        lines.append(f"| {c} | {_iv(iv.get(f'precision_{c}'))} | {_iv(iv.get(f'recall_{c}'))} | "
-                     f"{_iv(iv.get(f'f1_{c}'))} | {_pct(pc['specificity'])} | {auc} | {pc['support']} |")
+        lines.append(f"| {c} | {ci(iv.get(f'precision_{c}'))} | {ci(iv.get(f'recall_{c}'))} | "
+                     f"{ci(iv.get(f'f1_{c}'))} | {pct(pc['specificity'])} | {auc} | {pc['support']} |")
     cm = m["confusion"]
     lines += ["", "Confusion matrix (rows true, columns predicted):", "",
               "| | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
@@ -317,8 +308,8 @@ def metrics_section(scores: dict[str, Any], classes: Sequence[str], title: str,
     ref = scores.get("refer") or {}
     lines += ["", f"Calibration: ECE {scores['ece_uncalibrated']:.3f} before temperature scaling, "
               f"{scores['ece_calibrated']:.3f} after.",
-              f"Referral: {_pct(ref.get('referral_rate'))} of images referred; accuracy on the accepted "
-              f"{_pct(ref.get('accuracy'))} (all images: {_pct(m['accuracy'])}).",
+              f"Referral: {pct(ref.get('referral_rate'))} of images referred; accuracy on the accepted "
+              f"{pct(ref.get('accuracy'))} (all images: {pct(m['accuracy'])}).",
               f"Mean uncertainty: correct {_num(scores.get('mean_uncertainty_correct'))}, "
               f"wrong {_num(scores.get('mean_uncertainty_wrong'))}.", ""]
     return lines
@@ -435,18 +426,18 @@ def shift_section(result: dict[str, Any], figure: str | None = None) -> list[str
              f"{result['images']} {result['split']} images of `{result['data']}`, each shifted before the model's own "
              f"preprocessing{' (with test-time augmentation)' if result.get('tta') else ''}"
              f"{'; quick mode' if result.get('quick') else ''}. Cells: macro F1 % (accuracy %).", "",
-             f"- clean: macro F1 {_pct(clean['macro_f1'])}, accuracy {_pct(clean['accuracy'])}",
-             f"- **mean under shift: macro F1 {_pct(s['mean_macro_f1'])}**, accuracy {_pct(s['mean_accuracy'])} "
-             f"(relative to clean: {_pct(s['relative_macro_f1'])})",
+             f"- clean: macro F1 {pct(clean['macro_f1'])}, accuracy {pct(clean['accuracy'])}",
+             f"- **mean under shift: macro F1 {pct(s['mean_macro_f1'])}**, accuracy {pct(s['mean_accuracy'])} "
+             f"(relative to clean: {pct(s['relative_macro_f1'])})",
              f"- held-out shifts only ({', '.join(s['held_out_shifts']) or 'none'}): macro F1 "
-             f"{_pct(s['held_out_macro_f1'])}; worst shift: {s['worst_shift']}", ""]
+             f"{pct(s['held_out_macro_f1'])}; worst shift: {s['worst_shift']}", ""]
     lines += [*shift_table(result), ""]
     sal = result.get("saliency")
     if sal:
-        lines += [f"Saliency (Grad-CAM on the clean images): {_pct(sal['central_mass'])} of the mass in the central "
-                  f"region (uniform map {_pct(sal['uniform_central'])}), {_pct(sal['corner_mass'])} in the corners "
-                  f"(uniform {_pct(sal['uniform_corner'])}); per class: "
-                  + ", ".join(f"{c} {_pct(v)}" for c, v in sal["per_class_central"].items()) + ".", ""]
+        lines += [f"Saliency (Grad-CAM on the clean images): {pct(sal['central_mass'])} of the mass in the central "
+                  f"region (uniform map {pct(sal['uniform_central'])}), {pct(sal['corner_mass'])} in the corners "
+                  f"(uniform {pct(sal['uniform_corner'])}); per class: "
+                  + ", ".join(f"{c} {pct(v)}" for c, v in sal["per_class_central"].items()) + ".", ""]
     if figure:
         lines += [f"![shift benchmark]({figure})", ""]
     return lines

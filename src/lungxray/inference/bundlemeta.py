@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lungxray.io.files import finite_json, jsonable
+
 META_DIGEST_KEY = "meta.json"
 MAX_IMAGE_SIZE = 2048  # model input side; beyond it one decoded image alone is gigabytes of activations
 MAX_MEMBERS = 256
@@ -190,29 +192,21 @@ def file_digest(path: Path) -> str:
 
 def meta_digest(meta: dict[str, Any]) -> str:
     """The digest of meta's canonical JSON, leaving out its own entry in `digests`."""
-    from lungxray.io.files import _finite
-
     body = dict(meta)
     digests = {k: v for k, v in (body.get("digests") or {}).items() if k != META_DIGEST_KEY}
     body["digests"] = digests
-    text = json.dumps(_finite(body), sort_keys=True, separators=(",", ":"), allow_nan=False, default=str)
+    text = json.dumps(finite_json(body), sort_keys=True, separators=(",", ":"), allow_nan=False, default=str)
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 def sealed(meta: dict[str, Any]) -> dict[str, Any]:
     """`meta` with its own digest refreshed (call after every change, just before writing it)."""
-    out = json.loads(json.dumps(meta, default=_plain))  # the values exactly as they will read back
+    out = json.loads(json.dumps(meta, default=jsonable))  # the values exactly as they will read back
     digests = dict(out.get("digests") or {})
     digests.pop(META_DIGEST_KEY, None)
     out["digests"] = digests
     out["digests"][META_DIGEST_KEY] = meta_digest(out)
     return out
-
-
-def _plain(obj: Any) -> Any:
-    from lungxray.io.files import _jsonable
-
-    return _jsonable(obj)
 
 
 def verify_digests(run_dir: Path, meta: dict[str, Any], digests: dict[str, str]) -> list[str]:

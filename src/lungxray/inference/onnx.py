@@ -50,7 +50,7 @@ INPUT_NAME = "image"
 OUTPUT_NAMES = ("probs", "member_probs", "member_features")
 PARITY_TOLERANCE = 1e-4
 _FINGERPRINT_KEY = "lungxray.bundle_fingerprint"
-ONNX_THREADS = 1  # intra-op threads of the onnx engine; see `_session`
+ONNX_THREADS = 1  # intra-op threads of the onnx engine; see `open_session`
 
 
 class ParityError(RuntimeError):
@@ -260,7 +260,7 @@ def parity_images(size: int, n: int = 8, seed: int = 0) -> np.ndarray:
     return np.stack(fixed + noise)[:n].astype(np.uint8)
 
 
-def _session(path: str | Path, device: str = "cpu", threads: int = ONNX_THREADS) -> Any:
+def open_session(path: str | Path, device: str = "cpu", threads: int = ONNX_THREADS) -> Any:
     """An ONNX Runtime session set up for batch-1 latency on a CPU that other processes share.
 
     Chosen by measurement (10-member reference, 2 shared cores, load 5-8; docs/performance.md "Inference"):
@@ -294,7 +294,7 @@ def _session(path: str | Path, device: str = "cpu", threads: int = ONNX_THREADS)
         raise RuntimeError(f"{path}: cannot load the ONNX model ({str(exc).splitlines()[0]})") from exc
 
 
-def _run_session(session: Any, images: np.ndarray,
+def run_session(session: Any, images: np.ndarray,
                  batch_size: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """uint8 (N, S, S) -> (probs (N, C), member_probs (N, K, C), member_features (N, K, D) or None) from ONNX
     Runtime; files exported before the features output have no third output."""
@@ -314,7 +314,7 @@ def parity_check(predictor: Predictor, onnx_path: str | Path, images: np.ndarray
     if images is None:
         images = parity_images(int(predictor.meta["input"]["size"]))
     ref = predictor.predict_images(images)
-    probs, member, _ = _run_session(_session(onnx_path), images)
+    probs, member, _ = run_session(open_session(onnx_path), images)
     diff = float(max(np.abs(probs - ref.probs).max(), np.abs(member - ref.member_probs).max()))
     if not diff <= tolerance:  # also catches NaN
         raise ParityError(f"ONNX parity check failed: max |probability difference| {diff:.3g} > {tolerance:g} "
@@ -328,7 +328,7 @@ def ensure_onnx(run_dir: str | Path) -> Path:
     path = run_dir / ONNX_NAME
     fingerprint = bundle_fingerprint(run_dir)
     if path.is_file():
-        found = _session(path).get_modelmeta().custom_metadata_map.get(_FINGERPRINT_KEY)
+        found = open_session(path).get_modelmeta().custom_metadata_map.get(_FINGERPRINT_KEY)
         if found == fingerprint:
             return path
         log.info("%s is stale (the bundle changed since it was exported); exporting again", path)
@@ -359,10 +359,10 @@ class OnnxPredictor(Predictor):
             path = ensure_onnx(run_dir)
         else:
             path = Path(onnx_path)
-            found = _session(path).get_modelmeta().custom_metadata_map.get(_FINGERPRINT_KEY)
+            found = open_session(path).get_modelmeta().custom_metadata_map.get(_FINGERPRINT_KEY)
             if found != bundle_fingerprint(run_dir):
                 raise RuntimeError(f"{path} was not exported from {run_dir} as it is now; export it again")
-        return cls(load_bundle(run_dir, "cpu"), torch.device("cpu"), session=_session(path, device, threads))
+        return cls(load_bundle(run_dir, "cpu"), torch.device("cpu"), session=open_session(path, device, threads))
 
     def member_logits(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         return self.member_outputs(images, batch_size)[0]
@@ -371,7 +371,7 @@ class OnnxPredictor(Predictor):
         k = self.bundle.members
         if len(images) == 0:
             return np.zeros((0, k, len(self.classes)), np.float64), np.zeros((0, k, 0), np.float32)
-        _, member, features = _run_session(self.session, images, batch_size)
+        _, member, features = run_session(self.session, images, batch_size)
         if features is None:
             features = np.full((len(images), k, 0), np.nan, np.float32)
         return np.log(np.maximum(member.astype(np.float64), 1e-300)), features

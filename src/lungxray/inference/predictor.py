@@ -249,23 +249,6 @@ class Predictor:
         return self.predict_images(images, [why for _, why in loaded])
 
 
-ENGINES = ("torch", "onnx")
-
-
-def load_predictor(run_dir: str | Path, device: str = "cpu", engine: str = "torch",
-                   onnx_path: str | Path | None = None) -> Predictor:
-    """A Predictor for `engine`: "torch" runs the bundle; "onnx" runs RUN/model.onnx in ONNX Runtime (exported,
-    parity-checked, on first use or when stale; see `export.OnnxPredictor`). Both give the same Predictions.
-    `onnx_path` (implies "onnx") runs another export of this bundle instead, e.g. an int8 one."""
-    if engine == "onnx" or onnx_path is not None:
-        from lungxray.inference.onnx import OnnxPredictor
-
-        return OnnxPredictor.load(run_dir, device, onnx_path=onnx_path)
-    if engine != "torch":
-        raise ValueError(f"unknown engine {engine!r} (known: {', '.join(ENGINES)})")
-    return Predictor.load(run_dir, device)
-
-
 def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
     """Files as given, folders searched recursively for image files (sorted, hidden files skipped), each once.
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from lungxray.inference.bundle import load_bundle
-from lungxray.inference.onnx import INPUT_NAME, ONNX_NAME, _run_session, _session, export_checked
+from lungxray.inference.onnx import INPUT_NAME, ONNX_NAME, export_checked, open_session, run_session
 from lungxray.inference.predictor import Predictor
 from lungxray.io.files import atomic_write
 
@@ -48,8 +48,8 @@ class AgreementError(RuntimeError):
 
 def agreement(reference: str | Path, candidate: str | Path, images: np.ndarray) -> Agreement:
     """Compare the `probs` output of two ONNX files on uint8 (N, S, S) images."""
-    ref = _run_session(_session(reference), images)[0]
-    got = _run_session(_session(candidate), images)[0]
+    ref = run_session(open_session(reference), images)[0]
+    got = run_session(open_session(candidate), images)[0]
     return Agreement(len(images), float(np.abs(got - ref).max()), float((got.argmax(1) == ref.argmax(1)).mean()))
 
 
@@ -177,5 +177,5 @@ def export_int8(run_dir: str | Path, out_path: str | Path, data: str | Path, ops
 
 def quantization_info(path: str | Path) -> dict[str, Any] | None:
     """What `quantize_int8` wrote into a file's metadata (None for an fp32 export)."""
-    found = _session(path).get_modelmeta().custom_metadata_map.get(_QUANT_KEY)
+    found = open_session(path).get_modelmeta().custom_metadata_map.get(_QUANT_KEY)
     return json.loads(found) if found else None

@@ -52,22 +52,22 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def write_json(path: str | Path, obj: Any) -> Path:
     """Write JSON atomically; NaN and infinities become null so the file stays valid JSON."""
-    return write_text(path, json.dumps(_finite(obj), indent=2, allow_nan=False, default=_jsonable) + "\n")
+    return write_text(path, json.dumps(finite_json(obj), indent=2, allow_nan=False, default=jsonable) + "\n")
 
 
-def _finite(obj: Any) -> Any:
+def finite_json(obj: Any) -> Any:
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: finite_json(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
+        return [finite_json(v) for v in obj]
     if hasattr(obj, "tolist") and not isinstance(obj, str):
-        return _finite(obj.tolist())
+        return finite_json(obj.tolist())
     return obj
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     """numpy scalars and arrays, Paths and sets into JSON types."""
     if hasattr(obj, "tolist"):
         return obj.tolist()

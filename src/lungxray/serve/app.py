@@ -47,7 +47,8 @@ from starlette.datastructures import UploadFile
 from lungxray import __version__
 from lungxray.hostinfo import usable_cores
 from lungxray.inference.bundle import Bundle
-from lungxray.inference.predictor import Predictor, load_predictor
+from lungxray.inference.engines import load_predictor
+from lungxray.inference.predictor import Predictor
 from lungxray.io.decode import DecodeBusy, ImageDecodeError, decode_limits, is_dicom_bytes, set_decode_limits
 
 log = logging.getLogger(__name__)

@@ -236,35 +236,6 @@ def reference_from_pool(predictor: Any, images: np.ndarray, labels: np.ndarray, 
     return logits, fit_reference(features, labels, train_index, val_mask, classes, batchnorm)
 
 
-def attach_reference(run_dir: str | Path, data: str | Path) -> FeatureReference:
-    """Compute and save the feature reference of a bundle trained before bundles carried one.
-
-    Needs the bundle's plan.json (pool paths, member samples) and the dataset it was trained on."""
-    import json
-
-    from lungxray.inference.bundle import update_meta
-    from lungxray.inference.predictor import Predictor
-    from lungxray.io.dataset import load_dataset
-    from lungxray.transforms.preprocess import prepare
-
-    run_dir = Path(run_dir)
-    plan = json.loads((run_dir / "plan.json").read_text())
-    predictor = Predictor.load(run_dir)
-    contract = predictor.meta["input"]
-    ds = load_dataset(data, size=contract["size"], classes=predictor.classes)
-    where = {p: i for i, p in enumerate(ds.paths)}
-    missing = [p for p in plan["pool_paths"] if p not in where]
-    if missing:
-        raise FileNotFoundError(f"{data}: {len(missing)} training images of {run_dir} are missing, e.g. {missing[0]}")
-    index = np.array([where[p] for p in plan["pool_paths"]])
-    images = prepare(ds.images[index], contract.get("standardize", "none"), contract.get("crop_border", 0.0))
-    _, reference = reference_from_pool(predictor, images, ds.labels[index], np.asarray(plan["train_index"]),
-                                       np.asarray(plan["val_mask"]).astype(bool))
-    save_reference(run_dir, reference)
-    update_meta(run_dir, ood=reference_meta(reference))
-    return reference
-
-
 def reference_meta(reference: FeatureReference, quantile: float = OOD_QUANTILE) -> dict[str, Any]:
     """What meta.json says about the reference (the scores themselves are in features.safetensors)."""
     return {"threshold": reference.threshold, "quantile": quantile, "score": "mahalanobis-min-class-mean-members",
