@@ -40,7 +40,7 @@ from lungxray.models.kernels.fused_stem import fused_pool_relu, fused_stem, kern
 from lungxray.models.nets import ConvBlock, build_model
 from lungxray.runtime import resolve_precision, reuse_freed_memory, set_threads
 from lungxray.speed.bench import _synthetic_images
-from lungxray.training.loop import TrainState, make_optimizer, train_one_epoch
+from lungxray.training.loop import EpochInputs, TrainState, make_optimizer, train_one_epoch
 from lungxray.training.plan import MemberPlan
 from lungxray.transforms.geometric import Augmenter, resolve_params
 
@@ -154,8 +154,8 @@ class _Variant:
         plan = MemberPlan(order[None], np.ones((1, n), dtype=bool), bootstrap=False)
         reuse_freed_memory(GLIBC_DEFAULT_THRESHOLD if self.mmap_default else HEAP_LIMIT)
         t0 = time.perf_counter()
-        train_one_epoch(self.model, self.images, self.labels, plan, self.optimizer, self.augmenter, self.state,
-                        self.cfg, self.rng, amp_dtype, None)
+        train_one_epoch(self.model, EpochInputs(self.images, self.labels, plan, self.augmenter, amp_dtype=amp_dtype),
+                        self.optimizer, self.state, self.cfg, self.rng)
         if record:
             self.times.append(time.perf_counter() - t0)
 
