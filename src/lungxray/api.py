@@ -473,9 +473,13 @@ def audit(data: str | os.PathLike[str], out: str | os.PathLike[str] | None = Non
 
     >>> print(lungxray.audit("data/covid19-dataset").verdict)
     """
-    from lungxray.evaluation.audit import audit as run_audit
+    if out is None:
+        from lungxray.evaluation.audit import audit as run_audit
 
-    return run_audit(data, out, seed=seed, folds=folds)
+        return run_audit(data, seed=seed, folds=folds)
+    from lungxray.evaluation.audit_report import audit_to  # matplotlib only when a report is asked for
+
+    return audit_to(data, out, seed=seed, folds=folds)
 
 
 # --------------------------------------------------------------------------------------------------- rendering

@@ -38,12 +38,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from lungxray.evaluation.formatting import pct
 from lungxray.io.dataset import Dataset, index_folder, load_dataset
 from lungxray.io.duplicates import Duplicate, find_duplicates, summarize_duplicates
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BORDER", "MARGIN", "AuditResult", "Probe", "audit", "file_facts", "image_features", "wilson"]
+__all__ = ["BORDER", "MARGIN", "AuditResult", "Probe", "audit", "audit_folder", "file_facts", "format_summary",
+           "image_features", "wilson"]
 
 MARGIN = 0.05  # a probe flags signal only when its lower 95% bound exceeds chance by this much
 BORDER = 0.15  # fraction of each edge kept by border_only; the rest (the chest's centre) is blanked
@@ -114,9 +116,24 @@ class AuditResult:
         return out
 
     def __str__(self) -> str:
-        from lungxray.evaluation.audit_report import format_summary
-
         return format_summary(self)
+
+
+def format_summary(result: AuditResult) -> str:
+    """The terminal lines: one per probe, then duplicates, the verdict and where the report went."""
+    lines = [f"audit of {result.data}: {sum(result.counts.values())} images, " + ", ".join(
+        f"{c} {n}" for c, n in result.counts.items()) + f"; {result.folds}-fold cross-validation, seed {result.seed}"]
+    for p in result.probes:
+        flag = "SIGNAL" if p.signal else "ok"
+        lines.append(f"  {p.name:<12} accuracy {pct(p.accuracy)} (95% CI {pct(p.low)}-{pct(p.high)})  chance "
+                     f"{pct(p.chance)}  {flag}")
+    d = result.duplicates
+    lines.append(f"  duplicates: {d['pairs_total']} pair(s), {d['across_classes']} with different labels; "
+                 + ", ".join(f"{k} {v}" for k, v in d["counts"].items() if v) if d["pairs_total"] else
+                 "  duplicates: none")
+    lines.append(result.verdict)
+    lines.append(f"report: {result.report}" if result.report else "no files written (pass --out DIR for a report)")
+    return "\n".join(lines)
 
 
 def wilson(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -412,10 +429,14 @@ def _timed_probe(name: str, x: np.ndarray, ds: Dataset, groups: np.ndarray, fold
     return replace(probe, recall={ds.classes[int(c)]: r for c, r in probe.recall.items()})
 
 
-def audit(data: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, seed: int = 0,
-          folds: int = 5) -> AuditResult:
-    """Run every probe on the folder ``data`` and return the :class:`AuditResult`; with ``out`` also write
-    ``audit.md``, ``audit.json`` and ``figures/`` there. Raises ValueError for a folder that cannot be audited."""
+def audit(data: str | os.PathLike[str], seed: int = 0, folds: int = 5) -> AuditResult:
+    """Run every probe on the folder ``data`` and return the :class:`AuditResult` (the report with figures is
+    `audit_report.audit_to`). Raises ValueError for a folder that cannot be audited."""
+    return audit_folder(data, seed, folds)[0]
+
+
+def audit_folder(data: str | os.PathLike[str], seed: int = 0, folds: int = 5) -> tuple[AuditResult, Dataset]:
+    """`audit`, with the decoded dataset the report's figures are drawn from."""
     start = time.perf_counter()
     root = Path(data)
     _check_classes(root)
@@ -432,8 +453,4 @@ def audit(data: str | os.PathLike[str], out: str | os.PathLike[str] | None = Non
     result = AuditResult(str(root), ds.classes, ds.class_counts(), probes, verdict(probes, duplicates), duplicates,
                          class_statistics(ds, facts), folds, seed, 0.0, [asdict(s) for s in ds.skipped])
     result.seconds = round(time.perf_counter() - start, 2)
-    if out is not None:
-        from lungxray.evaluation.audit_report import write_report
-
-        result.report = str(write_report(result, ds, Path(out)))
-    return result
+    return result, ds

@@ -6,13 +6,14 @@ configuration, which imports torch): they load only when a report is written.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lungxray.evaluation.audit import BINS, BORDER, GRID, MARGIN, AuditResult, image_features
+from lungxray.evaluation.audit import BINS, BORDER, GRID, MARGIN, AuditResult, audit_folder, image_features
 from lungxray.evaluation.formatting import pct
 from lungxray.io.dataset import Dataset
 from lungxray.io.files import write_json, write_text
@@ -20,24 +21,7 @@ from lungxray.io.files import write_json, write_text
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["format_summary", "write_report"]
-
-
-def format_summary(result: AuditResult) -> str:
-    """The terminal lines: one per probe, then duplicates, the verdict and where the report went."""
-    lines = [f"audit of {result.data}: {sum(result.counts.values())} images, " + ", ".join(
-        f"{c} {n}" for c, n in result.counts.items()) + f"; {result.folds}-fold cross-validation, seed {result.seed}"]
-    for p in result.probes:
-        flag = "SIGNAL" if p.signal else "ok"
-        lines.append(f"  {p.name:<12} accuracy {pct(p.accuracy)} (95% CI {pct(p.low)}-{pct(p.high)})  chance "
-                     f"{pct(p.chance)}  {flag}")
-    d = result.duplicates
-    lines.append(f"  duplicates: {d['pairs_total']} pair(s), {d['across_classes']} with different labels; "
-                 + ", ".join(f"{k} {v}" for k, v in d["counts"].items() if v) if d["pairs_total"] else
-                 "  duplicates: none")
-    lines.append(result.verdict)
-    lines.append(f"report: {result.report}" if result.report else "no files written (pass --out DIR for a report)")
-    return "\n".join(lines)
+__all__ = ["audit_to", "write_report"]
 
 
 def _figures(result: AuditResult, ds: Dataset, folder: Path) -> list[tuple[str, str]]:
@@ -134,3 +118,10 @@ def write_report(result: AuditResult, ds: Dataset, out: Path,
     write_json(out / "audit.json", result.to_dict())
     write_text(path, "\n".join(_report_lines(result, made)) + "\n")
     return path
+
+
+def audit_to(data: str | os.PathLike[str], out: str | os.PathLike[str], seed: int = 0, folds: int = 5) -> AuditResult:
+    """The audit of ``data`` with ``audit.md``, ``audit.json`` and ``figures/`` written to ``out``."""
+    result, ds = audit_folder(data, seed, folds)
+    result.report = str(write_report(result, ds, Path(out)))
+    return result
