@@ -34,7 +34,7 @@ from lungxray.config import TrainConfig
 from lungxray.hostinfo import usable_cores
 from lungxray.models.nets import build_model, count_flops
 from lungxray.runtime import cpu_features, resolve_device, resolve_precision, set_threads
-from lungxray.training.loop import TrainState, fit, make_optimizer, train_one_epoch
+from lungxray.training.loop import EpochInputs, StepHooks, TrainState, fit, make_optimizer, train_one_epoch
 from lungxray.training.plan import MemberPlan, plan_members
 from lungxray.transforms.geometric import Augmenter, resolve_params
 from lungxray.waitpolicy import wait_policy
@@ -208,8 +208,8 @@ def bench_train(
         torch.cuda.reset_peak_memory_stats(dev)
     _sync(dev)
     t0 = time.perf_counter()
-    train_one_epoch(step_model, images, labels, plan, optimizer_, augmenter, state, cfg,
-                    np.random.default_rng(0), amp_dtype, None, on_step=on_step)
+    train_one_epoch(step_model, EpochInputs(images, labels, plan, augmenter, amp_dtype=amp_dtype), optimizer_, state,
+                    cfg, np.random.default_rng(0), StepHooks(on_step=on_step))
     times = np.diff([t0, *stamps])[warmup:]  # (steps,) seconds per timed step
     rate = batch_size * members / float(np.median(times))
     result: dict[str, Any] = {

@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -178,94 +178,194 @@ def mixup_batch(
     return mixed, (torch.roll(y, -1, 0), lam)
 
 
+@dataclass(frozen=True)
+class EpochInputs:
+    """What an epoch reads and never changes: the images, labels and member plan, the augmenters, the precision.
+
+    images: uint8 (N, H, W) on the training device; labels: (N,) int64. `class_weights`: the (K, C) table of
+    `class_weight_table`, or None for an unweighted loss.
+    `photometric` (gamma, contrast, blur, noise, JPEG) runs after the geometric augmentation; it is reseeded
+    from the epoch number, so a resumed run draws the same changes without a checkpointed generator.
+    `members`: the plan's members that the model computes (a network pruned to the active members, see `fit`;
+    None: all of them); every random draw (order, augmentation, photometric, mixup) is still made for all members
+    and the rows of these kept, so each member sees the images and augmentations it would have seen unpruned.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    plan: MemberPlan
+    augmenter: Augmenter
+    photometric: PhotometricAugmenter | None = None
+    amp_dtype: torch.dtype = torch.float32
+    class_weights: torch.Tensor | None = None
+    members: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class StepHooks:
+    """What follows every optimizer step: the weight average's update (time constant `cfg.ema_epochs`), when one
+    is kept, and a callback given the global batch's row count (a progress bar, a timer)."""
+
+    average: WeightAverage | None = None
+    on_step: Callable[[int], None] | None = None
+
+
+@dataclass(frozen=True)
+class _EpochDraws:
+    """An epoch's fixed parts, drawn once before its first step: each computed member's own image order, which of
+    them still train (0/1 loss weights), their class weights, the weight-average decay, the data-parallel ranks."""
+
+    order: np.ndarray  # (K computed, n)
+    ks: list[int]  # the plan's members the model computes, in order
+    k_plan: int  # the plan's member count
+    active: torch.Tensor  # (K computed,) float 0/1
+    class_weights: torch.Tensor | None
+    decay: float
+    world: int  # ranks sharing each batch (1 without torchrun)
+
+    @property
+    def pruned(self) -> bool:
+        return len(self.ks) < self.k_plan
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """One step's input: this rank's augmented (and mixed) images x (B, K, H, W), labels y (B, K), the mixup
+    partners (targets, lam) or None, this rank's row count b and the global batch's b_all."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    mix: tuple[torch.Tensor, torch.Tensor] | None
+    b: int
+    b_all: int
+
+
+@dataclass
+class _Tally:
+    """The epoch's running training loss and accuracy: means over the active members, weighted by batch rows."""
+
+    loss: float = 0.0
+    correct: float = 0.0
+    seen: int = 0
+
+    def add(self, losses: torch.Tensor, logits: torch.Tensor, batch: _Batch, active: torch.Tensor) -> None:
+        with torch.no_grad():
+            correct = (logits.argmax(-1) == batch.y).float().mean(0)
+        n_active = float(active.sum().clamp(min=1))
+        self.loss += float((losses.detach() * active).sum()) / n_active * batch.b
+        self.correct += float((correct * active).sum()) / n_active * batch.b
+        self.seen += batch.b
+
+    def means(self, world: int, device: torch.device) -> dict[str, float]:
+        """Mean loss and accuracy over every rank's rows (the sums are all-reduced under data-parallel torchrun)."""
+        loss, correct, seen = self.loss, self.correct, self.seen
+        if world > 1:
+            sums = distributed.all_reduce_sum(torch.tensor([loss, correct, seen], dtype=torch.float64, device=device))
+            loss, correct, seen = float(sums[0]), float(sums[1]), int(sums[2])
+        return {"train_loss": loss / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
+
+
+def _draw_epoch(inputs: EpochInputs, state: TrainState, cfg: TrainConfig, rng: np.random.Generator) -> _EpochDraws:
+    """The epoch's orders from the run's generator, drawn for all the plan's members (a pruned run draws the same)."""
+    if inputs.photometric is not None:
+        inputs.photometric.set_epoch(state.epoch)
+    k_plan, n = inputs.plan.train_index.shape
+    ks = list(range(k_plan)) if inputs.members is None else list(inputs.members)
+    order = np.stack([row[rng.permutation(n)] for row in inputs.plan.train_index])[ks]  # (K, n), own order per member
+    active = torch.tensor([not state.member_stopped[k] for k in ks], device=inputs.images.device, dtype=torch.float32)
+    class_weights = inputs.class_weights
+    if len(ks) < k_plan and class_weights is not None:
+        class_weights = class_weights[ks]
+    decay = decay_for(cfg.ema_epochs, math.ceil(n / state.batch_size))
+    return _EpochDraws(order, ks, k_plan, active, class_weights, decay, distributed.data_world())
+
+
+def _augment_batch(inputs: EpochInputs, draws: _EpochDraws, x: torch.Tensor, b_all: int, lo: int) -> torch.Tensor:
+    """Geometric, then photometric changes of x (B, K, H, W): rows [lo, lo + B) of the b_all-row global batch.
+
+    The draws are made for the whole global batch of all the plan's members and this rank's (computed) rows kept.
+    """
+    b, k_members, h, w = x.shape
+    rows = None
+    if draws.pruned:
+        rows = (torch.arange(lo, lo + b)[:, None] * draws.k_plan + torch.tensor(draws.ks)[None, :]).reshape(-1)
+    x = _augment_shard(inputs.augmenter, x.reshape(b * k_members, 1, h, w), b_all * draws.k_plan,
+                       rows if rows is not None else lo * k_members)
+    x = x.reshape(b, k_members, h, w)
+    if inputs.photometric is not None:
+        x = _photometric_rows(inputs.photometric, x.reshape(b * k_members, 1, h, w), b_all * draws.k_plan, rows)
+        x = x.reshape(b, k_members, h, w)
+    return x
+
+
+def _make_batch(inputs: EpochInputs, draws: _EpochDraws, columns: np.ndarray, cfg: TrainConfig,
+                rng: np.random.Generator) -> _Batch | None:
+    """This rank's shard of the global batch `columns` (K, B) of image indices, gathered, augmented and mixed.
+
+    None for a batch too small to train on: a batch of one breaks batch norm and adds nothing.
+    """
+    idx = torch.as_tensor(columns, device=inputs.images.device)  # (K, B) the global batch
+    b_all = idx.shape[1]
+    if b_all < max(2, draws.world):
+        return None
+    lo, hi = distributed.batch_shard(b_all)  # this rank's columns: all of them in one process
+    idx = idx[:, lo:hi]
+    x = _augment_batch(inputs, draws, normalize(inputs.images[idx.T]), b_all, lo)  # (B, K, H, W)
+    y = inputs.labels[idx.T]  # (B, K)
+    mix = None
+    if cfg.mixup > 0:
+        x, mix = mixup_batch(x, y, cfg.mixup, rng, b_all, lo, draws.ks if draws.pruned else None, draws.k_plan)
+    x = x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
+    return _Batch(x, y, mix, hi - lo, b_all)
+
+
+def _optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: _Batch, draws: _EpochDraws,
+                    cfg: TrainConfig, inputs: EpochInputs, average: WeightAverage | None,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, the active members' loss, backward, one optimizer step; returns the (K,) losses and the logits."""
+    with autocast(inputs.images.device, inputs.amp_dtype):
+        logits = model(batch.x)  # (B, K, C)
+    losses = member_losses(logits, batch.y, draws.class_weights, cfg.label_smoothing, batch.mix)
+    loss = (losses * draws.active).sum() * (batch.b * draws.world / batch.b_all)  # DDP averages ranks: shard size
+    if cfg.l2 > 0:
+        loss = loss + cfg.l2 * l2_penalty(model)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if average is not None:
+        average.update(draws.decay)
+    return losses, logits
+
+
 def train_one_epoch(
     model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    plan: MemberPlan,
+    inputs: EpochInputs,
     optimizer: torch.optim.Optimizer,
-    augmenter: Augmenter,
     state: TrainState,
     cfg: TrainConfig,
     rng: np.random.Generator,
-    amp_dtype: torch.dtype,
-    class_weights: torch.Tensor | None,
-    on_step: Callable[[int], None] | None = None,
-    photometric: PhotometricAugmenter | None = None,
-    average: WeightAverage | None = None,
-    members: list[int] | None = None,
+    hooks: StepHooks | None = None,
 ) -> dict[str, float]:
     """One pass over each member's sample; returns mean training loss and accuracy over active members.
 
-    `photometric` (gamma, contrast, blur, noise, JPEG) runs after the geometric augmentation; it is reseeded
-    from the epoch number, so a resumed run draws the same changes without a checkpointed generator.
-    `average`, when given, is updated after every optimizer step (time constant `cfg.ema_epochs`).
-    `members`: the plan's members that `model` computes (a network pruned to the active members, see `fit`);
-    every random draw (order, augmentation, photometric, mixup) is still made for all members and the rows of
-    these kept, so each member sees the images and augmentations it would have seen unpruned.
+    `model` computes the members `inputs.members` (all of the plan's by default); `hooks` run after every
+    optimizer step. `state.images_seen` counts the images of the members still training.
     """
-    if photometric is not None:
-        photometric.set_epoch(state.epoch)
-    device = images.device
-    k_plan, n = plan.train_index.shape
-    ks = list(range(k_plan)) if members is None else list(members)
-    pruned = len(ks) < k_plan
-    k_members = len(ks)
-    order = np.stack([row[rng.permutation(n)] for row in plan.train_index])[ks]  # (K, n), own order per member
-    active = torch.tensor([not state.member_stopped[k] for k in ks], device=device, dtype=torch.float32)
-    if pruned and class_weights is not None:
-        class_weights = class_weights[ks]
+    hooks = hooks or StepHooks()
+    draws = _draw_epoch(inputs, state, cfg, rng)
     model.train()
-    total_loss, total_correct, total_seen = 0.0, 0.0, 0
+    tally = _Tally()
     bs = state.batch_size
-    decay = decay_for(cfg.ema_epochs, math.ceil(n / bs))
-    world = distributed.data_world()  # ranks sharing each batch (1 without torchrun)
-    for start in range(0, n, bs):
-        idx = torch.as_tensor(order[:, start : start + bs], device=device)  # (K, B) the global batch
-        b = idx.shape[1]
-        if b < max(2, world):  # a batch of one breaks batch norm and adds nothing
+    for start in range(0, draws.order.shape[1], bs):
+        batch = _make_batch(inputs, draws, draws.order[:, start : start + bs], cfg, rng)
+        if batch is None:
             continue
-        lo, hi = distributed.batch_shard(b)  # this rank's columns: all of them in one process
-        idx, b_all, b = idx[:, lo:hi], b, hi - lo
-        x = normalize(images[idx.T])  # (B, K, H, W)
-        h, w = x.shape[-2:]
-        rows = (torch.arange(lo, hi)[:, None] * k_plan + torch.tensor(ks)[None, :]).reshape(-1) if pruned else None
-        x = _augment_shard(augmenter, x.reshape(b * k_members, 1, h, w), b_all * k_plan,
-                           rows if rows is not None else lo * k_members)
-        x = x.reshape(b, k_members, h, w)
-        if photometric is not None:
-            x = _photometric_rows(photometric, x.reshape(b * k_members, 1, h, w), b_all * k_plan, rows)
-            x = x.reshape(b, k_members, h, w)
-        y = labels[idx.T]  # (B, K)
-        mix = None
-        if cfg.mixup > 0:
-            x, mix = mixup_batch(x, y, cfg.mixup, rng, b_all, lo, ks if pruned else None, k_plan)
-        x = x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
-        with autocast(device, amp_dtype):
-            logits = model(x)  # (B, K, C)
-        losses = member_losses(logits, y, class_weights, cfg.label_smoothing, mix)
-        loss = (losses * active).sum() * (b * world / b_all)  # DDP averages ranks: weight by shard size
-        if cfg.l2 > 0:
-            loss = loss + cfg.l2 * l2_penalty(model)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if average is not None:
-            average.update(decay)
-        with torch.no_grad():
-            correct = (logits.argmax(-1) == y).float().mean(0)
-        n_active = float(active.sum().clamp(min=1))
-        total_loss += float((losses.detach() * active).sum()) / n_active * b
-        total_correct += float((correct * active).sum()) / n_active * b
-        total_seen += b
-        state.images_seen += b_all * int(active.sum())
-        if on_step is not None:
-            on_step(b_all)
-    if world > 1:
-        sums = distributed.all_reduce_sum(torch.tensor([total_loss, total_correct, total_seen], dtype=torch.float64,
-                                                       device=device))
-        total_loss, total_correct, total_seen = float(sums[0]), float(sums[1]), int(sums[2])
-    return {"train_loss": total_loss / max(total_seen, 1), "train_accuracy": total_correct / max(total_seen, 1)}
+        losses, logits = _optimizer_step(model, optimizer, batch, draws, cfg, inputs, hooks.average)
+        tally.add(losses, logits, batch, draws.active)
+        state.images_seen += batch.b_all * int(draws.active.sum())
+        if hooks.on_step is not None:
+            hooks.on_step(batch.b_all)
+    return tally.means(draws.world, inputs.images.device)
 
 
 def predict_members(
@@ -463,6 +563,156 @@ def progress_bar(total: int, desc: str) -> Any:
     return tqdm(total=total, desc=desc, unit="img", leave=False)
 
 
+@dataclass
+class _Run:
+    """One fit()'s moving parts from epoch to epoch: the full packed network and its optimizer (`full`, what is
+    checkpointed), the network the loop trains (`work`: the full one, or one of the still-active members), the
+    training state, each member's best weights and the run's generator (checkpointed with them, so a resumed run
+    draws what an uninterrupted one would)."""
+
+    full: _Work
+    work: _Work
+    state: TrainState
+    best_state: dict[str, torch.Tensor]
+    rng: np.random.Generator
+    prune: bool  # members that stopped early leave the computation
+
+    @property
+    def members(self) -> int:
+        return len(self.full.ks)
+
+    def active(self) -> list[int]:
+        return [k for k in range(self.members) if not self.state.member_stopped[k]]
+
+
+@dataclass(frozen=True)
+class _EpochClock:
+    """When the epoch started, how long its training steps took and the images seen before it (for images/s)."""
+
+    start: float
+    train_seconds: float
+    images_before: int
+
+
+def _start_run(model: nn.Module, plan: MemberPlan, cfg: TrainConfig, augmenter: Augmenter, seed: int,
+               resume_from: Path | None) -> _Run:
+    """A fresh run, or the one checkpointed in `resume_from` (when it holds a checkpoint)."""
+    members = plan.members
+    optimizer = make_optimizer(model, cfg)
+    rng = np.random.default_rng(seed)
+    best_state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    average = WeightAverage(model) if cfg.ema_epochs > 0 else None  # validated and kept instead of the weights
+    state = TrainState(
+        lr=cfg.lr, batch_size=cfg.batch_size, member_best=[math.inf] * members,
+        member_best_epoch=[0] * members, member_wait=[0] * members, member_stopped=[False] * members,
+    )
+    if resume_from is not None and has_checkpoint(resume_from):
+        state, best_state, rng = load_checkpoint(resume_from, model, optimizer, augmenter, TrainState, plan=plan,
+                                                 average=average)
+        log.info("resuming %s after epoch %d", resume_from, state.epoch)
+    # Members that stopped early leave the computation: the loop trains a smaller packed network of the active
+    # ones (`_Work`), written back into `model` every epoch (checkpoint, best weights) and at the end.
+    prune = cfg.prune_stopped and distributed.data_world() == 1 and members > 1
+    full = _Work(model, optimizer, average, list(range(members)))
+    run = _Run(full, full, state, best_state, rng, prune)
+    active_ks = run.active()
+    if prune and 0 < len(active_ks) < members:
+        run.work = _shrink(full, active_ks, cfg, members)
+    return run
+
+
+def _timed_epoch(run: _Run, inputs: EpochInputs, cfg: TrainConfig) -> tuple[dict[str, float], _EpochClock]:
+    """`train_one_epoch` on the network being trained (wrapped once: DDP, torch.compile), behind a progress bar."""
+    work, state = run.work, run.state
+    if work.step_model is None:
+        work.step_model = distributed.wrap(work.model)  # DistributedDataParallel under data-parallel torchrun
+        work.step_model = torch.compile(work.step_model) if cfg.compile else work.step_model
+    bar = progress_bar(inputs.plan.train_index.shape[1], f"epoch {state.epoch + 1}/{cfg.epochs}")
+    start = time.perf_counter()
+    seen_before = state.images_seen
+    metrics = train_one_epoch(
+        work.step_model, replace(inputs, members=tuple(work.ks) if work is not run.full else None), work.optimizer,
+        state, cfg, run.rng, StepHooks(work.average, bar.update if bar is not None else None),
+    )
+    clock = _EpochClock(start, time.perf_counter() - start, seen_before)
+    if bar is not None:
+        bar.close()
+    return metrics, clock
+
+
+def _validate(run: _Run, inputs: EpochInputs) -> dict[str, Any]:
+    """Every member's validation loss and accuracy (the trained network's weight average where one is kept);
+    then the trained members are written back into the full network."""
+    work = run.work
+    # rank 0's BatchNorm statistics (and their average) everywhere: all ranks validate one model
+    distributed.sync_buffers(work.model, *(work.average.shadow.values() if work.average is not None else ()))
+    with work.average.applied(work.model) if work.average is not None else nullcontext():
+        val = evaluate_members(work.model, inputs.images, inputs.labels, work.plan(inputs.plan), inputs.amp_dtype)
+    val = _full_val(val, work.ks, run.members, run.state.history)
+    _write_back(run.full, work, run.members)
+    return val
+
+
+def _epoch_record(state: TrainState, metrics: dict[str, float], val: dict[str, Any], clock: _EpochClock,
+                  computed: int) -> dict[str, Any]:
+    """The history record of the epoch just ended (its events are added by the caller)."""
+    return {
+        "epoch": state.epoch, "lr": state.lr, "batch_size": state.batch_size, **metrics,
+        "val_loss": float(np.mean(val["member_val_loss"])),
+        "val_accuracy": float(np.mean(val["member_val_accuracy"])), **val,
+        "seconds": time.perf_counter() - clock.start,
+        "images_per_second": (state.images_seen - clock.images_before) / max(clock.train_seconds, 1e-9),
+        "members_computed": computed,
+    }
+
+
+def _decide(run: _Run, cfg: TrainConfig, val: dict[str, Any]) -> list[str]:
+    """Early stopping, best weights and the plateau rule on the validated weights; returns the log events."""
+    full = run.full
+    validated = full.average.shadow if full.average is not None else full.model.state_dict()
+    events = end_of_epoch(run.state, cfg, run.work.optimizer, val, validated, run.best_state, run.members)
+    for group in full.optimizer.param_groups:  # the full optimizer (checkpointed) follows a lowered rate too
+        group["lr"] = run.state.lr
+    return events
+
+
+def _run_epoch(run: _Run, inputs: EpochInputs, cfg: TrainConfig) -> dict[str, Any]:
+    """Train, validate and decide one epoch; appends its record to the history, logs it and returns it."""
+    state = run.state
+    metrics, clock = _timed_epoch(run, inputs, cfg)
+    val = _validate(run, inputs)
+    state.epoch += 1
+    check_finite(metrics.get("train_loss", 0.0), run.full.model, state.epoch)
+    state.train_seconds += clock.train_seconds
+    record = _epoch_record(state, metrics, val, clock, len(run.work.ks))
+    events = _decide(run, cfg, val)
+    record["events"] = events
+    state.history.append(record)
+    log.info(
+        "epoch %d/%d  loss %.4f  acc %.3f  val_loss %.4f  val_acc %.3f  %.0f img/s%s%s",
+        state.epoch, cfg.epochs, record["train_loss"], record["train_accuracy"], record["val_loss"],
+        record["val_accuracy"], record["images_per_second"], "".join(f"  [{e}]" for e in events),
+        time_left(state.history, cfg.epochs - state.epoch),
+    )
+    return record
+
+
+def _save(run: _Run, run_dir: Path, inputs: EpochInputs) -> None:
+    """The epoch's checkpoint of the full network (all members, also those that left the computation)."""
+    full = run.full
+    save_checkpoint(run_dir, full.model, run.best_state, full.optimizer, run.state, run.rng, inputs.augmenter,
+                    plan=inputs.plan, average=full.average.shadow if full.average is not None else None)
+
+
+def _prune_stopped(run: _Run, cfg: TrainConfig) -> None:
+    """Train only the still-active members from the next epoch on, once some have stopped (when pruning)."""
+    active_ks = run.active()
+    if run.prune and active_ks and active_ks != run.work.ks:
+        run.work = _shrink(run.full, active_ks, cfg, run.members)
+        log.info("training %d of %d members from epoch %d (stopped members leave the packed network)",
+                 len(active_ks), run.members, run.state.epoch + 1)
+
+
 def fit(
     model: nn.Module,
     images: torch.Tensor,
@@ -483,86 +733,21 @@ def fit(
     images: uint8 (N, H, W) on the training device; labels: (N,) int64. With `run_dir`, a checkpoint is written
     atomically after every epoch and `resume=True` continues from it.
     """
-    members = plan.members
-    optimizer = make_optimizer(model, cfg)
-    rng = np.random.default_rng(seed)
-    best_state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    average = WeightAverage(model) if cfg.ema_epochs > 0 else None  # validated and kept instead of the weights
-    state = TrainState(
-        lr=cfg.lr, batch_size=cfg.batch_size, member_best=[math.inf] * members,
-        member_best_epoch=[0] * members, member_wait=[0] * members, member_stopped=[False] * members,
-    )
-    if resume and run_dir is not None and has_checkpoint(run_dir):
-        state, best_state, rng = load_checkpoint(run_dir, model, optimizer, augmenter, TrainState, plan=plan,
-                                                 average=average)
-        log.info("resuming %s after epoch %d", run_dir, state.epoch)
+    run = _start_run(model, plan, cfg, augmenter, seed, run_dir if resume else None)
     weights = class_weight_table(labels, plan, int(labels.max()) + 1) if cfg.class_weights else None
-    # Members that stopped early leave the computation: the loop trains a smaller packed network of the active
-    # ones (`_Work`), written back into `model` every epoch (checkpoint, best weights) and at the end.
-    prune = cfg.prune_stopped and distributed.data_world() == 1 and members > 1
-    full = _Work(model, optimizer, average, list(range(members)))
-    active_ks = [k for k in range(members) if not state.member_stopped[k]]
-    work = _shrink(full, active_ks, cfg, members) if prune and 0 < len(active_ks) < members else full
-    n_per_epoch = plan.train_index.shape[1]
-    while state.epoch < cfg.epochs and not all(state.member_stopped):
-        if work.step_model is None:
-            work.step_model = distributed.wrap(work.model)  # DistributedDataParallel under data-parallel torchrun
-            work.step_model = torch.compile(work.step_model) if cfg.compile else work.step_model
-        bar = progress_bar(n_per_epoch, f"epoch {state.epoch + 1}/{cfg.epochs}")
-        start = time.perf_counter()
-        seen_before = state.images_seen
-        metrics = train_one_epoch(
-            work.step_model, images, labels, plan, work.optimizer, augmenter, state, cfg, rng, amp_dtype, weights,
-            on_step=bar.update if bar is not None else None, photometric=photometric, average=work.average,
-            members=work.ks if work is not full else None,
-        )
-        train_seconds = time.perf_counter() - start
-        if bar is not None:
-            bar.close()
-        # rank 0's BatchNorm statistics (and their average) everywhere: all ranks validate one model
-        distributed.sync_buffers(work.model, *(work.average.shadow.values() if work.average is not None else ()))
-        with work.average.applied(work.model) if work.average is not None else nullcontext():
-            val = evaluate_members(work.model, images, labels, work.plan(plan), amp_dtype)
-        val = _full_val(val, work.ks, members, state.history)
-        _write_back(full, work, members)
-        state.epoch += 1
-        check_finite(metrics.get("train_loss", 0.0), model, state.epoch)
-        state.train_seconds += train_seconds
-        record = {
-            "epoch": state.epoch, "lr": state.lr, "batch_size": state.batch_size, **metrics,
-            "val_loss": float(np.mean(val["member_val_loss"])),
-            "val_accuracy": float(np.mean(val["member_val_accuracy"])), **val,
-            "seconds": time.perf_counter() - start,
-            "images_per_second": (state.images_seen - seen_before) / max(train_seconds, 1e-9),
-            "members_computed": len(work.ks),
-        }
-        validated = average.shadow if average is not None else model.state_dict()
-        events = end_of_epoch(state, cfg, work.optimizer, val, validated, best_state, members)
-        for group in optimizer.param_groups:  # the full optimizer (checkpointed) follows a lowered rate too
-            group["lr"] = state.lr
-        record["events"] = events
-        state.history.append(record)
-        log.info(
-            "epoch %d/%d  loss %.4f  acc %.3f  val_loss %.4f  val_acc %.3f  %.0f img/s%s%s",
-            state.epoch, cfg.epochs, record["train_loss"], record["train_accuracy"], record["val_loss"],
-            record["val_accuracy"], record["images_per_second"], "".join(f"  [{e}]" for e in events),
-            time_left(state.history, cfg.epochs - state.epoch),
-        )
+    inputs = EpochInputs(images, labels, plan, augmenter, photometric, amp_dtype, weights)
+    while run.state.epoch < cfg.epochs and not all(run.state.member_stopped):
+        record = _run_epoch(run, inputs, cfg)
         if on_epoch is not None:
             on_epoch(record)
         if run_dir is not None and distributed.should_write():
-            save_checkpoint(run_dir, model, best_state, optimizer, state, rng, augmenter, plan=plan,
-                            average=average.shadow if average is not None else None)
-        active_ks = [k for k in range(members) if not state.member_stopped[k]]
-        if prune and active_ks and active_ks != work.ks:
-            work = _shrink(full, active_ks, cfg, members)
-            log.info("training %d of %d members from epoch %d (stopped members leave the packed network)",
-                     len(active_ks), members, state.epoch + 1)
+            _save(run, run_dir, inputs)
+        _prune_stopped(run, cfg)
     if cfg.restore_best:
-        model.load_state_dict(best_state)
-    elif average is not None:
-        model.load_state_dict(average.shadow)
-    return state
+        model.load_state_dict(run.best_state)
+    elif run.full.average is not None:
+        model.load_state_dict(run.full.average.shadow)
+    return run.state
 
 
 def time_left(history: list[dict[str, Any]], epochs_left: int) -> str:
