@@ -6,8 +6,9 @@ from pathlib import Path
 import numpy as np
 
 from lungxray.inference.bundle import read_meta
+from lungxray.inference.combine import average_members, out_of_bag_probs
 from lungxray.training.pipeline import train_run
-from lungxray.training.plan import bootstrap_sample, combine, out_of_bag_probs, plan_members
+from lungxray.training.plan import bootstrap_sample, plan_members
 
 
 def test_bootstrap_sample_is_stratified_and_seeded() -> None:
@@ -43,7 +44,7 @@ def test_out_of_bag_probs_use_only_members_that_held_the_image_out() -> None:
     val_mask = np.array([[True, False], [False, False]])  # member 0 held out image 0; nobody held out image 1
     probs, index = out_of_bag_probs(member_probs, val_mask)
     assert index.tolist() == [0] and probs.tolist() == [[1.0, 0.0]]
-    assert combine(member_probs)[1].tolist() == [0.35, 0.65]
+    assert average_members(member_probs)[1].tolist() == [0.35, 0.65]
 
 
 def test_sequential_fallback_writes_the_same_kind_of_bundle(tiny_dataset: Path, tmp_path: Path) -> None:

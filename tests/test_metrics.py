@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from scipy import special, stats
 
 from lungxray.evaluation import metrics as M
+from lungxray.inference.combine import predictive_uncertainty
 
 CLASSES = ["covid", "normal", "pneumonia"]
 
@@ -301,18 +302,18 @@ def test_fit_temperature_recovers_known_temperature(t0: float) -> None:
 
 def test_predictive_uncertainty() -> None:
     member = np.array([0.7, 0.2, 0.1])
-    same = M.predictive_uncertainty(np.tile(member, (2, 5, 1)))
+    same = predictive_uncertainty(np.tile(member, (2, 5, 1)))
     assert np.allclose(same["mutual_information"], 0.0, atol=1e-12)
     assert np.allclose(same["entropy"], same["expected_entropy"])
     assert same["vote_share"].tolist() == [1.0, 1.0] and np.allclose(same["mean_probs"], member)
     hi, lo = 0.8, 0.1
     votes = np.array([[hi, lo, lo], [hi, lo, lo], [lo, hi, lo], [lo, lo, hi]])  # labels 0, 0, 1, 2
     certain = np.eye(3)  # three members each certain of a different class
-    out = M.predictive_uncertainty(np.stack([votes, np.vstack([certain, certain[:1]])]))
+    out = predictive_uncertainty(np.stack([votes, np.vstack([certain, certain[:1]])]))
     assert out["label"].tolist() == [0, 0]
     assert out["vote_share"].tolist() == [0.5, 0.5]
     assert np.all(out["mutual_information"] > 0.05)
-    single = M.predictive_uncertainty(certain[None])  # one image, uniform mean of confident members
+    single = predictive_uncertainty(certain[None])  # one image, uniform mean of confident members
     assert single["entropy"][0] == pytest.approx(1.0) and single["expected_entropy"][0] == pytest.approx(0.0)
     assert single["mutual_information"][0] == pytest.approx(1.0)
     assert single["vote_share"][0] == pytest.approx(1 / 3)

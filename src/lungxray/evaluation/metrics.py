@@ -302,34 +302,6 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray, bounds: tuple[float,
     return float(math.exp(res.x))
 
 
-def _entropy(p: np.ndarray) -> np.ndarray:
-    return -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=-1)
-
-
-def predictive_uncertainty(member_probs: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-image ensemble uncertainty from member probabilities (N, K, C); entropies normalised by log C.
-
-    mutual_information = entropy of the mean - mean member entropy: the part that comes from members
-    disagreeing (epistemic), which is what should trigger referral on unfamiliar images.
-    """
-    mp = np.asarray(member_probs, dtype=np.float64)
-    if mp.ndim != 3:
-        raise ValueError(f"member_probs must be (N, K, C), got {mp.shape}")
-    scale = math.log(mp.shape[2]) if mp.shape[2] > 1 else 1.0
-    mean = mp.mean(axis=1)
-    entropy = _entropy(mean) / scale
-    expected = _entropy(mp).mean(axis=1) / scale
-    label = mean.argmax(1)
-    return {
-        "mean_probs": mean,
-        "label": label,
-        "entropy": entropy,
-        "expected_entropy": expected,
-        "mutual_information": np.clip(entropy - expected, 0.0, None),
-        "vote_share": (mp.argmax(2) == label[:, None]).mean(axis=1),
-    }
-
-
 def mcnemar_test(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
     """McNemar on the discordant pairs of two models scored on the same images.
 

@@ -230,8 +230,8 @@ def benchmark_images(
 def _score(logits: np.ndarray, labels: np.ndarray, meta: dict[str, Any], reference: np.ndarray | None,
            weights: np.ndarray | None = None) -> dict:
     """Accuracy, macro F1, recall; `weights` (N, K) restricts each image to its out-of-bag members."""
+    from lungxray.inference.combine import out_of_bag_probs
     from lungxray.inference.predictor import make_predictions
-    from lungxray.training.plan import out_of_bag_probs
 
     classes = list(meta["classes"])
     if weights is None:

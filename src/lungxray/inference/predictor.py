@@ -9,7 +9,6 @@ referral rule should react to. The members' disagreement alone (mutual informati
 from __future__ import annotations
 
 import logging
-import math
 import os
 import stat
 from collections.abc import Iterable, Sequence
@@ -20,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from lungxray.evaluation import metrics
 from lungxray.inference.bundle import Bundle, load_bundle
+from lungxray.inference.combine import combine_probs, normalised_entropy, predictive_uncertainty
 from lungxray.io.decode import IMAGE_SUFFIXES, ImageDecodeError, decode_image
 from lungxray.io.inputcheck import input_reason
 from lungxray.runtime import eval_mode, normalize
@@ -91,29 +90,17 @@ class Predictions:
         return str(self.to_dataframe().to_html(index=False, float_format="{:.3f}".format))
 
 
-def combine_probs(member_logits: np.ndarray, temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """(N, K, C) logits -> (calibrated probs (N, C), member probs (N, K, C))."""
-    member_probs = metrics.softmax(member_logits)
-    mean = member_probs.mean(axis=1)
-    return metrics.softmax(np.log(np.clip(mean, 1e-12, None)), temperature), member_probs
-
-
-def normalised_entropy(probs: np.ndarray) -> np.ndarray:
-    p = np.clip(probs, 1e-12, 1.0)
-    return -(p * np.log(p)).sum(-1) / math.log(probs.shape[-1])
-
-
 def make_predictions(member_logits: np.ndarray, meta: dict[str, Any], ood: np.ndarray | None = None,
                      input_reasons: Sequence[str | None] | None = None) -> Predictions:
     """Combine members, calibrate, and decide referral: an input check's reason first, then an out-of-distribution
     score above the bundle's `ood.threshold`, then uncertainty above `refer_threshold`."""
     probs, member_probs = combine_probs(member_logits, float(meta.get("temperature", 1.0)))
     unc = normalised_entropy(probs)
-    mi = normalised_entropy(member_probs.mean(1)) - normalised_entropy(member_probs).mean(1)
+    mi = predictive_uncertainty(member_probs)["mutual_information"]
     ood = np.full(len(unc), np.nan) if ood is None else np.asarray(ood, dtype=np.float64)
     reasons = referral_reasons(unc, ood, meta, input_reasons or [None] * len(unc))
     refer = np.array([bool(r) for r in reasons], dtype=bool)
-    return Predictions(list(meta["classes"]), probs, member_probs, unc, np.clip(mi, 0, None), refer, ood, reasons)
+    return Predictions(list(meta["classes"]), probs, member_probs, unc, mi, refer, ood, reasons)
 
 
 def referral_reasons(uncertainty: np.ndarray, ood: np.ndarray, meta: dict[str, Any],

@@ -24,7 +24,8 @@ from lungxray.evaluation import metrics
 from lungxray.evaluation.gradcam import saliency_summary
 from lungxray.evaluation.report import duplicates_text, write_evaluation_report, write_report, write_rows_csv
 from lungxray.inference.bundle import Bundle, git_commit, save_bundle
-from lungxray.inference.predictor import Predictor, make_predictions, normalised_entropy
+from lungxray.inference.combine import normalised_entropy, out_of_bag_probs
+from lungxray.inference.predictor import Predictor, make_predictions
 from lungxray.io.dataset import Dataset, load_dataset, stratified_kfold, stratified_split
 from lungxray.io.duplicates import find_duplicates, summarize_duplicates
 from lungxray.io.files import write_json, write_text
@@ -43,7 +44,7 @@ from lungxray.speed import autotune
 from lungxray.training import distributed
 from lungxray.training.checkpoint import remove_checkpoint
 from lungxray.training.loop import fit, fit_sequential
-from lungxray.training.plan import MemberPlan, out_of_bag_probs, plan_members
+from lungxray.training.plan import MemberPlan, plan_members
 from lungxray.training.runlock import RUN_INFO, check_new_run, read_run_info, run_lock
 from lungxray.transforms.geometric import Augmenter
 from lungxray.transforms.photometric import make_photometric
@@ -213,6 +214,68 @@ def train_run(
         return _train_run(config, data, run_dir, overrides, device, resume, fold)
 
 
+@dataclass(frozen=True)
+class _Runtime:
+    """Where and how this process trains, resolved once before any data is read: the device (one GPU per torchrun
+    rank), the measured or recorded speed settings, and what they imply for precision, threads and memory layout."""
+
+    device: torch.device
+    ctx: distributed.DistContext
+    choice: autotune.Choice
+    train_cfg: TrainConfig
+    threads: int
+    amp_dtype: torch.dtype
+
+    @property
+    def layout(self) -> torch.memory_format:
+        return torch.channels_last if self.train_cfg.channels_last else torch.contiguous_format
+
+    @property
+    def precision(self) -> str:
+        return str(self.amp_dtype).replace("torch.", "")
+
+
+@dataclass(frozen=True)
+class _RunData:
+    """The decoded dataset, preprocessed as the bundle will preprocess, with its split and members plan: what
+    fitting, calibration and scoring all read, so it travels as one value."""
+
+    ds: Dataset
+    images: np.ndarray  # prepared uint8 (N, S, S)
+    load_seconds: float
+    duplicates: list[Any]
+    duplicate_summary: dict[str, Any]
+    pool: np.ndarray
+    holdout: np.ndarray
+    test: np.ndarray
+    plan: MemberPlan
+
+    @property
+    def pool_labels(self) -> np.ndarray:
+        return self.ds.labels[self.pool]
+
+
+@dataclass(frozen=True)
+class _Trained:
+    """The fitted (stacked) model, its training state and the architecture arguments the bundle records."""
+
+    model: torch.nn.Module
+    state: TrainState
+    arch_args: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """What calibration and scoring produced: the bundle's meta (with temperature and threshold), metrics.json's
+    results so far, the per-image test rows and the predictor whose feature reference is saved with the bundle."""
+
+    predictor: Predictor
+    meta: dict[str, Any]
+    results: dict[str, Any]
+    test_rows: list[dict[str, Any]]
+    validation_images: int
+
+
 def _train_run(
     config: str | Path | dict[str, Any] | RunConfig,
     data: str | Path,
@@ -222,147 +285,227 @@ def _train_run(
     resume: bool,
     fold: tuple[int, int] | None,
 ) -> RunResult:
+    """The run's stages in order; each stage function says why it is where it is (the order of writes and of
+    random draws is part of the contract: `--resume` and the determinism tests depend on it)."""
     started = time.perf_counter()
     cfg = load_config(config, overrides)
     run_dir = Path(out)
     if resume and read_run_info(run_dir).get("complete"):  # killed after its last write, or resumed twice
         log.info("%s is complete; nothing to resume", run_dir)
-        return RunResult(run_dir, cfg, json.loads((run_dir / "metrics.json").read_text()),
-                         json.loads((run_dir / "history.json").read_text()))
+        return _finished_result(run_dir, cfg)
+    rt = _set_up_runtime(cfg, data, run_dir, device, resume)
+    rd = _load_run_data(cfg, data, fold)
+    trained = _fit_members(cfg, rt, rd, run_dir, resume)
+    if not rt.ctx.is_main:  # rank 0 calibrates, scores and writes the bundle; the others return its metrics
+        return RunResult(run_dir=run_dir, config=cfg, metrics=distributed.share_from_main(None))
+    meta = _bundle_meta(cfg, rd.ds, trained.arch_args)
+    scored = _calibrate_and_score(cfg, rt, rd, trained.model, meta, run_dir)
+    results = {**scored.results, **_run_summary(rt, rd, trained.state, scored, time.perf_counter() - started)}
+    _write_run(run_dir, cfg, data, rt, rd, trained, scored, results)
+    return RunResult(run_dir=run_dir, config=cfg, metrics=distributed.share_from_main(results),
+                     history=trained.state.history)
+
+
+def _finished_result(run_dir: Path, cfg: RunConfig) -> RunResult:
+    """A complete run resumed again returns what it wrote rather than training a second time."""
+    return RunResult(run_dir, cfg, json.loads((run_dir / "metrics.json").read_text()),
+                     json.loads((run_dir / "history.json").read_text()))
+
+
+def _set_up_runtime(cfg: RunConfig, data: str | Path, run_dir: Path, device: str | None, resume: bool) -> _Runtime:
+    """config.yaml and run.json first (so `--resume` can rebuild an interrupted run), then the device, the torchrun
+    job and the speed settings, and only then the seeds: the autotune measurement draws random numbers."""
     recorded = read_run_info(run_dir).get("runtime") if resume else None  # a resumed run keeps its settings
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "config.yaml", cfg.to_yaml())  # first, so `--resume` can rebuild the run
+    write_text(run_dir / "config.yaml", cfg.to_yaml())
     write_json(run_dir / RUN_INFO, {"data": str(Path(data).resolve()), "complete": False})
-    dev = resolve_device(device)
-    ctx = distributed.setup(dev)  # joins the torchrun job, if any (one GPU per local rank)
+    ctx = distributed.setup(resolve_device(device))  # joins the torchrun job, if any (one GPU per local rank)
     dev = ctx.device
-    runtime = autotune.for_run(cfg, dev, ctx.active, recorded)  # measured once per machine and shape, cached
-    train_cfg = runtime.apply(cfg.train)
-    log.info("%s", runtime.line())
+    choice = autotune.for_run(cfg, dev, ctx.active, recorded)  # measured once per machine and shape, cached
+    train_cfg = choice.apply(cfg.train)
+    log.info("%s", choice.line())
     write_json(run_dir / RUN_INFO, {"data": str(Path(data).resolve()), "complete": False,
-                                    "runtime": runtime.to_dict()})
+                                    "runtime": choice.to_dict()})
     seed_everything(cfg.seed, cfg.train.deterministic)  # after the calibration, which draws random numbers
     threads = set_threads(train_cfg.threads or ctx.threads)
-    amp_dtype = resolve_precision(dev, train_cfg.precision)
-    log.info("device %s, %s, %d threads (OpenMP wait: %s)", dev, str(amp_dtype).replace("torch.", ""), threads,
-             wait_policy())
-    layout = torch.channels_last if train_cfg.channels_last else torch.contiguous_format
+    rt = _Runtime(dev, ctx, choice, train_cfg, threads, resolve_precision(dev, train_cfg.precision))
+    log.info("device %s, %s, %d threads (OpenMP wait: %s)", dev, rt.precision, threads, wait_policy())
+    return rt
 
+
+def _load_run_data(cfg: RunConfig, data: str | Path, fold: tuple[int, int] | None) -> _RunData:
+    """Decode (rank 0 first under torchrun, the others read its cache), report duplicates, preprocess exactly as
+    the bundle will, split, and plan the members; the duplicate pairs are kept for the test scores without copies."""
     t0 = time.perf_counter()
-    with distributed.main_first():  # under torchrun rank 0 decodes and caches, the other ranks read the cache
+    with distributed.main_first():
         ds = load_dataset(data, size=cfg.data.image_size)
     load_seconds = time.perf_counter() - t0
     duplicates = find_duplicates(ds)
-    dup_summary = summarize_duplicates(duplicates)
+    summary = summarize_duplicates(duplicates)
     log.info("%d images (%s), %d skipped; duplicates: %s", len(ds), ", ".join(f"{c} {n}" for c, n in
-             ds.class_counts().items()), len(ds.skipped), duplicates_text(dup_summary))
+             ds.class_counts().items()), len(ds.skipped), duplicates_text(summary))
     images = prepare(ds.images, cfg.data.standardize, cfg.data.crop_border)
     pool, holdout, test = training_pool(ds, cfg.data.val_fraction, cfg.seed, fold)
     ens = cfg.ensemble
     plan = plan_members(ds.labels[pool], ens.members, ens.bootstrap, cfg.seed, ens.stratified, holdout)
+    return _RunData(ds, images, load_seconds, duplicates, summary, pool, holdout, test, plan)
 
+
+@dataclass(frozen=True)
+class _MemberFactory:
+    """Builds one sequential member's network and augmenters; member k's seeds are offset by 1000 k so that
+    members differ, as in every earlier run."""
+
+    cfg: RunConfig
+    rt: _Runtime
+    num_classes: int
+    arch_args: dict[str, Any]
+    preset: str | None
+
+    def build(self) -> torch.nn.Module:
+        net = build_model(self.cfg.model.arch, num_classes=self.num_classes, members=1, **self.arch_args)
+        self.rt.choice.apply_model(net)
+        return net.to(self.rt.device, memory_format=self.rt.layout)  # type: ignore[call-overload,no-any-return]
+
+    def augmenter(self, k: int) -> Augmenter:
+        return Augmenter(self.cfg.augment.params(self.preset), seed=self.cfg.seed + 1 + 1000 * k,
+                         device=self.rt.device)
+
+    def photometric(self, k: int) -> Any:
+        return make_photometric(self.cfg.augment.photometric, self.cfg.seed + 2 + 1000 * k, self.rt.device)
+
+
+def _fit_members(cfg: RunConfig, rt: _Runtime, rd: _RunData, run_dir: Path, resume: bool) -> _Trained:
+    """Build the stacked model and train it: packed (or a single model) in one pass, else member by member.
+
+    The full model and the first augmenter are built even for sequential members: the random draws of every run
+    stay in the same order, and the sequential members' states are stacked into that model."""
+    ens = cfg.ensemble
     arch_args = {"image_size": cfg.data.image_size, **cfg.model.args}  # seed_cnn's dense layer depends on it
-    model = build_model(cfg.model.arch, num_classes=len(ds.classes), members=ens.members, **arch_args)
-    model = model.to(dev, memory_format=layout)  # type: ignore[call-overload]
-    runtime.apply_model(model)
+    model = build_model(cfg.model.arch, num_classes=len(rd.ds.classes), members=ens.members, **arch_args)
+    model = model.to(rt.device, memory_format=rt.layout)  # type: ignore[call-overload]
+    rt.choice.apply_model(model)
     preset = ens.augment_preset if ens.members > 1 and ens.augment_preset else None
-    augmenter = Augmenter(cfg.augment.params(preset), seed=cfg.seed + 1, device=dev)
-    pool_images = torch.as_tensor(images[pool], device=dev)
-    pool_labels = torch.as_tensor(ds.labels[pool], device=dev)
+    augmenter = Augmenter(cfg.augment.params(preset), seed=cfg.seed + 1, device=rt.device)
+    pool_images = torch.as_tensor(rd.images[rd.pool], device=rt.device)
+    pool_labels = torch.as_tensor(rd.pool_labels, device=rt.device)
     # Under torchrun with LUNGXRAY_DISTRIBUTE=members each rank trains its share of the members (else: all).
-    local_plan, local_model, ks = distributed.local_share(plan, model, augmenter, ens.packed or ens.members == 1)
-    if ens.packed or ens.members == 1:
+    packed = ens.packed or ens.members == 1
+    local_plan, local_model, ks = distributed.local_share(rd.plan, model, augmenter, packed)
+    if packed:
         state = fit(
-            local_model, pool_images, pool_labels, local_plan, train_cfg, augmenter,
-            seed=cfg.seed, amp_dtype=amp_dtype, run_dir=distributed.checkpoint_dir(run_dir), resume=resume,
-            photometric=make_photometric(cfg.augment.photometric, seed=cfg.seed + 2, device=dev),
+            local_model, pool_images, pool_labels, local_plan, rt.train_cfg, augmenter,
+            seed=cfg.seed, amp_dtype=rt.amp_dtype, run_dir=distributed.checkpoint_dir(run_dir), resume=resume,
+            photometric=make_photometric(cfg.augment.photometric, seed=cfg.seed + 2, device=rt.device),
         )
         state = distributed.collect_members(local_model, model, state, ks)  # rank 0 stacks all members
-    else:
-        def build() -> torch.nn.Module:
-            net = build_model(cfg.model.arch, num_classes=len(ds.classes), members=1, **arch_args)
-            runtime.apply_model(net)
-            return net.to(dev, memory_format=layout)  # type: ignore[call-overload]
+        return _Trained(model, state, arch_args)
+    members = _MemberFactory(cfg, rt, len(rd.ds.classes), arch_args, preset)
+    member_states, state = fit_sequential(
+        members.build, pool_images, pool_labels, rd.plan, rt.train_cfg, members.augmenter,
+        seed=cfg.seed, amp_dtype=rt.amp_dtype, run_dir=run_dir, resume=resume,
+        make_photometric=members.photometric,
+    )
+    model.load_state_dict(stack_members(member_states))
+    return _Trained(model, state, arch_args)
 
-        def make_augmenter(k: int) -> Augmenter:
-            return Augmenter(cfg.augment.params(preset), seed=cfg.seed + 1 + 1000 * k, device=dev)
 
-        member_states, state = fit_sequential(
-            build, pool_images, pool_labels, plan, train_cfg, make_augmenter,
-            seed=cfg.seed, amp_dtype=amp_dtype, run_dir=run_dir, resume=resume,
-            make_photometric=lambda k: make_photometric(cfg.augment.photometric, cfg.seed + 2 + 1000 * k, dev),
-        )
-        model.load_state_dict(stack_members(member_states))
-    if not ctx.is_main:  # rank 0 calibrates, scores and writes the bundle; the others return its metrics
-        return RunResult(run_dir=run_dir, config=cfg, metrics=distributed.share_from_main(None))
-
-    meta: dict[str, Any] = {
+def _bundle_meta(cfg: RunConfig, ds: Dataset, arch_args: dict[str, Any]) -> dict[str, Any]:
+    """meta.json before calibration: the input contract every predictor reproduces, and the provenance (versions,
+    commit, the data root resolved so that commands find it from any current folder)."""
+    return {
         "name": cfg.name, "classes": ds.classes, "arch": cfg.model.arch, "arch_args": arch_args,
-        "members": ens.members, "bootstrap": ens.bootstrap,
+        "members": cfg.ensemble.members, "bootstrap": cfg.ensemble.bootstrap,
         "input": {"size": cfg.data.image_size, "channels": 1, "mean": INPUT_MEAN, "std": INPUT_STD,
                   "standardize": cfg.data.standardize, "crop_border": cfg.data.crop_border},
         "seed": cfg.seed, "package_version": __version__, "torch_version": torch.__version__,
-        "git_commit": git_commit(),  # the data root resolved: commands find it from any current folder
+        "git_commit": git_commit(),
         "data": {"root": str(Path(ds.root).resolve()), "fingerprint": ds.fingerprint},
     }
-    predictor = Predictor(bundle=Bundle(model=model, meta=meta, path=run_dir), device=dev)
+
+
+def _calibrate_and_score(cfg: RunConfig, rt: _Runtime, rd: _RunData, model: torch.nn.Module,
+                         meta: dict[str, Any], run_dir: Path) -> _Scored:
+    """Temperature and referral threshold from validation (or out-of-bag) predictions only, then the validation
+    scores; the test split is scored once, after everything is fixed (`_test_scores`)."""
+    ds, pool, plan = rd.ds, rd.pool, rd.plan
+    predictor = Predictor(bundle=Bundle(model=model, meta=meta, path=run_dir), device=rt.device)
     # one pass over the pool: validation logits, and the training features behind ood scores and adaptation
-    pool_logits, predictor.reference = reference_from_pool(predictor, images[pool], ds.labels[pool],
+    pool_logits, predictor.reference = reference_from_pool(predictor, rd.images[pool], rd.pool_labels,
                                                            plan.train_index, plan.val_mask)
     meta["ood"] = reference_meta(predictor.reference)
-    val_probs, val_labels, val_index = validation_probs(pool_logits, ds.labels[pool], plan)
+    val_probs, val_labels, val_index = validation_probs(pool_logits, rd.pool_labels, plan)
     meta.update(calibrate(val_probs, val_labels, cfg))
     val_scores, _ = score(meta, np.log(np.clip(val_probs, 1e-12, None))[:, None, :], val_labels, ds.classes,
                           [ds.paths[pool[i]] for i in val_index], cfg.seed)
     results: dict[str, Any] = {"validation": val_scores, "validation_kind": "out-of-bag" if plan.bootstrap
                                else "holdout", "test": None}
-    test_rows: list[dict[str, Any]] = []
-    if len(test):
-        test_logits, test_features = predictor.member_outputs(images[test])
-        results["test"], test_rows = score(meta, test_logits, ds.labels[test], ds.classes,
-                                           [ds.paths[i] for i in test], cfg.seed,
-                                           predictor.ood_scores(test_features))
-        results["test_without_duplicates"] = score_without_copies(
-            meta, test_logits, ds.labels[test], ds.classes, [ds.paths[i] for i in test],
-            {ds.paths[i] for i in pool}, duplicates, cfg.seed)
-        # Grad-CAM on the test images: where the model looks (shortcut check) and a gallery for the report.
-        results["saliency"] = saliency_summary(predictor, images[test], ds.labels[test],
-                                               run_dir / "figures" / "gradcam_test.png",
-                                               names=[ds.paths[i] for i in test])
-        results["saliency_central_mass"] = results["saliency"]["central_mass_mean"]
-    total_seconds = time.perf_counter() - started
-    results["timing"] = {
-        "total_seconds": total_seconds, "train_seconds": state.train_seconds, "load_seconds": load_seconds,
-        "epochs": state.epoch, "images_seen": state.images_seen,
-        "train_images_per_second": state.images_seen / max(state.train_seconds, 1e-9),
-        "device": str(dev), "precision": str(amp_dtype).replace("torch.", ""), "threads": threads,
-        "runtime": runtime.to_dict(),
-    }
-    results["data"] = {
-        "classes": ds.classes, "counts": ds.class_counts(), "pool": len(pool), "holdout": len(holdout),
-        "validation_kind": results["validation_kind"], "validation_images": len(val_labels),
-        "test": len(test), "skipped": [s.__dict__ for s in ds.skipped], "duplicates": dup_summary,
-        "duplicate_pairs": [d.__dict__ for d in duplicates],
-    }
-    results["members"] = {"best_epoch": state.member_best_epoch, "stopped": state.member_stopped}
+    test_rows = _test_scores(cfg, rd, predictor, meta, results, run_dir) if len(rd.test) else []
     meta["metrics"] = {"validation": val_scores["metrics"],
                        "test": results["test"]["metrics"] if results["test"] else None}
-    save_reference(run_dir, predictor.reference)  # before the bundle: meta.json is written last
-    save_bundle(run_dir, model, meta, cfg.to_yaml())
-    write_json(run_dir / "plan.json", {"train_index": plan.train_index, "val_mask": plan.val_mask.astype(int),
-                                       "pool_paths": [ds.paths[i] for i in pool]})
+    return _Scored(predictor, meta, results, test_rows, len(val_labels))
+
+
+def _test_scores(cfg: RunConfig, rd: _RunData, predictor: Predictor, meta: dict[str, Any],
+                 results: dict[str, Any], run_dir: Path) -> list[dict[str, Any]]:
+    """Score the test split once (into `results`): with ood referral, again without the images copied from
+    training (they inflate the score), and Grad-CAM (where the model looks: the shortcut check, and the report's
+    gallery). Returns the per-image rows of predictions_test.csv."""
+    ds, test = rd.ds, rd.test
+    test_paths = [ds.paths[i] for i in test]
+    test_logits, test_features = predictor.member_outputs(rd.images[test])
+    results["test"], rows = score(meta, test_logits, ds.labels[test], ds.classes, test_paths, cfg.seed,
+                                  predictor.ood_scores(test_features))
+    results["test_without_duplicates"] = score_without_copies(
+        meta, test_logits, ds.labels[test], ds.classes, test_paths, {ds.paths[i] for i in rd.pool},
+        rd.duplicates, cfg.seed)
+    results["saliency"] = saliency_summary(predictor, rd.images[test], ds.labels[test],
+                                           run_dir / "figures" / "gradcam_test.png", names=test_paths)
+    results["saliency_central_mass"] = results["saliency"]["central_mass_mean"]
+    return rows
+
+
+def _run_summary(rt: _Runtime, rd: _RunData, state: TrainState, scored: _Scored,
+                 total_seconds: float) -> dict[str, Any]:
+    """metrics.json's timing, data and members sections: what the run cost, on what, and which images it used."""
+    ds = rd.ds
+    return {
+        "timing": {
+            "total_seconds": total_seconds, "train_seconds": state.train_seconds, "load_seconds": rd.load_seconds,
+            "epochs": state.epoch, "images_seen": state.images_seen,
+            "train_images_per_second": state.images_seen / max(state.train_seconds, 1e-9),
+            "device": str(rt.device), "precision": rt.precision, "threads": rt.threads,
+            "runtime": rt.choice.to_dict(),
+        },
+        "data": {
+            "classes": ds.classes, "counts": ds.class_counts(), "pool": len(rd.pool), "holdout": len(rd.holdout),
+            "validation_kind": scored.results["validation_kind"], "validation_images": scored.validation_images,
+            "test": len(rd.test), "skipped": [s.__dict__ for s in ds.skipped], "duplicates": rd.duplicate_summary,
+            "duplicate_pairs": [d.__dict__ for d in rd.duplicates],
+        },
+        "members": {"best_epoch": state.member_best_epoch, "stopped": state.member_stopped},
+    }
+
+
+def _write_run(run_dir: Path, cfg: RunConfig, data: str | Path, rt: _Runtime, rd: _RunData, trained: _Trained,
+               scored: _Scored, results: dict[str, Any]) -> None:
+    """The bundle and its reports, in an order that makes a finished run recognisable: the feature reference
+    before meta.json (written last of the bundle), the resume files removed, and run.json marked complete last."""
+    history = trained.state.history
+    save_reference(run_dir, scored.predictor.reference)
+    save_bundle(run_dir, trained.model, scored.meta, cfg.to_yaml())
+    write_json(run_dir / "plan.json", {"train_index": rd.plan.train_index, "val_mask": rd.plan.val_mask.astype(int),
+                                       "pool_paths": [rd.ds.paths[i] for i in rd.pool]})
     write_json(run_dir / "metrics.json", results)
-    write_json(run_dir / "history.json", state.history)
-    if test_rows:
-        write_rows_csv(run_dir / "predictions_test.csv", test_rows)
-    write_report(run_dir, cfg, meta, results, state.history)
+    write_json(run_dir / "history.json", history)
+    if scored.test_rows:
+        write_rows_csv(run_dir / "predictions_test.csv", scored.test_rows)
+    write_report(run_dir, cfg, scored.meta, results, history)
     remove_checkpoint(run_dir)
     shutil.rmtree(run_dir / "members", ignore_errors=True)  # sequential members' resume files
     shutil.rmtree(run_dir / distributed.RANKS_DIR, ignore_errors=True)  # members-over-ranks checkpoints
     write_json(run_dir / RUN_INFO, {"data": str(Path(data).resolve()), "complete": True,
-                                    "runtime": runtime.to_dict()})
-    return RunResult(run_dir=run_dir, config=cfg, metrics=distributed.share_from_main(results),
-                     history=state.history)
+                                    "runtime": rt.choice.to_dict()})
 
 
 def adapted_scores(predictor: Predictor, images: np.ndarray, labels: np.ndarray, paths: list[str],

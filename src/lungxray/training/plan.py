@@ -1,4 +1,4 @@
-"""Ensemble members: who trains on what (bootstrap samples, out-of-bag validation) and how members combine.
+"""Ensemble members: who trains on what (bootstrap samples, out-of-bag validation). Combining: inference/combine.
 
 A single model is the K=1 case of the same plan, so training has one code path: member k trains on the pool
 indices `train_index[k]` and is validated on `val_mask[k]`.
@@ -67,21 +67,3 @@ def plan_members(
     val_mask = np.zeros((members, n), dtype=bool)
     val_mask[:, holdout] = True
     return MemberPlan(train_index.astype(np.int64), val_mask, bootstrap=False)
-
-
-def combine(member_probs: np.ndarray) -> np.ndarray:
-    """Soft voting: the mean of member probabilities. (N, K, C) -> (N, C)."""
-    return member_probs.mean(axis=1)
-
-
-def out_of_bag_probs(member_probs: np.ndarray, val_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each pool image scored only by the members that did not train on it.
-
-    member_probs (N, K, C) for the whole pool, val_mask (K, N). Returns (probs (M, C), index (M,)) for the M
-    images that at least one member held out.
-    """
-    weights = val_mask.T.astype(member_probs.dtype)  # (N, K)
-    counts = weights.sum(axis=1)
-    index = np.flatnonzero(counts > 0)
-    probs = (member_probs[index] * weights[index, :, None]).sum(axis=1) / counts[index, None]
-    return probs, index
