@@ -16,7 +16,7 @@ import lungxray
 from lungxray.api import Evaluation, Model, Run, override_keys
 from lungxray.cli import main
 from lungxray.config import ConfigError
-from lungxray.inference.predictor import Predictor, expand_paths, predict_files
+from lungxray.inference.predictor import Predictor, expand_paths
 
 SMOKE = Path(__file__).parents[1] / "configs/smoke.yaml"
 
@@ -71,7 +71,7 @@ def test_predict_agrees_with_the_predictor_and_the_cli_rows(model: Model, traine
     reference = Predictor.load(trained_run).predict(test_files)
     np.testing.assert_allclose(pred.probs, reference.probs, atol=1e-6)
     assert pred.labels == reference.labels and model.classes == ["covid", "normal", "pneumonia"]
-    rows = predict_files(Predictor.load(trained_run), test_files)
+    rows = Predictor.load(trained_run).predict_named([(p, str(p)) for p in test_files]).to_rows()
     assert [r["label"] for r in rows] == pred.labels
     np.testing.assert_allclose([r["uncertainty"] for r in rows], pred.uncertainty, atol=1e-6)
 

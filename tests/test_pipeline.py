@@ -9,7 +9,7 @@ import pytest
 
 from lungxray.cli import main, summary
 from lungxray.inference.bundle import BundleError, load_bundle, read_meta
-from lungxray.inference.predictor import Predictor, expand_paths, predict_files
+from lungxray.inference.predictor import Predictor, expand_paths
 from lungxray.training.pipeline import training_pool
 
 
@@ -71,7 +71,8 @@ def test_predict_refuses_unreadable_files_by_name(trained_run: Path, tmp_path: P
     bad = tmp_path / "broken.png"
     bad.write_text("not an image")
     good = next((Path(read_meta(trained_run)["data"]["root"]) / "test" / "Covid").glob("*.png"))
-    rows = predict_files(Predictor.load(trained_run), [bad, good])
+    rows = Predictor.load(trained_run).predict_named([(p, str(p)) for p in (bad, good)], on_error="skip").to_rows(
+        order=[str(bad), str(good)])
     assert "broken.png" in rows[0]["error"] and "label" not in rows[0]
     assert rows[1]["label"] in ("covid", "normal", "pneumonia") and rows[1]["error"] == ""
     assert main(["predict", str(trained_run), str(bad), "--csv", str(tmp_path / "x.csv")]) == 1

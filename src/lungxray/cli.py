@@ -165,9 +165,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if not paths:
         raise FileNotFoundError("no image files found in " + ", ".join(args.paths))
     model = load(args.run_dir, args.device, engine=args.engine, onnx=args.onnx)
-    order = {str(p): i for i, p in enumerate(paths)}
     pred = model.predict(paths, on_error="skip")
-    rows = sorted(pred.to_rows(), key=lambda r: order.get(r["path"], len(order)))
+    rows = pred.to_rows(order=[str(p) for p in paths])
     if args.cam:
         from lungxray.evaluation.gradcam import write_cams
 

@@ -59,8 +59,9 @@ class Predictions:
     def __len__(self) -> int:
         return len(self.probs)
 
-    def to_rows(self) -> list[dict[str, Any]]:
-        """The rows of `lungxray predict`: one per image, then one per skipped input with its error."""
+    def to_rows(self, order: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """The rows of `lungxray predict`: one per image, then one per skipped input with its error; with `order`
+        (the input names as given) every row, error rows included, in that order instead."""
         names = self.names or [f"<image {i}>" for i in range(len(self))]
         rows: list[dict[str, Any]] = [
             {"path": name, "label": label, **{f"prob_{c}": float(p) for c, p in zip(self.classes, probs, strict=True)},
@@ -70,7 +71,11 @@ class Predictions:
                 names, self.labels, self.probs, self.uncertainty, self.disagreement, self.ood, self.refer,
                 self.refer_reason, strict=True)
         ]
-        return rows + [{"path": name, "error": error} for name, error in self.skipped]
+        rows += [{"path": name, "error": error} for name, error in self.skipped]
+        if order is None:
+            return rows
+        rank = {name: i for i, name in enumerate(order)}
+        return sorted(rows, key=lambda r: rank.get(r["path"], len(rank)))
 
     def to_dataframe(self) -> pd.DataFrame:
         """The rows as a pandas DataFrame (with the error column only when an input was skipped)."""
@@ -274,10 +279,3 @@ def _is_regular(path: Path) -> bool:
         return stat.S_ISREG(path.stat().st_mode)
     except OSError:  # dangling link, link loop, no permission
         return False
-
-
-def predict_files(predictor: Predictor, paths: Sequence[Path]) -> list[dict[str, Any]]:
-    """One row per file, in the given order (see `Predictor.predict_named`); unreadable files get an error row."""
-    order = {str(p): i for i, p in enumerate(paths)}
-    rows = predictor.predict_named([(p, str(p)) for p in paths], on_error="skip").to_rows()
-    return sorted(rows, key=lambda r: order[r["path"]])
