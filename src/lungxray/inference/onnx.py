@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from lungxray.inference.bundle import WEIGHTS, load_bundle, read_meta
-from lungxray.inference.predictor import Predictor
+from lungxray.inference.predictor import Predictor, run_batches
 from lungxray.io.files import atomic_write
 from lungxray.models.nets import PackedNet
 from lungxray.sites.ood import penultimate
@@ -299,12 +299,13 @@ def run_session(session: Any, images: np.ndarray,
     """uint8 (N, S, S) -> (probs (N, C), member_probs (N, K, C), member_features (N, K, D) or None) from ONNX
     Runtime; files exported before the features output have no third output."""
     names = [n for n in OUTPUT_NAMES if n in {o.name for o in session.get_outputs()}]
-    outs: list[list[np.ndarray]] = [[] for _ in names]
-    for start in range(0, len(images), batch_size):
-        x = images[start : start + batch_size, None].astype(np.float32)
-        for got, value in zip(outs, session.run(names, {INPUT_NAME: x}), strict=True):
-            got.append(value)
-    arrays = [np.concatenate(o) for o in outs]
+
+    def score(batch: np.ndarray) -> list[np.ndarray]:
+        return list(session.run(names, {INPUT_NAME: batch[:, None].astype(np.float32)}))
+
+    arrays = run_batches(images, batch_size, score)
+    if not arrays:
+        raise ValueError("run_session needs at least one image")
     return arrays[0], arrays[1], arrays[2] if len(arrays) > 2 else None
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -126,6 +126,19 @@ def referral_reasons(uncertainty: np.ndarray, ood: np.ndarray, meta: dict[str, A
     return out
 
 
+def run_batches(images: np.ndarray, batch_size: int,
+                score: Callable[[np.ndarray], Sequence[np.ndarray]]) -> list[np.ndarray]:
+    """The one inference loop of both engines: `score` maps a batch of images to its outputs (logits, or the ONNX
+    graph's outputs), each output is concatenated over the batches. [] for no images (callers know the shapes)."""
+    outs: list[list[np.ndarray]] = []
+    for start in range(0, len(images), batch_size):
+        values = score(images[start : start + batch_size])
+        outs = outs or [[] for _ in values]
+        for got, value in zip(outs, values, strict=True):
+            got.append(value)
+    return [np.concatenate(o) for o in outs]
+
+
 @dataclass
 class LoadedImages:
     """Decoded model inputs with their names, input-check reasons, and the inputs that could not be read."""
@@ -188,14 +201,16 @@ class Predictor:
         """uint8 (N, S, S) preprocessed images -> float32 member logits (N, K, C), in fp32 for exact parity."""
         contract = self.meta["input"]
         model = self.bundle.model
-        outs = []
+
+        def score(batch: np.ndarray) -> tuple[np.ndarray]:
+            x = torch.as_tensor(batch, device=self.device)
+            x = normalize(x, contract["mean"], contract["std"]).unsqueeze(1)  # (B, 1, S, S)
+            return (model(x.expand(-1, model.members, -1, -1)).float().cpu().numpy(),)  # type: ignore[call-overload]
+
         with eval_mode(model):
-            for start in range(0, len(images), batch_size):
-                x = torch.as_tensor(images[start : start + batch_size], device=self.device)
-                x = normalize(x, contract["mean"], contract["std"]).unsqueeze(1)  # (B, 1, S, S)
-                outs.append(model(x.expand(-1, model.members, -1, -1)).float().cpu().numpy())  # type: ignore[call-overload]
+            outs = run_batches(images, batch_size, score)
         k, c = self.bundle.members, len(self.classes)
-        return np.concatenate(outs) if outs else np.zeros((0, k, c), np.float32)
+        return outs[0] if outs else np.zeros((0, k, c), np.float32)
 
     def predict_images(self, images: np.ndarray, input_reasons: Sequence[str | None] | None = None,
                        batch_size: int = 32) -> Predictions:
