@@ -316,3 +316,18 @@ def test_pool_kernel_only_where_the_graph_must_not_see_it(kernel: None, monkeypa
 
     torch.jit.trace(Probe(), x, check_trace=False)
     assert results == [False]
+
+
+def test_the_ctypes_table_matches_the_c_prototypes() -> None:
+    """fs.SIGNATURES is the Python side of every exported kernel; the C file's prototypes must say the same."""
+    import re
+
+    c_types = {"int64_t": "i64", "int": "i"}
+    source = fs.SOURCE.read_text()
+    found = {}
+    for name, params in re.findall(r"^void (seed_\w+)\(([^)]*)\)", source, flags=re.M):
+        kinds = []
+        for param in (p.strip() for p in params.replace("\n", " ").split(",")):
+            kinds.append("p" if "*" in param else c_types[param.split()[0]])
+        found[name] = tuple(kinds)
+    assert found == fs.SIGNATURES

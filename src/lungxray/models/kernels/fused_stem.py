@@ -51,6 +51,26 @@ __all__ = ["ENV_SWITCH", "bf16_autocast", "fused_available", "fused_pool_relu", 
 
 ENV_SWITCH = "LUNGXRAY_FUSED"  # "0" turns the kernel off
 SOURCE = Path(__file__).with_name("csrc") / "seed_stem.c"
+
+# The C functions' parameters, in order, as ctypes types: the one place the Python side states them.
+# "p" a pointer, "i64" int64_t, "i" int; every kernel returns void. tests/test_fused_stem.py parses the prototypes
+# in SOURCE and checks them against this table, so the two cannot drift apart.
+_CTYPES = {"p": ctypes.c_void_p, "i64": ctypes.c_int64, "i": ctypes.c_int}
+SIGNATURES: dict[str, tuple[str, ...]] = {
+    "seed_stem_forward": ("p",) * 5 + ("i64",) * 5 + ("i", "i"),
+    "seed_stem_backward_weight": ("p",) * 5 + ("i64",) * 5 + ("i", "i"),
+    "seed_stem_backward_input": ("p",) * 4 + ("i64",) * 5 + ("i", "i"),
+    "seed_pool_relu_forward": ("p",) * 3 + ("i64",) * 4 + ("i", "i"),
+    "seed_pool_relu_backward": ("p",) * 3 + ("i64",) * 4 + ("i", "i"),
+}
+
+
+def declare(lib: ctypes.CDLL) -> None:
+    """Give every kernel of SIGNATURES its argument types (and no return value) on the loaded library."""
+    for name, params in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes = [_CTYPES[p] for p in params]
+        fn.restype = None
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
 _lock = threading.Lock()
@@ -144,15 +164,7 @@ def _load() -> ctypes.CDLL | None:
             try:
                 path = _build(cc)
                 lib = ctypes.CDLL(str(path))
-                i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-                lib.seed_stem_forward.argtypes = [ptr] * 5 + [i64] * 5 + [i32, i32]
-                lib.seed_stem_backward_weight.argtypes = [ptr] * 5 + [i64] * 5 + [i32, i32]
-                lib.seed_stem_backward_input.argtypes = [ptr] * 4 + [i64] * 5 + [i32, i32]
-                lib.seed_pool_relu_forward.argtypes = [ptr] * 3 + [i64] * 4 + [i32, i32]
-                lib.seed_pool_relu_backward.argtypes = [ptr] * 3 + [i64] * 4 + [i32, i32]
-                for fn in (lib.seed_stem_forward, lib.seed_stem_backward_weight, lib.seed_stem_backward_input,
-                           lib.seed_pool_relu_forward, lib.seed_pool_relu_backward):
-                    fn.restype = None
+                declare(lib)
                 _state["lib"], _state["path"] = lib, str(path)
             except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
                 reason = f"could not build/load {SOURCE.name}: {e}"
