@@ -383,10 +383,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from lungxray.speed import bench
 
     if args.bench_command == "train":
-        result = bench.bench_train(
+        from lungxray.speed.autotune import bench_train_tuned
+
+        measure = bench_train_tuned if args.autotune else bench.bench_train
+        result = measure(
             args.arch, args.batch_size, args.steps, args.warmup, args.members, args.device, args.precision,
             args.channels_last, args.compile, args.threads, args.image_size, with_peak=args.peak,
-            autotune=args.autotune,
         )
         print(json.dumps(result, indent=2) if args.json else bench.format_train(result))
         return 0

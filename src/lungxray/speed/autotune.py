@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,8 @@ import torch
 from lungxray.config import RunConfig, TrainConfig
 from lungxray.hostinfo import cache_root, usable_cores
 from lungxray.io.files import write_json
-from lungxray.runtime import cpu_features, resolve_precision
+from lungxray.runtime import cpu_features, resolve_device, resolve_precision
+from lungxray.speed.bench import bench_train
 
 log = logging.getLogger(__name__)
 
@@ -222,8 +224,6 @@ def choose(
 
 def _measure(arch: str, model_args: dict[str, Any], members: int, image_size: int, batch_size: int,
              device: torch.device, cfg: TrainConfig, switches: dict[str, Any], steps: int) -> Choice:
-    from lungxray.speed.bench import bench_train
-
     feats = cpu_features()
     native = feats["native_bf16"] if device.type == "cpu" else torch.cuda.is_bf16_supported()
     base = from_config(dataclasses.replace(cfg, channels_last=True), device, "")
@@ -269,13 +269,8 @@ def _measure(arch: str, model_args: dict[str, Any], members: int, image_size: in
             stage("unfused", {"fused": False})
         if switches.get("micro_batch"):
             stage("no micro-batches", {"micro_batch": 0})
-        cores = usable_cores()
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-        if device.type == "cpu" and cfg.threads == 0 and cores >= 2:
-            if load < cores:  # on a busy CPU fewer threads win for the moment only: not a per-machine fact
-                stage(f"{cores // 2} threads", {"threads": cores // 2})
-            else:
-                reasons.append(f"threads: all cores (CPU busy, load {load:.1f}: not measured)")
+        if device.type == "cpu" and cfg.threads == 0:
+            _thread_stage(stage, reasons)
     finally:
         torch.set_num_threads(threads_before)
     isa = feats["isa"] if device.type == "cpu" else torch.cuda.get_device_name(device)
@@ -283,6 +278,19 @@ def _measure(arch: str, model_args: dict[str, Any], members: int, image_size: in
     reason = f"{best:.0f} member-img/s; " + "; ".join(reasons)
     return Choice(current["precision"], current["channels_last"], current["threads"], current["fused"], "measured",
                   reason, rates, isa, feats["cpu"], current["micro_batch"])
+
+
+def _thread_stage(stage: Callable[[str, dict[str, Any]], None], reasons: list[str]) -> None:
+    """Half the cores against all of them, measured only on an idle CPU: on a busy one fewer threads win for the
+    moment only, which is not a fact about the machine to cache."""
+    cores = usable_cores()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if cores < 2:
+        return
+    if load < cores:
+        stage(f"{cores // 2} threads", {"threads": cores // 2})
+    else:
+        reasons.append(f"threads: all cores (CPU busy, load {load:.1f}: not measured)")
 
 
 def _from_record(record: Any) -> Choice | None:
@@ -312,3 +320,19 @@ def for_run(cfg: RunConfig, device: torch.device, distributed: bool = False, rec
         return from_config(cfg.train, device, why, switches.get("fused"), switches.get("micro_batch"))
     model_args = {k: v for k, v in args.items() if k != "image_size"}
     return choose(cfg.model.arch, model_args, members, cfg.data.image_size, cfg.train.batch_size, device, cfg.train)
+
+
+def bench_train_tuned(arch: str = "seed_cnn", batch_size: int = 32, steps: int = 30, warmup: int = 5,
+                      members: int = 1, device: str | torch.device = "cpu", precision: str | None = None,
+                      channels_last: bool | None = None, compile: bool | None = None, threads: int = 0,
+                      image_size: int = 256, with_peak: bool = True) -> dict[str, Any]:
+    """`bench.bench_train` with what `lungxray train` would run on this machine for the options left unset
+    (precision None or auto, channels_last None, threads 0), reported as `runtime` (`lungxray bench --autotune`)."""
+    dev = resolve_device(str(device))
+    base = TrainConfig(precision=precision or "auto", threads=threads)  # type: ignore[arg-type]
+    runtime = choose(arch, None, members, image_size, batch_size, dev, base)
+    result = bench_train(arch, batch_size, steps, warmup, members, dev, runtime.precision,
+                         runtime.channels_last if channels_last is None else channels_last, compile, runtime.threads,
+                         image_size, with_peak=with_peak, model_attrs=runtime.model_attrs)
+    result["runtime"] = runtime.to_dict()
+    return result

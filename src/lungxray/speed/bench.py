@@ -148,29 +148,17 @@ def bench_train(
     optimizer: str | None = None,
     with_peak: bool = True,
     model_attrs: dict[str, Any] | None = None,
-    autotune: bool = False,
 ) -> dict[str, Any]:
-    """Training images per second of `arch` through `train.train_one_epoch`, after `warmup` steps.
+    """Training images per second of `arch` through `training.loop.train_one_epoch`, after `warmup` steps.
 
-    Unset options take `TrainConfig`'s defaults, so the default benchmark measures what `lungxray train` runs.
-    Rates count member-images (batch_size x members per step), like the training log. `model_attrs` sets
-    per-instance speed switches on the model (e.g. {"fused": False}) before the optimizer is built.
-    `autotune`: options left unset (precision None or auto, channels_last None, threads 0, no fused switch) take
-    what `lungxray train` would run with on this machine (`lungxray.speed.autotune`, cached), reported as `runtime`.
+    Unset options take `TrainConfig`'s defaults, so the default benchmark measures what `lungxray train` runs
+    without the per-machine choice (`speed.autotune.bench_train_tuned` measures with it). Rates count
+    member-images (batch_size x members per step), like the training log. `model_attrs` sets per-instance speed
+    switches on the model (e.g. {"fused": False}) before the optimizer is built.
     """
     if steps < 1 or warmup < 0 or batch_size < 2 or members < 1:
         raise ValueError("bench train needs steps >= 1, warmup >= 0, batch size >= 2 and members >= 1")
     dev = resolve_device(str(device))
-    runtime = None
-    if autotune:
-        from lungxray.speed.autotune import choose
-
-        base = TrainConfig(precision=precision or "auto", threads=threads,  # type: ignore[arg-type]
-                           optimizer=optimizer or TrainConfig().optimizer)  # type: ignore[arg-type]
-        runtime = choose(arch, model_args, members, image_size, batch_size, dev, base)
-        precision, threads = runtime.precision, runtime.threads
-        channels_last = runtime.channels_last if channels_last is None else channels_last
-        model_attrs = {**runtime.model_attrs, **(model_attrs or {})}
     set_threads(threads)
     defaults = TrainConfig()
     cfg = TrainConfig(
@@ -187,10 +175,24 @@ def bench_train(
         setattr(model, attr, value)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(dev, memory_format=fmt)  # type: ignore[call-overload]
-    fwd_flops = count_flops(model, image_size)  # per image per member, forward
-    total = warmup + steps
+    t0, stamps = _timed_steps(model, cfg, dev, amp_dtype, augment, warmup + steps)
+    times = np.diff([t0, *stamps])[warmup:]  # (steps,) seconds per timed step
+    result = _train_result(arch, model, cfg, dev, amp_dtype, augment, steps, warmup, times)
+    result["warmup_seconds"] = float(stamps[warmup - 1] - t0) if warmup else 0.0
+    log.debug("bench train %s: %.1f img/s (median of %d steps)", arch, result["images_per_second"], steps)
+    if with_peak:
+        peak = peak_flops(dev, amp_dtype)
+        result["peak_gflops"] = peak / 1e9
+        result["fraction_of_peak"] = result["achieved_gflops"] * 1e9 / peak
+    return result
+
+
+def _timed_steps(model: Any, cfg: TrainConfig, dev: torch.device, amp_dtype: torch.dtype,
+                 augment: str, total: int) -> tuple[float, list[float]]:
+    """`total` training steps on synthetic images through the real epoch loop: (start time, end time of each)."""
+    batch_size, members, size = cfg.batch_size, model.members, model.image_size
     n_images = min(batch_size * total, 512)
-    images = _synthetic_images(n_images, image_size, dev)
+    images = _synthetic_images(n_images, size, dev)
     labels = torch.arange(n_images, device=dev) % 3
     order = np.arange(batch_size * total) % n_images
     plan = MemberPlan(np.tile(order, (members, 1)), np.ones((members, n_images), dtype=bool), bootstrap=False)
@@ -210,13 +212,20 @@ def bench_train(
     t0 = time.perf_counter()
     train_one_epoch(step_model, EpochInputs(images, labels, plan, augmenter, amp_dtype=amp_dtype), optimizer_, state,
                     cfg, np.random.default_rng(0), StepHooks(on_step=on_step))
-    times = np.diff([t0, *stamps])[warmup:]  # (steps,) seconds per timed step
-    rate = batch_size * members / float(np.median(times))
-    result: dict[str, Any] = {
+    return t0, stamps
+
+
+def _train_result(arch: str, model: Any, cfg: TrainConfig, dev: torch.device, amp_dtype: torch.dtype,
+                  augment: str, steps: int, warmup: int, times: np.ndarray) -> dict[str, Any]:
+    """The figures of one training benchmark, from the timed steps' durations (seconds)."""
+    members, size = model.members, model.image_size
+    fwd_flops = count_flops(model, size)  # per image per member, forward
+    rate = cfg.batch_size * members / float(np.median(times))
+    return {
         "arch": arch,
-        "batch_size": batch_size,
+        "batch_size": cfg.batch_size,
         "members": members,
-        "image_size": image_size,
+        "image_size": size,
         "device": str(dev),
         "dtype": _dtype_name(amp_dtype),
         "channels_last": cfg.channels_last,
@@ -225,11 +234,10 @@ def bench_train(
         "augment": augment,
         "steps": steps,
         "warmup": warmup,
-        "warmup_seconds": float(stamps[warmup - 1] - t0) if warmup else 0.0,
         "step_seconds_median": float(np.median(times)),
         "step_seconds_min": float(times.min()),
         "images_per_second": rate,
-        "images_per_second_best": batch_size * members / float(times.min()),
+        "images_per_second_best": cfg.batch_size * members / float(times.min()),
         "forward_gflops_per_image": fwd_flops / 1e9,
         "params": sum(p.numel() for p in model.parameters()) // members,
         "achieved_gflops": 3 * fwd_flops * rate / 1e9,  # forward + backward (2x forward) per image
@@ -237,14 +245,8 @@ def bench_train(
         / 2**20,
         **machine_info(dev),
         "fused": getattr(model, "fused", None), "micro_batch": getattr(model, "micro_batch", None),
-        "runtime": runtime.to_dict() if runtime is not None else None,
+        "runtime": None,
     }
-    log.debug("bench train %s: %.1f img/s (median of %d steps)", arch, rate, steps)
-    if with_peak:
-        peak = peak_flops(dev, amp_dtype)
-        result["peak_gflops"] = peak / 1e9
-        result["fraction_of_peak"] = result["achieved_gflops"] * 1e9 / peak
-    return result
 
 
 def latencies(fn: Callable[[], Any], runs: int, warmup: int = 3) -> np.ndarray:
