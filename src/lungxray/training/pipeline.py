@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from lungxray import __version__
-from lungxray.config import RunConfig, load_config
+from lungxray.config import RunConfig, TrainConfig, load_config
 from lungxray.evaluation import metrics
 from lungxray.evaluation.gradcam import saliency_summary
 from lungxray.evaluation.report import duplicates_text, write_evaluation_report, write_report, write_rows_csv
@@ -38,12 +38,12 @@ from lungxray.runtime import (
     seed_everything,
     set_threads,
 )
-from lungxray.sites.ood import reference_from_pool, reference_meta, save_reference
+from lungxray.sites.ood import FeatureReference, reference_from_pool, reference_meta, save_reference
 from lungxray.sites.shift import folder_shift
 from lungxray.speed import autotune
 from lungxray.training import distributed
 from lungxray.training.checkpoint import remove_checkpoint
-from lungxray.training.loop import fit, fit_sequential
+from lungxray.training.loop import TrainState, fit, fit_sequential
 from lungxray.training.plan import MemberPlan, plan_members
 from lungxray.training.runlock import RUN_INFO, check_new_run, read_run_info, run_lock
 from lungxray.transforms.geometric import Augmenter
@@ -63,11 +63,6 @@ class RunResult:
     config: RunConfig
     metrics: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def test_accuracy(self) -> float | None:
-        test = self.metrics.get("test")
-        return test["metrics"]["accuracy"] if test else None
 
 
 def training_pool(
@@ -267,9 +262,9 @@ class _Trained:
 @dataclass(frozen=True)
 class _Scored:
     """What calibration and scoring produced: the bundle's meta (with temperature and threshold), metrics.json's
-    results so far, the per-image test rows and the predictor whose feature reference is saved with the bundle."""
+    results so far, the per-image test rows and the training images' feature reference saved with the bundle."""
 
-    predictor: Predictor
+    reference: FeatureReference
     meta: dict[str, Any]
     results: dict[str, Any]
     test_rows: list[dict[str, Any]]
@@ -431,9 +426,10 @@ def _calibrate_and_score(cfg: RunConfig, rt: _Runtime, rd: _RunData, model: torc
     ds, pool, plan = rd.ds, rd.pool, rd.plan
     predictor = Predictor(bundle=Bundle(model=model, meta=meta, path=run_dir), device=rt.device)
     # one pass over the pool: validation logits, and the training features behind ood scores and adaptation
-    pool_logits, predictor.reference = reference_from_pool(predictor, rd.images[pool], rd.pool_labels,
-                                                           plan.train_index, plan.val_mask)
-    meta["ood"] = reference_meta(predictor.reference)
+    pool_logits, reference = reference_from_pool(predictor, rd.images[pool], rd.pool_labels,
+                                                 plan.train_index, plan.val_mask)
+    predictor.reference = reference  # test images get ood scores against it
+    meta["ood"] = reference_meta(reference)
     val_probs, val_labels, val_index = validation_probs(pool_logits, rd.pool_labels, plan)
     meta.update(calibrate(val_probs, val_labels, cfg))
     val_scores, _ = score(meta, np.log(np.clip(val_probs, 1e-12, None))[:, None, :], val_labels, ds.classes,
@@ -443,7 +439,7 @@ def _calibrate_and_score(cfg: RunConfig, rt: _Runtime, rd: _RunData, model: torc
     test_rows = _test_scores(cfg, rd, predictor, meta, results, run_dir) if len(rd.test) else []
     meta["metrics"] = {"validation": val_scores["metrics"],
                        "test": results["test"]["metrics"] if results["test"] else None}
-    return _Scored(predictor, meta, results, test_rows, len(val_labels))
+    return _Scored(reference, meta, results, test_rows, len(val_labels))
 
 
 def _test_scores(cfg: RunConfig, rd: _RunData, predictor: Predictor, meta: dict[str, Any],
@@ -492,7 +488,7 @@ def _write_run(run_dir: Path, cfg: RunConfig, data: str | Path, rt: _Runtime, rd
     """The bundle and its reports, in an order that makes a finished run recognisable: the feature reference
     before meta.json (written last of the bundle), the resume files removed, and run.json marked complete last."""
     history = trained.state.history
-    save_reference(run_dir, scored.predictor.reference)
+    save_reference(run_dir, scored.reference)
     save_bundle(run_dir, trained.model, scored.meta, cfg.to_yaml())
     write_json(run_dir / "plan.json", {"train_index": rd.plan.train_index, "val_mask": rd.plan.val_mask.astype(int),
                                        "pool_paths": [rd.ds.paths[i] for i in rd.pool]})
