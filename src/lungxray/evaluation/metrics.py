@@ -170,6 +170,22 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Seque
     }
 
 
+def _resample_stats(cm: np.ndarray, counts: np.ndarray, y: np.ndarray, p: np.ndarray, present: np.ndarray,
+                    with_auc: np.ndarray, classes: Sequence[str]) -> dict[str, np.ndarray]:
+    """Every bootstrapped statistic for a chunk of R resamples (confusion matrices cm (R, C, C), image counts
+    (R, N)); NaN where a resample leaves it undefined, so `bootstrap_intervals` can leave those out."""
+    s = _confusion_scores(cm, present)
+    stat = {k: s[k] for k in _BOOT_KEYS}
+    auc = _ovr_auc(y, p, counts)[:, with_auc].mean(1) if with_auc.any() else np.full(len(cm), np.nan)
+    stat["macro_roc_auc"] = auc
+    for c, name in enumerate(classes):
+        stat[f"recall_{name}"] = np.where(s["support"][:, c] > 0, s["recall"][:, c], np.nan)
+        stat[f"precision_{name}"] = np.where(s["predicted"][:, c] > 0, s["precision"][:, c], np.nan)
+        defined = s["support"][:, c] + s["predicted"][:, c] > 0
+        stat[f"f1_{name}"] = np.where(defined, s["f1"][:, c], np.nan)
+    return stat
+
+
 def bootstrap_intervals(
     y_true: np.ndarray,
     probs: np.ndarray,
@@ -202,15 +218,7 @@ def bootstrap_intervals(
         counts = np.bincount((np.arange(r)[:, None] * n + idx).ravel(), minlength=r * n).reshape(r, n)
         counts = counts.astype(np.float64)
         cm = (counts @ pair).reshape(r, n_classes, n_classes)
-        s = _confusion_scores(cm, present)
-        stat = {k: s[k] for k in _BOOT_KEYS}
-        stat["macro_roc_auc"] = _ovr_auc(y, p, counts)[:, with_auc].mean(1) if with_auc.any() else np.full(r, np.nan)
-        for c, name in enumerate(classes):
-            stat[f"recall_{name}"] = np.where(s["support"][:, c] > 0, s["recall"][:, c], np.nan)
-            stat[f"precision_{name}"] = np.where(s["predicted"][:, c] > 0, s["precision"][:, c], np.nan)
-            defined = s["support"][:, c] + s["predicted"][:, c] > 0
-            stat[f"f1_{name}"] = np.where(defined, s["f1"][:, c], np.nan)
-        parts.append(stat)
+        parts.append(_resample_stats(cm, counts, y, p, present, with_auc, classes))
     full = classification_metrics(y, p, classes)
     point = {k: full[k] for k in parts[0] if k in full}
     for name in classes:

@@ -28,6 +28,13 @@ import scipy.ndimage as ndi
 from PIL import Image, ImageDraw, ImageFont
 
 from lungxray.evaluation import metrics
+from lungxray.evaluation.gradcam import central_mass, gradcam
+from lungxray.evaluation.report import plot_shifts, shift_section
+from lungxray.inference.combine import out_of_bag_probs
+from lungxray.inference.predictor import Predictor, make_predictions
+from lungxray.io.dataset import load_dataset
+from lungxray.io.files import write_json, write_text
+from lungxray.sites.adapt import crossfit
 from lungxray.transforms.preprocess import equalize, prepare
 
 log = logging.getLogger(__name__)
@@ -178,7 +185,7 @@ def tta_views(images: np.ndarray) -> list[np.ndarray]:
     return [images, lut[0][images], lut[1][images], zoom]
 
 
-def tta_logits(predictor: Any, images: np.ndarray, contract: dict[str, Any]) -> np.ndarray:
+def tta_logits(predictor: Predictor, images: np.ndarray, contract: dict[str, Any]) -> np.ndarray:
     """Member logits of every TTA view stacked as extra members (N, K*V, C): the ensemble mean covers both."""
     views = [predictor.member_logits(_prepare(v, contract)) for v in tta_views(images)]
     return np.concatenate(views, axis=1)
@@ -190,7 +197,7 @@ def _prepare(images: np.ndarray, contract: dict[str, Any]) -> np.ndarray:
 
 def benchmark_images(
     run_dir: str | Path, data: str | Path, split: str = "test", device: str = "cpu"
-) -> tuple[Any, np.ndarray, np.ndarray, list[str], np.ndarray | None]:
+) -> tuple[Predictor, np.ndarray, np.ndarray, list[str], np.ndarray | None]:
     """(predictor, decoded uint8 images, labels, paths, member weights) of a split, decoded at the bundle's size.
 
     split: "test" (the test/ folder, or every image when there is none; weights None = every member) or
@@ -198,9 +205,6 @@ def benchmark_images(
     images, with weights (N, K) True where member k did not train on image n (read from plan.json), so that each
     image is scored only by the members that never saw it, as the run's own validation figures are.
     """
-    from lungxray.inference.predictor import Predictor
-    from lungxray.io.dataset import load_dataset
-
     predictor = Predictor.load(run_dir, device)
     ds = load_dataset(data, size=int(predictor.meta["input"]["size"]), classes=predictor.classes)
     weights: np.ndarray | None = None
@@ -230,9 +234,6 @@ def benchmark_images(
 def _score(logits: np.ndarray, labels: np.ndarray, meta: dict[str, Any], reference: np.ndarray | None,
            weights: np.ndarray | None = None) -> dict:
     """Accuracy, macro F1, recall; `weights` (N, K) restricts each image to its out-of-bag members."""
-    from lungxray.inference.combine import out_of_bag_probs
-    from lungxray.inference.predictor import make_predictions
-
     classes = list(meta["classes"])
     if weights is None:
         probs = make_predictions(logits, meta).probs
@@ -251,17 +252,12 @@ def _score(logits: np.ndarray, labels: np.ndarray, meta: dict[str, Any], referen
     return out
 
 
-def saliency_check(predictor: Any, images: np.ndarray, labels: np.ndarray, margin: float = 0.15) -> dict | None:
+def saliency_check(predictor: Predictor, images: np.ndarray, labels: np.ndarray, margin: float = 0.15) -> dict | None:
     """Grad-CAM mass inside the central chest region vs border band and corners, mean over images and per class.
 
     A uniform map gives (1 - 2*margin)^2 central (0.49) and 4*margin^2 corners (0.09); a model reading markers
-    and film edges scores well below 0.49 central. None when gradcam is unavailable.
+    and film edges scores well below 0.49 central.
     """
-    try:
-        from lungxray.evaluation.gradcam import central_mass, gradcam
-    except ImportError as exc:  # pragma: no cover - gradcam.py ships with the package
-        log.warning("saliency check skipped: %s", exc)
-        return None
     cams = gradcam(predictor, images)  # (N, S, S) in [0, 1]
     central = central_mass(cams, margin)
     s = cams.shape[-1]
@@ -311,6 +307,31 @@ def summarize(cells: list[dict[str, Any]], clean: dict[str, Any]) -> dict[str, A
     }
 
 
+def chosen_levels(quick: bool, shifts: Sequence[str] | None,
+                  levels: Sequence[int] | None) -> dict[str, tuple[int, ...]]:
+    """The severities to score per shift: all (or the QUICK subset), only `shifts` if named, only `levels` if
+    given (a one-level shift keeps its level); an unknown shift or a level outside 1..5 is refused up front."""
+    chosen = dict(QUICK) if quick else {n: tuple(range(1, len(s.severities) + 1)) for n, s in SHIFTS.items()}
+    if shifts:
+        unknown = sorted(set(shifts) - set(SHIFTS))
+        if unknown:
+            raise ValueError(f"unknown shift(s) {', '.join(unknown)}; known: {', '.join(SHIFTS)}")
+        chosen = {n: chosen.get(n, tuple(range(1, len(SHIFTS[n].severities) + 1))) for n in shifts}
+    if levels:
+        if not set(levels) <= set(range(1, 6)):
+            raise ValueError(f"levels must lie in 1..5, got {sorted(levels)}")
+        chosen = {n: tuple(v for v in lv if v in levels or len(SHIFTS[n].severities) == 1) for n, lv in chosen.items()}
+    return chosen
+
+
+def summarize_adapted(summary: dict[str, Any], cells: list[dict[str, Any]], clean: dict[str, Any], folds: int) -> None:
+    """Add the cross-fitted adapted figures beside the frozen ones in `summary`, in place."""
+    summary["adapted_mean_macro_f1"] = float(np.mean([c["adapted"]["macro_f1"] for c in cells]))
+    summary["adapted_clean_macro_f1"] = clean["adapted"]["macro_f1"]
+    log.info("adapted (cross-fitted, %d folds): mean under shift %.3f (frozen %.3f)", folds,
+             summary["adapted_mean_macro_f1"], summary["mean_macro_f1"])
+
+
 def run_benchmark(
     run_dir: str | Path, data: str | Path, *, quick: bool = False, split: str = "test", tta: bool = False,
     saliency: bool = True, seed: int = 0, shifts: Sequence[str] | None = None, device: str = "cpu",
@@ -324,27 +345,16 @@ def run_benchmark(
     `levels` keeps only those severities (1-5) of every shift, e.g. (1, 3, 5): the same graded curve at 60% of
     the cost, for comparing many variants (a summary is comparable only with one made at the same levels).
     """
-    predictor, images, labels, _, weights = benchmark_images(run_dir, data, split, device)
-    meta, contract = predictor.meta, predictor.meta["input"]
-    chosen = dict(QUICK) if quick else {n: tuple(range(1, len(s.severities) + 1)) for n, s in SHIFTS.items()}
-    if shifts:
-        unknown = sorted(set(shifts) - set(SHIFTS))
-        if unknown:
-            raise ValueError(f"unknown shift(s) {', '.join(unknown)}; known: {', '.join(SHIFTS)}")
-        chosen = {n: chosen.get(n, tuple(range(1, len(SHIFTS[n].severities) + 1))) for n in shifts}
-    if levels:
-        if not set(levels) <= set(range(1, 6)):
-            raise ValueError(f"levels must lie in 1..5, got {sorted(levels)}")
-        chosen = {n: tuple(v for v in lv if v in levels or len(SHIFTS[n].severities) == 1) for n, lv in chosen.items()}
-
+    chosen = chosen_levels(quick, shifts, levels)
     if adapt and tta:
         raise ValueError("--adapt and --tta cannot be combined")
+    predictor, images, labels, _, weights = benchmark_images(run_dir, data, split, device)
+    meta, contract = predictor.meta, predictor.meta["input"]
 
     def logits_of(raw: np.ndarray) -> np.ndarray:
         return tta_logits(predictor, raw, contract) if tta else predictor.member_logits(_prepare(raw, contract))
 
     def adapted(raw: np.ndarray, reference: np.ndarray | None) -> dict[str, Any]:
-        from lungxray.sites.adapt import crossfit
 
         fit = crossfit(predictor, _prepare(raw, contract), np.arange(len(raw)), folds, seed=seed)
         return _score(fit.logits, labels, meta, reference, weights)
@@ -367,10 +377,7 @@ def run_benchmark(
                      scores["accuracy"], scores["macro_f1"], scores["flip_rate"])
     summary = summarize(cells, clean)
     if adapt:
-        summary["adapted_mean_macro_f1"] = float(np.mean([c["adapted"]["macro_f1"] for c in cells]))
-        summary["adapted_clean_macro_f1"] = clean["adapted"]["macro_f1"]
-        log.info("adapted (cross-fitted, %d folds): mean under shift %.3f (frozen %.3f)", folds,
-                 summary["adapted_mean_macro_f1"], summary["mean_macro_f1"])
+        summarize_adapted(summary, cells, clean, folds)
     log.info("clean macro F1 %.3f; mean under shift %.3f (held-out shifts %.3f)", clean["macro_f1"],
              summary["mean_macro_f1"], summary["held_out_macro_f1"] or float("nan"))
     return {
@@ -395,8 +402,6 @@ def write_benchmark(result: dict[str, Any], run_dir: str | Path, out: str | Path
     a benchmark never writes into a bundle unasked. `into_report` (refused for quick mode, whose numbers mean
     nothing) writes them to `out` or RUN_DIR/robustness and replaces any earlier section of RUN_DIR/report.md
     with this one, so the run's report carries the latest full benchmark."""
-    from lungxray.evaluation.report import plot_shifts, shift_section
-    from lungxray.io.files import write_json, write_text
 
     if into_report and result.get("quick"):
         raise ValueError("--into-report with --quick: quick mode's numbers are meaningless and never go into a report")

@@ -103,6 +103,30 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: np.n
     mean stay fp32. The file lands only when its agreement with the fp32 model on `check` is within the limits
     (`AgreementError` otherwise); the agreement is also written into its metadata.
     """
+    fp32_path, out = Path(fp32_path), Path(out_path)
+    result: Agreement | None = None
+
+    def write(tmp: Path) -> None:
+        nonlocal result
+        nodes = _quantize_static(fp32_path, tmp, calibration)
+        result = agreement(fp32_path, tmp, check)
+        if not (result.max_prob_diff <= max_prob_diff and result.label_agreement >= min_label_agreement):
+            raise AgreementError(
+                f"int8 model disagrees with fp32 on {result.images} images: max |probability difference| "
+                f"{result.max_prob_diff:.3g} (limit {max_prob_diff:g}), same label on "
+                f"{100 * result.label_agreement:.1f}% (limit {100 * min_label_agreement:g}%)")
+        _stamp_metadata(fp32_path, tmp, {"scheme": "int8 static, QDQ, per-channel weights, min/max calibration",
+                                         "nodes": nodes, "calibration_images": len(calibration),
+                                         "agreement": asdict(result)})
+
+    path = atomic_write(out, write)
+    assert result is not None
+    return path, result
+
+
+def _quantize_static(fp32_path: Path, out: Path, calibration: np.ndarray) -> list[str]:
+    """Write the int8 model of `fp32_path` to `out`, calibrated on `calibration` in batches of 8; the names of
+    the quantized nodes. onnx and onnxruntime.quantization are imported here, on the opt-in int8 path only."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -121,42 +145,30 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, calibration: np.n
             start = next(self.batches, None)
             return None if start is None else {INPUT_NAME: calibration[start : start + 8, None].astype(np.float32)}
 
-    fp32_path, out = Path(fp32_path), Path(out_path)
-    source = onnx.load(str(fp32_path))
-    result: Agreement | None = None
+    with tempfile.TemporaryDirectory(prefix="lungxray-int8-") as work:
+        folded = Path(work) / "folded.onnx"  # BatchNorm folded into the convs, shapes inferred
+        quant_pre_process(str(fp32_path), str(folded))
+        nodes = _int8_nodes(onnx.load(str(folded)))
+        if not nodes:
+            raise AgreementError(f"{fp32_path}: no convolution with >= {INT8_MIN_GROUP_CHANNELS} input "
+                                 f"channels per group, int8 would not be faster")
+        quantize_static(str(folded), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=["Conv"], nodes_to_quantize=nodes,
+                        calibrate_method=CalibrationMethod.MinMax)
+    return nodes
 
-    def write(tmp: Path) -> None:
-        nonlocal result
-        with tempfile.TemporaryDirectory(prefix="lungxray-int8-") as work:
-            folded = Path(work) / "folded.onnx"  # BatchNorm folded into the convs, shapes inferred
-            quant_pre_process(str(fp32_path), str(folded))
-            nodes = _int8_nodes(onnx.load(str(folded)))
-            if not nodes:
-                raise AgreementError(f"{fp32_path}: no convolution with >= {INT8_MIN_GROUP_CHANNELS} input "
-                                     f"channels per group, int8 would not be faster")
-            quantize_static(str(folded), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            op_types_to_quantize=["Conv"], nodes_to_quantize=nodes,
-                            calibrate_method=CalibrationMethod.MinMax)
-        result = agreement(fp32_path, tmp, check)
-        if not (result.max_prob_diff <= max_prob_diff and result.label_agreement >= min_label_agreement):
-            raise AgreementError(
-                f"int8 model disagrees with fp32 on {result.images} images: max |probability difference| "
-                f"{result.max_prob_diff:.3g} (limit {max_prob_diff:g}), same label on "
-                f"{100 * result.label_agreement:.1f}% (limit {100 * min_label_agreement:g}%)")
-        model = onnx.load(str(tmp))
-        del model.metadata_props[:]
-        model.metadata_props.extend(source.metadata_props)
-        entry = model.metadata_props.add()
-        entry.key = _QUANT_KEY
-        entry.value = json.dumps({"scheme": "int8 static, QDQ, per-channel weights, min/max calibration",
-                                  "nodes": nodes, "calibration_images": len(calibration),
-                                  "agreement": asdict(result)})
-        onnx.save(model, str(tmp))
 
-    path = atomic_write(out, write)
-    assert result is not None
-    return path, result
+def _stamp_metadata(fp32_path: Path, path: Path, quantization: dict[str, Any]) -> None:
+    """Give the int8 file the fp32 file's metadata (contract, fingerprint) plus how it was quantized."""
+    import onnx
+
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    model.metadata_props.extend(onnx.load(str(fp32_path)).metadata_props)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = _QUANT_KEY, json.dumps(quantization)
+    onnx.save(model, str(path))
 
 
 def export_int8(run_dir: str | Path, out_path: str | Path, data: str | Path, opset: int = 17,
