@@ -8,6 +8,7 @@ everywhere, also under LUNGXRAY_FUSED=0.
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable
 
 import pytest
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lungxray.models.kernels import fused_stem as fs
+from lungxray.models.kernels import loader
 from lungxray.models.nets import build_model
 
 SIZE = 64
@@ -176,10 +178,10 @@ def test_kernel_only_where_the_graph_must_not_see_it(kernel: None) -> None:
 
 
 def test_cache_reuses_the_library(kernel: None) -> None:
-    cc = fs._compiler()
+    cc = shutil.which("gcc")
     assert cc is not None
-    first = fs._build(cc)
-    assert fs._build(cc) == first and first.exists() and first.parent.name == "kernels"
+    first, _ = loader.build(cc, fs.SOURCE)
+    assert loader.build(cc, fs.SOURCE) == (first, None) and first.exists() and first.parent.name == "kernels"
     assert not list(first.parent.glob("*.tmp.so"))  # no temporary left behind
 
 
@@ -197,7 +199,7 @@ def test_fallback_when_the_build_fails(monkeypatch: pytest.MonkeyPatch, caplog: 
     """No usable compiler: one warning, then the eager path."""
     monkeypatch.delenv(fs.ENV_SWITCH, raising=False)
     monkeypatch.setattr(fs, "_state", {"lib": None, "tried": False, "reason": None, "compile_s": None, "path": None})
-    monkeypatch.setattr(fs, "_compiler", lambda: "/nonexistent/gcc")
+    monkeypatch.setenv("CC", "/nonexistent/gcc")
     model = build_model("seed_cnn", image_size=SIZE, width=8).train()
     x = torch.randn(2, 1, SIZE, SIZE)
     with caplog.at_level(logging.WARNING, logger="lungxray.models.kernels.fused_stem"):

@@ -179,31 +179,31 @@ def test_predict_of_only_bad_files_exits_non_zero(bundle: Path, tmp_path: Path) 
 
 
 def test_the_kernel_cache_refuses_libraries_it_cannot_trust(tmp_path: Path) -> None:
-    from lungxray.models.kernels import fused_stem
+    from lungxray.models.kernels import loader
 
     folder = tmp_path / "kernels"
     folder.mkdir()
     os.chmod(folder, 0o777)
-    fused_stem._trusted_folder(folder)  # our own folder: its group/other write bit is removed, not trusted as is
+    loader.trusted_folder(folder)  # our own folder: its group/other write bit is removed, not trusted as is
     assert folder.stat().st_mode & 0o022 == 0
     lib = folder / "seed_stem-x.so"
     lib.write_bytes(b"\x7fELF")
     os.chmod(lib, 0o775)
     with pytest.raises(RuntimeError, match="writable by other users"):
-        fused_stem._trusted(lib)
+        loader.trusted(lib)
     os.chmod(lib, 0o755)
-    assert fused_stem._trusted(lib) == lib
+    assert loader.trusted(lib) == lib
     link = folder / "seed_stem-y.so"
     link.symlink_to(lib)
     with pytest.raises(RuntimeError, match="not a regular file"):
-        fused_stem._trusted(link)
+        loader.trusted(link)
     if os.getuid() == 0:  # only root can give a file away
         os.chown(lib, 12345, 12345)
         with pytest.raises(RuntimeError, match=r"belongs to another user \(uid 12345\)"):
-            fused_stem._trusted(lib)
+            loader.trusted(lib)
         os.chown(folder, 12345, 12345)
         with pytest.raises(RuntimeError, match="belongs to another user"):
-            fused_stem._trusted_folder(folder)
+            loader.trusted_folder(folder)
     shutil.rmtree(folder, ignore_errors=True)
 
 

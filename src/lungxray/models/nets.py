@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lungxray.models.kernels.conv3x3 import conv3x3, use_conv3x3
 from lungxray.models.kernels.fused_stem import fused_pool_relu, fused_stem, use_fused_pool_relu, use_fused_stem
 
 __all__ = ["PackedLinear", "PackedNet", "build_model", "count_flops", "extract_member", "list_models", "member_rows",
@@ -228,6 +229,11 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, members={self.members}"
 
 
+def run_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """`conv(x)`, through the measured fp32 3x3 kernels in training where they apply (`kernels.conv3x3`)."""
+    return conv3x3(conv, x) if use_conv3x3(conv, x) else conv(x)
+
+
 class ConvBlock(nn.Module):
     """Packed conv -> [BatchNorm] -> [max-pool] -> [ReLU], or conv -> pool -> BN -> ReLU with `pool_first`.
 
@@ -260,7 +266,7 @@ class ConvBlock(nn.Module):
         self.relu, self.pool_first = relu, pool_first
 
     def forward(self, x: Tensor) -> Tensor:  # (B, K*cin, H, W) -> (B, K*cout, H', W')
-        x = self.conv(x)
+        x = run_conv(self.conv, x)
         x = self.bn(self.pool(x)) if self.pool_first else self.pool(self.bn(x))
         return F.relu(x, inplace=True) if self.relu else x
 
@@ -412,7 +418,7 @@ class SeedCNN(PackedNet):
             if i == 0 and stem:
                 x = fused_stem(x, block.conv.weight, cast(Tensor, block.conv.bias), block.conv.groups)
             elif i > 0 and pool and _pool_relu_block(block):
-                x = block.conv(x)  # oneDNN
+                x = run_conv(block.conv, x)
                 x = fused_pool_relu(x) if use_fused_pool_relu(x) else F.relu(block.pool(x), inplace=True)
             else:
                 x = block(x)

@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Choice", "choose", "for_run", "from_config"]
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the AVX2 kernels (conv3x3, 8-lane seed stem) change what is fastest
 MIN_GAIN = 1.03  # a candidate must beat the current choice by this factor
 BUSY_GAIN = 1.15  # ... by this one when the CPU is busy (load average above the cores): step times jitter by 10%+
 CLEAR_GAIN = 1.25  # after one round, a gap this large needs no second round

@@ -18,8 +18,8 @@ First block: same network, same parameters: the result equals `relu(max_pool2d(c
 to floating-point rounding (the kernel accumulates in fp32 even under bf16 autocast, where the eager conv runs in
 bf16). Under bf16 autocast the output is written in bf16, channels_last, as the next convolution wants it.
 
-The kernels are plain C (one file), compiled at first use with the system gcc into `$LUNGXRAY_CACHE/kernels` (default
-~/.cache/lungxray/kernels), named by a hash of source, flags, compiler and CPU, and loaded with ctypes. Where it is
+The kernels are plain C (csrc/seed_stem.c), compiled at first use by `loader.load_library` into
+`$LUNGXRAY_CACHE/kernels` and loaded with ctypes. Where it is
 unavailable (no gcc, not x86-64, a failed build, `LUNGXRAY_FUSED=0`) callers keep the eager path; one warning
 is logged. Nothing here is needed for correctness: every model runs without it.
 """
@@ -27,22 +27,16 @@ is logged. Nothing here is needed for correctness: every model runs without it.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lungxray.hostinfo import cache_root
+from lungxray.models.kernels.loader import load_library
 
 log = logging.getLogger(__name__)
 
@@ -71,81 +65,8 @@ def declare(lib: ctypes.CDLL) -> None:
         fn = getattr(lib, name)
         fn.argtypes = [_CTYPES[p] for p in params]
         fn.restype = None
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
-
 _lock = threading.Lock()
 _state: dict[str, Any] = {"lib": None, "tried": False, "reason": None, "compile_s": None, "path": None}
-
-
-def _cache_dir() -> Path:
-    return cache_root() / "kernels"
-
-
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("gcc")
-
-
-def _cpu_id() -> str:
-    """The CPU's model and feature flags: -march=native code built on one machine may not run on another that
-    shares the cache directory (a network home)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:  # pragma: no cover - non-Linux
-        return platform.processor() or platform.machine()
-    wanted = ("model name", "flags")
-    return "\n".join(next((ln for ln in lines if ln.startswith(w)), "") for w in wanted)
-
-
-def _build(cc: str) -> Path:
-    """Compile (or find in the cache) the shared library; returns its path. Raises on failure."""
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30, check=True).stdout
-    source = SOURCE.read_bytes()
-    ident = "\0".join([*FLAGS, version, _cpu_id()]).encode()
-    key = hashlib.sha256(source + ident).hexdigest()[:16]
-    out = _cache_dir() / f"seed_stem-{key}.so"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _trusted_folder(out.parent)
-    if out.exists():
-        return _trusted(out)
-    fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp.so", dir=out.parent)
-    os.close(fd)
-    try:
-        t0 = time.perf_counter()
-        proc = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
-        _state["compile_s"] = time.perf_counter() - t0
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, out)  # atomic: a concurrent process sees either no library or a whole one
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
-
-
-def _trusted_folder(folder: Path) -> None:
-    """Refuse a kernel folder another account owns or can write into (it could plant a library we would load)."""
-    info = folder.stat()
-    if info.st_uid != os.getuid():
-        raise RuntimeError(f"{folder} belongs to another user (uid {info.st_uid}); not loading code from it")
-    if info.st_mode & 0o022:
-        os.chmod(folder, info.st_mode & ~0o022)  # our own folder, made group/other-writable by a loose umask
-    for parent in folder.parents:  # a folder above that others can write could be swapped for another
-        pinfo = parent.stat()
-        if pinfo.st_mode & 0o002 and not pinfo.st_mode & 0o1000:  # world-writable without the sticky bit
-            raise RuntimeError(f"{parent} is writable by every user; not loading code from below it")
-
-
-def _trusted(path: Path) -> Path:
-    """A cached library is loaded only when this user owns it and no one else can write it."""
-    info = path.lstat()
-    if not path.is_file() or path.is_symlink():
-        raise RuntimeError(f"{path} is not a regular file; not loading it")
-    if info.st_uid != os.getuid():
-        raise RuntimeError(f"{path} belongs to another user (uid {info.st_uid}); not loading it")
-    if info.st_mode & 0o022:
-        raise RuntimeError(f"{path} is writable by other users; not loading it")
-    return path
 
 
 def _load() -> ctypes.CDLL | None:
@@ -156,18 +77,10 @@ def _load() -> ctypes.CDLL | None:
         reason = None
         if _switched_off():
             reason = f"{ENV_SWITCH}=0"
-        elif platform.machine().lower() not in ("x86_64", "amd64"):
-            reason = f"CPU is {platform.machine()}, not x86-64"
-        elif (cc := _compiler()) is None:
-            reason = "no gcc on PATH"
         else:
-            try:
-                path = _build(cc)
-                lib = ctypes.CDLL(str(path))
-                declare(lib)
-                _state["lib"], _state["path"] = lib, str(path)
-            except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
-                reason = f"could not build/load {SOURCE.name}: {e}"
+            built = load_library(SOURCE, declare)
+            _state.update(lib=built.lib, path=built.path, compile_s=built.compile_s)
+            reason = built.reason
         if reason is not None:
             _state["reason"] = reason
             if reason != f"{ENV_SWITCH}=0":

@@ -22,7 +22,11 @@
 #include <immintrin.h>
 #endif
 
-#define VL 16
+#ifdef __AVX512F__
+#define VL 16 /* one zmm */
+#else
+#define VL 8 /* one ymm: 16 lanes would need two per value and spill the 9 weight vectors */
+#endif
 typedef float vf __attribute__((vector_size(VL * 4)));
 typedef int32_t vi __attribute__((vector_size(VL * 4)));
 typedef uint32_t vu __attribute__((vector_size(VL * 4)));

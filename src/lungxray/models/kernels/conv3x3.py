@@ -1,0 +1,311 @@
+"""3x3 stride-1 convolutions for fp32 training on AVX2 CPUs, where oneDNN leaves much of the FMA peak unused.
+
+Measured on a 2-core AMD EPYC Zen 3 (AVX2 + FMA, fp32; docs/performance.md, "AVX2"): oneDNN's forward of the seed
+network's convolutions runs near the peak, but its weight gradient at 25-50% of it, and the grouped convolutions
+of packed ensemble members (16-128 channels per member) at 10-70%. csrc/conv3x3.c computes forward and weight
+gradient with register tiles over channels-last data; the input gradient is the forward of the output gradient,
+zero-padded by 2 - padding, with the kernel flipped and its channels swapped.
+
+Which implementation runs is decided per pass and per layer shape by measurement, not by rule: the first time a
+shape is seen, `plan_for` times this file's kernel against oneDNN for the forward, input-gradient and weight-gradient
+passes (interleaved, best of 3) and keeps the faster of each, cached in memory and on disk under
+`$LUNGXRAY_CACHE/autotune/conv3x3.json` per CPU, instruction-set limit and torch version. `LUNGXRAY_CONV3X3`
+forces it: `ours`, `onednn`, or `auto` (the default). `LUNGXRAY_FUSED=0` turns it off with the other kernels.
+
+Used only where it computes the same function: training (evaluation, export, Grad-CAM and tracing run the plain
+module), CPU, fp32 weights and input with no autocast, 3x3 kernel, stride 1, padding 0 or 1, no dilation, zero
+padding mode, output channels per group a multiple of 16 and input channels per group a multiple of 4 (of 16
+for the kernel's input gradient). Results equal oneDNN's up to float summation order (tests/test_conv3x3.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lungxray.hostinfo import cache_root
+from lungxray.io.files import write_json
+from lungxray.models.kernels.fused_stem import ENV_SWITCH, tracing
+from lungxray.models.kernels.loader import Built, load_library
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CHOICE_ENV", "Plan", "conv3x3", "conv3x3_available", "plan_for", "use_conv3x3"]
+
+SOURCE = Path(__file__).with_name("csrc") / "conv3x3.c"
+CHOICE_ENV = "LUNGXRAY_CONV3X3"  # ours | onednn | auto
+MIN_GAIN = 1.05  # the kernel must beat oneDNN by this factor on a pass to replace it
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+SIGNATURES = {"conv3x3_forward": (_P,) * 4 + (_I64,) * 6 + (ctypes.c_int,),
+              "conv3x3_backward_weight": (_P,) * 4 + (_I64,) * 6 + (ctypes.c_int,)}
+
+_lock = threading.Lock()
+_built: list[Built] = []
+_plans: dict[str, Plan] = {}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Per pass, whether this file's kernel ("ours") or oneDNN ("onednn") runs, and the measured times (ms)."""
+
+    forward: str
+    input_grad: str
+    weight_grad: str
+    times_ms: dict[str, float] | None = None
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    for name, params in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = list(params), None
+
+
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get(ENV_SWITCH, "1") == "0" or os.environ.get(CHOICE_ENV) == "onednn":
+        return None
+    with _lock:
+        if not _built:
+            _built.append(load_library(SOURCE, _declare))
+            if _built[0].reason:
+                log.info("conv3x3 kernel unavailable (%s); convolutions stay oneDNN's", _built[0].reason)
+    return _built[0].lib
+
+
+def conv3x3_available() -> bool:
+    """Whether the kernel library is built and loaded (builds it on first call)."""
+    return _library() is not None
+
+
+def use_conv3x3(conv: torch.nn.Module, x: Tensor) -> bool:
+    """Whether `conv3x3` can stand in for `conv(x)` during training (see the module docstring for the terms)."""
+    if not (isinstance(conv, torch.nn.Conv2d) and conv.training) or tracing():
+        return False
+    if conv._forward_hooks or conv._forward_pre_hooks or torch.is_autocast_enabled("cpu"):
+        return False
+    w = conv.weight
+    if x.device.type != "cpu" or w.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32:
+        return False
+    if (conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.dilation != (1, 1) or x.dim() != 4
+            or conv.padding not in ((0, 0), (1, 1)) or conv.padding_mode != "zeros"):
+        return False
+    cin, cout = w.shape[1], w.shape[0] // conv.groups
+    return cout % 16 == 0 and cin % 4 == 0 and min(x.shape[-2:]) + 2 * _pad(conv) >= 3 and conv3x3_available()
+
+
+def _pad(conv: torch.nn.Conv2d) -> int:
+    """The padding of a conv `use_conv3x3` accepted: (0, 0) or (1, 1), never a string ("same")."""
+    return int(conv.padding[0])  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------- the passes
+def _nhwc_padded(t: Tensor, pad: int) -> Tensor:
+    """(N, C, H, W) in any layout -> contiguous (N, H + 2 pad, W + 2 pad, C) with a zero border."""
+    nhwc = t.permute(0, 2, 3, 1)
+    if pad == 0:
+        return nhwc.contiguous()
+    n, h, w, c = nhwc.shape
+    out = t.new_empty((n, h + 2 * pad, w + 2 * pad, c))
+    out[:, :pad].zero_()
+    out[:, h + pad:].zero_()
+    out[:, pad:h + pad, :pad].zero_()
+    out[:, pad:h + pad, w + pad:].zero_()
+    out[:, pad:h + pad, pad:w + pad] = nhwc
+    return out
+
+
+def _ours_forward(xp: Tensor, wk: Tensor, bias: Tensor | None, groups: int) -> Tensor:
+    """xp (N, Hp, Wp, G*Ci) padded, wk (G, 9, Ci, Co) -> (N, G*Co, Hp-2, Wp-2), channels_last."""
+    n, hp, wp, _ = xp.shape
+    g, _, ci, co = wk.shape
+    out = xp.new_empty((n, hp - 2, wp - 2, g * co))
+    b = bias.contiguous() if bias is not None else None
+    _built[0].lib.conv3x3_forward(xp.data_ptr(), wk.data_ptr(), b.data_ptr() if b is not None else None,  # type: ignore[union-attr]
+                                  out.data_ptr(), n, hp, wp, g, ci, co, torch.get_num_threads())
+    return out.permute(0, 3, 1, 2)
+
+
+def _tap_major(weight: Tensor, groups: int) -> Tensor:
+    """(G*Co, Ci, 3, 3) -> (G, 9, Ci, Co)."""
+    co = weight.shape[0] // groups
+    return weight.detach().reshape(groups, co, weight.shape[1], 9).permute(0, 3, 2, 1).contiguous()
+
+
+def _flipped_swapped(weight: Tensor, groups: int) -> Tensor:
+    """The input gradient's kernel, (G, 9, Co, Ci): taps reversed, input and output channels exchanged."""
+    co = weight.shape[0] // groups
+    return weight.detach().reshape(groups, co, weight.shape[1], 9).flip(3).permute(0, 3, 1, 2).contiguous()
+
+
+def _ours_weight_grad(xp: Tensor, g: Tensor, groups: int, with_bias: bool) -> tuple[Tensor, Tensor | None]:
+    n, hp, wp, ct = xp.shape
+    gl = g.permute(0, 2, 3, 1).contiguous()
+    ci, co = ct // groups, gl.shape[-1] // groups
+    dw = xp.new_empty((groups, 9, ci, co))
+    db = xp.new_empty((groups * co,)) if with_bias else None
+    _built[0].lib.conv3x3_backward_weight(xp.data_ptr(), gl.data_ptr(), dw.data_ptr(),  # type: ignore[union-attr]
+                                          db.data_ptr() if db is not None else None, n, hp, wp, groups, ci, co,
+                                          torch.get_num_threads())
+    return dw.permute(0, 3, 2, 1).reshape(groups * co, ci, 3, 3), db
+
+
+def _onednn_backward(g: Tensor, x: Tensor | None, weight: Tensor, pad: int, groups: int, x_shape: tuple[int, ...],
+                     mask: list[bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    inp = x if x is not None else torch.empty(x_shape, memory_format=torch.channels_last)  # only its shape is read
+    out: tuple[Tensor | None, Tensor | None, Tensor | None] = torch.ops.aten.convolution_backward(
+        g, inp, weight, [weight.shape[0]] if mask[2] else None, [1, 1], [pad, pad], [1, 1], False, [0, 0], groups,
+        mask)
+    return out
+
+
+class _Conv3x3(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, pad: int, groups: int,  # type: ignore[override]
+                plan: Plan) -> Tensor:
+        xp = _nhwc_padded(x, pad) if "ours" in (plan.forward, plan.weight_grad) else None
+        if plan.forward == "ours":
+            out = _ours_forward(xp, _tap_major(weight, groups), bias, groups)  # type: ignore[arg-type]
+        else:
+            out = F.conv2d(x, weight, bias, 1, pad, 1, groups)
+        keep = xp if plan.weight_grad == "ours" else x
+        ctx.save_for_backward(keep, weight)
+        ctx.pad, ctx.groups, ctx.plan, ctx.x_shape, ctx.has_bias = pad, groups, plan, tuple(x.shape), bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        kept, weight = ctx.saved_tensors
+        plan, pad, groups = ctx.plan, ctx.pad, ctx.groups
+        want_x, want_w, want_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        dx = dw = db = None
+        if want_x and plan.input_grad == "ours":
+            dx = _ours_forward(_nhwc_padded(g, 2 - pad), _flipped_swapped(weight, groups), None, groups)
+        elif want_x:
+            dx = _onednn_backward(g, None, weight, pad, groups, ctx.x_shape, [True, False, False])[0]
+        if (want_w or want_b) and plan.weight_grad == "ours":
+            dw, db = _ours_weight_grad(kept, g, groups, ctx.has_bias and want_b)
+        elif want_w or want_b:
+            _, dw, db = _onednn_backward(g, kept, weight, pad, groups, ctx.x_shape,
+                                         [False, True, bool(ctx.has_bias and want_b)])
+        return dx, dw if want_w else None, db if want_b else None, None, None, None
+
+
+def conv3x3(conv: torch.nn.Conv2d, x: Tensor) -> Tensor:
+    """`conv(x)` through the passes `plan_for` chose for this shape. Check `use_conv3x3` first."""
+    plan = plan_for(conv, x)
+    out: Tensor = _Conv3x3.apply(x, conv.weight, conv.bias, _pad(conv), conv.groups, plan)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the choice
+def _shape_key(conv: torch.nn.Conv2d, x: Tensor) -> str:
+    """Per-group channels, spatial size, padding, grouped or not, batch and threads: what the speed depends on."""
+    n, _, h, w = x.shape
+    ci, co, g = conv.weight.shape[1], conv.weight.shape[0] // conv.groups, conv.groups
+    return f"ci{ci}-co{co}-{h}x{w}-p{_pad(conv)}-g{g}-n{n}-t{torch.get_num_threads()}"
+
+
+def _machine_key() -> str:
+    from lungxray.runtime import cpu_features
+
+    feats = cpu_features()
+    limits = "|".join(os.environ.get(v, "") for v in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"))
+    raw = f"{feats['cpu']}|{feats['isa']}|{limits}|{torch.__version__}".encode()
+    return hashlib.sha256(raw + SOURCE.read_bytes()).hexdigest()[:16]  # a changed kernel is measured again
+
+
+def _cache_file() -> Path:
+    return cache_root() / "autotune" / "conv3x3.json"
+
+
+def _read_cache() -> dict[str, Any]:
+    try:
+        data = json.loads(_cache_file().read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def plan_for(conv: torch.nn.Conv2d, x: Tensor) -> Plan:
+    """The passes to run for this layer shape: forced by LUNGXRAY_CONV3X3, else measured once and cached."""
+    forced = os.environ.get(CHOICE_ENV, "auto")
+    if forced == "ours":
+        cin_ok = conv.weight.shape[1] % 16 == 0
+        return Plan("ours", "ours" if cin_ok else "onednn", "ours")
+    key = f"{_machine_key()}/{_shape_key(conv, x)}"
+    with _lock:
+        if key in _plans:
+            return _plans[key]
+        cached = _read_cache().get(key)
+        if isinstance(cached, dict):
+            try:
+                _plans[key] = Plan(**cached)
+                return _plans[key]
+            except TypeError:
+                pass
+    plan = _measure(conv, x)
+    with _lock:
+        _plans[key] = plan
+        data = _read_cache()
+        data[key] = asdict(plan)
+        try:
+            write_json(_cache_file(), data)
+        except OSError as e:  # a read-only cache still leaves the choice for this process
+            log.debug("could not cache the conv3x3 choice: %s", e)
+    log.info("conv3x3 %s: forward %s, input gradient %s, weight gradient %s (measured, ms: %s)", _shape_key(conv, x),
+             plan.forward, plan.input_grad, plan.weight_grad, plan.times_ms)
+    return plan
+
+
+def _best_ms(fns: dict[str, Callable[[], object]], rounds: int = 3) -> dict[str, float]:
+    """Best time of each function over interleaved rounds, after one untimed call each."""
+    for fn in fns.values():
+        fn()
+    best = {name: float("inf") for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], 1e3 * (time.perf_counter() - t0))
+    return best
+
+
+def _measure(conv: torch.nn.Conv2d, x: Tensor) -> Plan:
+    """Time each pass both ways on random data of this shape (about 20 passes; a second or two per layer)."""
+    pad, groups = _pad(conv), conv.groups
+    w = conv.weight.detach()
+    gen = torch.Generator().manual_seed(0)  # its own: measuring must not move training's random stream
+    xr = torch.randn(x.shape, generator=gen).contiguous(memory_format=torch.channels_last)
+    n, _, h, wd = x.shape
+    out_shape = (n, w.shape[0], h + 2 * pad - 2, wd + 2 * pad - 2)
+    gr = torch.randn(out_shape, generator=gen).contiguous(memory_format=torch.channels_last)
+    xp = _nhwc_padded(xr, pad)
+    wk, wf = _tap_major(w, groups), _flipped_swapped(w, groups)
+    fns: dict[str, Callable[[], object]] = {
+        "forward/ours": lambda: _ours_forward(xp, wk, None, groups),
+        "forward/onednn": lambda: F.conv2d(xr, w, None, 1, pad, 1, groups),
+        "weight_grad/ours": lambda: _ours_weight_grad(xp, gr, groups, False),
+        "weight_grad/onednn": lambda: _onednn_backward(gr, xr, w, pad, groups, tuple(x.shape), [False, True, False]),
+        "input_grad/onednn": lambda: _onednn_backward(gr, None, w, pad, groups, tuple(x.shape), [True, False, False]),
+    }
+    if w.shape[1] % 16 == 0:
+        fns["input_grad/ours"] = lambda: _ours_forward(_nhwc_padded(gr, 2 - pad), wf, None, groups)
+    ms = _best_ms(fns)
+
+    def pick(stage: str) -> str:
+        ours = ms.get(f"{stage}/ours", float("inf"))
+        return "ours" if ours * MIN_GAIN < ms[f"{stage}/onednn"] else "onednn"
+
+    return Plan(pick("forward"), pick("input_grad"), pick("weight_grad"), {k: round(v, 2) for k, v in ms.items()})

@@ -1,0 +1,160 @@
+/* 3x3 stride-1 convolutions in fp32, channels last, grouped: forward and weight gradient (the input gradient is
+ * the forward of the padded output gradient with the flipped, transposed kernel, so the same code serves it).
+ *
+ * Why: on CPUs without AVX-512 oneDNN's fp32 weight gradient runs at 25-50% of the FMA peak for seed_cnn's
+ * layers, and its grouped convolutions (packed ensemble members, 16-128 channels per group) at 10-20%
+ * (docs/performance.md, "AVX2"). These loops keep a tile of outputs in registers (6 positions x 16 channels
+ * forward, 4 x 16 weights for the gradient) and stream the inputs through FMAs.
+ *
+ * C with AVX2/FMA intrinsics (8 floats per ymm register) and OpenMP, loaded by
+ * lungxray/models/kernels/conv3x3.py with ctypes. All tensors contiguous, row-major:
+ *   x    (N, Hp, Wp, G*Ci)   input, already zero-padded (valid convolution on it)
+ *   w    (G, 9, Ci, Co)      weights, tap-major (t = ky*3 + kx), a tap's output channels contiguous
+ *   out  (N, Hp-2, Wp-2, G*Co)
+ *   g    (N, Hp-2, Wp-2, G*Co)  gradient of out (weight gradient)
+ *   dw   (G, 9, Ci, Co), db (G*Co): overwritten; db may be NULL
+ * Co must be a multiple of 16 and, for the weight gradient, Ci a multiple of 4 (the Python side checks).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if !defined(__AVX2__) || !defined(__FMA__)
+#error "conv3x3.c needs AVX2 and FMA (elsewhere the convolutions stay oneDNN's)"
+#endif
+#include <immintrin.h>
+
+typedef __m256 v8;
+#define LD(p) _mm256_loadu_ps(p)
+#define ST(p, v) _mm256_storeu_ps((p), (v))
+#define BC(p) _mm256_broadcast_ss(p)
+#define FMA(a, b, c) _mm256_fmadd_ps((a), (b), (c))
+#define ADD(a, b) _mm256_add_ps((a), (b))
+#define ZERO _mm256_setzero_ps()
+#define RPOS 6 /* forward: output positions per register tile (12 accumulators + 2 weights + 1 broadcast) */
+
+static inline int nthr(int n) { return n > 0 ? n : 1; }
+
+/* R output positions x 16 output channels of one row, one group: acc = bias + sum over taps and input channels */
+static inline __attribute__((always_inline)) void fwd_tile(const float *xr, const float *wg, const float *b,
+                                                           float *o, int64_t Wp, int64_t CT, int64_t Ci,
+                                                           int64_t Co, int64_t GT, const int R) {
+    v8 a0[RPOS], a1[RPOS];
+    const v8 b0 = b ? LD(b) : ZERO, b1 = b ? LD(b + 8) : ZERO;
+    for (int r = 0; r < R; r++) { a0[r] = b0; a1[r] = b1; }
+    for (int dy = 0; dy < 3; dy++) {
+        for (int dx = 0; dx < 3; dx++) {
+            const float *xp = xr + (dy * Wp + dx) * CT;
+            const float *wp = wg + (dy * 3 + dx) * Ci * Co;
+            for (int64_t c = 0; c < Ci; c++, xp++, wp += Co) {
+                const v8 w0 = LD(wp), w1 = LD(wp + 8);
+                for (int r = 0; r < R; r++) {
+                    const v8 xv = BC(xp + r * CT);
+                    a0[r] = FMA(xv, w0, a0[r]);
+                    a1[r] = FMA(xv, w1, a1[r]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) { ST(o + r * GT, a0[r]); ST(o + r * GT + 8, a1[r]); }
+}
+
+void conv3x3_forward(const float *x, const float *w, const float *bias, float *out, int64_t N, int64_t Hp,
+                     int64_t Wp, int64_t G, int64_t Ci, int64_t Co, int nthreads) {
+    const int64_t Ho = Hp - 2, Wo = Wp - 2, CT = G * Ci, GT = G * Co;
+#pragma omp parallel for schedule(static) num_threads(nthr(nthreads))
+    for (int64_t task = 0; task < N * Ho; task++) {  /* one output row per task: a contiguous block */
+        const int64_t y = task % Ho, n = task / Ho;
+        const float *xrow = x + ((n * Hp + y) * Wp) * CT;
+        float *orow = out + ((n * Ho + y) * Wo) * GT;
+        for (int64_t gi = 0; gi < G; gi++) {
+            for (int64_t c0 = 0; c0 < Co; c0 += 16) {
+                const float *wg = w + gi * 9 * Ci * Co + c0;
+                const float *b = bias ? bias + gi * Co + c0 : NULL;
+                int64_t j = 0;
+                for (; j + RPOS <= Wo; j += RPOS)
+                    fwd_tile(xrow + j * CT + gi * Ci, wg, b, orow + j * GT + gi * Co + c0, Wp, CT, Ci, Co, GT, RPOS);
+                switch (Wo - j) {  /* the row's last positions: a narrower tile, unrolled at compile time */
+                    case 5: fwd_tile(xrow + j * CT + gi * Ci, wg, b, orow + j * GT + gi * Co + c0, Wp, CT, Ci, Co, GT, 5); break;
+                    case 4: fwd_tile(xrow + j * CT + gi * Ci, wg, b, orow + j * GT + gi * Co + c0, Wp, CT, Ci, Co, GT, 4); break;
+                    case 3: fwd_tile(xrow + j * CT + gi * Ci, wg, b, orow + j * GT + gi * Co + c0, Wp, CT, Ci, Co, GT, 3); break;
+                    case 2: fwd_tile(xrow + j * CT + gi * Ci, wg, b, orow + j * GT + gi * Co + c0, Wp, CT, Ci, Co, GT, 2); break;
+                    case 1: fwd_tile(xrow + j * CT + gi * Ci, wg, b, orow + j * GT + gi * Co + c0, Wp, CT, Ci, Co, GT, 1); break;
+                    default: break;
+                }
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ weight gradient */
+/* dw[tap][ci0..ci0+3][c0..c0+15] += sum over n positions of one row of x at the tap's offset times g */
+static inline void wgrad_tile(const float *xc, const float *gp, float *dst, int64_t n, int64_t CT, int64_t GT,
+                              int64_t Co) {
+    v8 a[4][2] = {{ZERO, ZERO}, {ZERO, ZERO}, {ZERO, ZERO}, {ZERO, ZERO}};
+    for (int64_t j = 0; j < n; j++, xc += CT, gp += GT) {
+        const v8 g0 = LD(gp), g1 = LD(gp + 8);
+        for (int c = 0; c < 4; c++) {
+            const v8 xv = BC(xc + c);
+            a[c][0] = FMA(xv, g0, a[c][0]);
+            a[c][1] = FMA(xv, g1, a[c][1]);
+        }
+    }
+    for (int c = 0; c < 4; c++) {
+        ST(dst + c * Co, ADD(LD(dst + c * Co), a[c][0]));
+        ST(dst + c * Co + 8, ADD(LD(dst + c * Co + 8), a[c][1]));
+    }
+}
+
+/* One task per output row; a group's row is cut into segments short enough that their x (3 input rows) and g
+ * stay in L1 (~24 KB) while every tile of every tap passes over them. Each thread sums into its own dw and db,
+ * added up at the end. */
+void conv3x3_backward_weight(const float *x, const float *g, float *dw, float *db, int64_t N, int64_t Hp,
+                             int64_t Wp, int64_t G, int64_t Ci, int64_t Co, int nthreads) {
+    const int64_t Ho = Hp - 2, Wo = Wp - 2, CT = G * Ci, GT = G * Co, per = G * 9 * Ci * Co;
+    int64_t seg = 6144 / (3 * Ci + Co) - 2;
+    seg = seg < 4 ? 4 : seg;
+    const int64_t nseg = (Wo + seg - 1) / seg;
+    seg = (Wo + nseg - 1) / nseg;  /* equal segments */
+    nthreads = nthr(nthreads);
+    float *acc = calloc((size_t)(nthreads * (per + GT)), sizeof(float));
+    if (!acc) return;
+#pragma omp parallel num_threads(nthreads)
+    {
+#ifdef _OPENMP
+        float *mine = acc + (int64_t)omp_get_thread_num() * (per + GT);
+#else
+        float *mine = acc;
+#endif
+        float *mine_b = mine + per;
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < N * Ho; task++) {
+            const int64_t y = task % Ho, n = task / Ho;
+            const float *xrow = x + ((n * Hp + y) * Wp) * CT, *grow = g + ((n * Ho + y) * Wo) * GT;
+            for (int64_t gi = 0; gi < G; gi++) {
+                for (int64_t j0 = 0; j0 < Wo; j0 += seg) {
+                    const int64_t len = Wo - j0 < seg ? Wo - j0 : seg;
+                    const float *xs = xrow + j0 * CT + gi * Ci, *gs = grow + j0 * GT + gi * Co;
+                    for (int t = 0; t < 9; t++)
+                        for (int64_t c0 = 0; c0 < Co; c0 += 16)
+                            for (int64_t c = 0; c < Ci; c += 4)
+                                wgrad_tile(xs + ((t / 3) * Wp + t % 3) * CT + c, gs + c0,
+                                           mine + ((gi * 9 + t) * Ci + c) * Co + c0, len, CT, GT, Co);
+                }
+            }
+            if (db)
+                for (int64_t p = 0; p < Wo; p++)
+                    for (int64_t c0 = 0; c0 < GT; c0 += 8) ST(mine_b + c0, ADD(LD(mine_b + c0), LD(grow + p * GT + c0)));
+        }
+    }
+    for (int64_t q = 0; q < per + GT; q++) {
+        float tot = 0.0f;
+        for (int th = 0; th < nthreads; th++) tot += acc[th * (per + GT) + q];
+        if (q < per) dw[q] = tot;
+        else if (db) db[q - per] = tot;
+    }
+    free(acc);
+}

@@ -1,0 +1,123 @@
+"""The fp32 3x3 convolution kernels (`models.kernels.conv3x3`) compute what nn.Conv2d computes, values and gradients,
+whichever pass runs where; the per-shape choice is measured, cached and overridable."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lungxray.models import nets
+from lungxray.models.kernels import conv3x3 as c3
+from lungxray.models.nets import build_model
+
+needs_kernel = pytest.mark.skipif(not c3.conv3x3_available(), reason="conv3x3 kernel needs gcc and AVX2+FMA")
+
+
+def _reference(conv: torch.nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    w = conv.weight.detach().clone().requires_grad_()
+    b = conv.bias.detach().clone().requires_grad_() if conv.bias is not None else None
+    xx = x.detach().clone().requires_grad_()
+    y = F.conv2d(xx, w, b, 1, conv.padding, 1, conv.groups)
+    y.backward(g)
+    return y.detach(), xx.grad, w.grad, b.grad if b is not None else None
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    scale = b.abs().max().item() or 1.0
+    assert (a - b).abs().max().item() <= 2e-5 * scale, (a - b).abs().max().item() / scale
+
+
+@needs_kernel
+@pytest.mark.parametrize("plan", [c3.Plan("ours", "ours", "ours"), c3.Plan("onednn", "onednn", "ours"),
+                                  c3.Plan("ours", "onednn", "onednn")])
+@pytest.mark.parametrize(("cin", "cout", "groups", "pad", "size", "bias"),
+                         [(32, 16, 1, 0, 11, True), (16, 32, 3, 1, 9, False), (4, 16, 2, 1, 7, True),
+                          (16, 16, 1, 0, 3, True)])
+def test_every_pass_matches_conv2d(plan: c3.Plan, cin: int, cout: int, groups: int, pad: int, size: int,
+                                   bias: bool) -> None:
+    if plan.input_grad == "ours" and cin % 16:
+        plan = c3.Plan(plan.forward, "onednn", plan.weight_grad)  # the kernel's input gradient needs 16 | cin
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(cin * groups, cout * groups, 3, padding=pad, groups=groups, bias=bias)
+    x = torch.randn(3, cin * groups, size, size + 2).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    out = c3._Conv3x3.apply(x, conv.weight, conv.bias, pad, groups, plan)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref_y, ref_dx, ref_dw, ref_db = _reference(conv, x, g)
+    _close(out.detach(), ref_y)
+    _close(x.grad, ref_dx)
+    _close(conv.weight.grad, ref_dw)
+    if bias:
+        _close(conv.bias.grad, ref_db)
+
+
+@needs_kernel
+def test_nchw_input_and_no_input_gradient() -> None:
+    torch.manual_seed(1)
+    conv = torch.nn.Conv2d(16, 32, 3)
+    x = torch.randn(2, 16, 8, 8)  # contiguous NCHW, no gradient wanted (a first layer)
+    out = c3._Conv3x3.apply(x, conv.weight, conv.bias, 0, 1, c3.Plan("ours", "ours", "ours"))
+    out.sum().backward()
+    w = conv.weight.detach().clone().requires_grad_()
+    F.conv2d(x, w, conv.bias.detach()).sum().backward()
+    _close(conv.weight.grad, w.grad)
+
+
+def test_used_only_where_it_computes_the_same_function() -> None:
+    conv = torch.nn.Conv2d(16, 32, 3, padding=1)
+    x = torch.randn(2, 16, 8, 8)
+    conv.eval()
+    assert not c3.use_conv3x3(conv, x)  # evaluation, export and Grad-CAM run the module
+    conv.train()
+    assert not c3.use_conv3x3(conv, x.double())
+    assert not c3.use_conv3x3(torch.nn.Conv2d(16, 32, 3, stride=2), x)
+    assert not c3.use_conv3x3(torch.nn.Conv2d(16, 24, 3), x)  # 24 output channels: not a multiple of 16
+    assert not c3.use_conv3x3(torch.nn.Conv2d(16, 32, 3, padding=1, padding_mode="reflect"), x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not c3.use_conv3x3(conv, x)
+    handle = conv.register_forward_hook(lambda *a: None)
+    assert not c3.use_conv3x3(conv, x)
+    handle.remove()
+    assert c3.use_conv3x3(conv, x) == c3.conv3x3_available()
+
+
+@needs_kernel
+def test_the_choice_is_measured_once_cached_and_forced_by_the_environment(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("LUNGXRAY_CACHE", str(tmp_path))
+    monkeypatch.setattr(c3, "_plans", {})
+    conv = torch.nn.Conv2d(16, 32, 3, padding=1).train()
+    x = torch.randn(2, 16, 12, 12)
+    plan = c3.plan_for(conv, x)
+    assert {plan.forward, plan.input_grad, plan.weight_grad} <= {"ours", "onednn"}
+    assert set(plan.times_ms) >= {"forward/ours", "forward/onednn", "weight_grad/ours", "weight_grad/onednn"}
+    stored = json.loads((tmp_path / "autotune" / "conv3x3.json").read_text())
+    assert [v["forward"] for v in stored.values()] == [plan.forward]
+    c3._plans.clear()
+    assert c3.plan_for(conv, x) == plan  # read back from the file, not measured again
+    monkeypatch.setenv(c3.CHOICE_ENV, "ours")
+    assert c3.plan_for(conv, x) == c3.Plan("ours", "ours", "ours")
+    monkeypatch.setenv(c3.CHOICE_ENV, "onednn")
+    assert not c3.use_conv3x3(conv, x)
+
+
+@needs_kernel
+@pytest.mark.parametrize("arch", ["seed_cnn", "compact_cnn"])
+def test_a_training_step_gives_the_same_gradients_with_the_kernels(arch: str, monkeypatch) -> None:
+    torch.manual_seed(2)
+    model = build_model(arch, members=2, image_size=64, dropout=0.0).train()
+    x = torch.randn(4, 2, 64, 64)
+    calls = []
+    monkeypatch.setattr(nets, "conv3x3", lambda conv, t: calls.append(conv) or c3.conv3x3(conv, t))
+    grads = {}
+    for choice in ("ours", "onednn"):
+        monkeypatch.setenv(c3.CHOICE_ENV, choice)
+        model.zero_grad()
+        model(x).square().mean().backward()
+        grads[choice] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert len(calls) >= 2  # the kernels ran (LUNGXRAY_CONV3X3=onednn turns them off: no calls the second time)
+    for name, g in grads["ours"].items():
+        _close(g, grads["onednn"][name])
