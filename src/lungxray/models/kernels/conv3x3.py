@@ -14,7 +14,7 @@ forces it: `ours`, `onednn`, or `auto` (the default). `LUNGXRAY_FUSED=0` turns i
 
 Used only where it computes the same function: training (evaluation, export, Grad-CAM and tracing run the plain
 module), CPU, fp32 weights and input with no autocast, 3x3 kernel, stride 1, padding 0 or 1, no dilation, zero
-padding mode, output channels per group a multiple of 16 and input channels per group a multiple of 4 (of 16
+padding mode, output channels per group a multiple of 16 and input channels per group a multiple of 2 (of 16
 for the kernel's input gradient). Results equal oneDNN's up to float summation order (tests/test_conv3x3.py).
 """
 
@@ -102,7 +102,7 @@ def use_conv3x3(conv: torch.nn.Module, x: Tensor) -> bool:
             or conv.padding not in ((0, 0), (1, 1)) or conv.padding_mode != "zeros"):
         return False
     cin, cout = w.shape[1], w.shape[0] // conv.groups
-    return cout % 16 == 0 and cin % 4 == 0 and min(x.shape[-2:]) + 2 * _pad(conv) >= 3 and conv3x3_available()
+    return cout % 16 == 0 and cin % 2 == 0 and min(x.shape[-2:]) + 2 * _pad(conv) >= 3 and conv3x3_available()
 
 
 def _pad(conv: torch.nn.Conv2d) -> int:

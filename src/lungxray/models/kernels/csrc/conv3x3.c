@@ -4,7 +4,7 @@
  * Why: on CPUs without AVX-512 oneDNN's fp32 weight gradient runs at 25-50% of the FMA peak for seed_cnn's
  * layers, and its grouped convolutions (packed ensemble members, 16-128 channels per group) at 10-20%
  * (docs/performance.md, "AVX2"). These loops keep a tile of outputs in registers (6 positions x 16 channels
- * forward, 4 x 16 weights for the gradient) and stream the inputs through FMAs.
+ * forward, 3 taps x 2 x 16 weights for the gradient) and stream the inputs through FMAs.
  *
  * C with AVX2/FMA intrinsics (8 floats per ymm register) and OpenMP, loaded by
  * lungxray/models/kernels/conv3x3.py with ctypes. All tensors contiguous, row-major:
@@ -13,7 +13,7 @@
  *   out  (N, Hp-2, Wp-2, G*Co)
  *   g    (N, Hp-2, Wp-2, G*Co)  gradient of out (weight gradient)
  *   dw   (G, 9, Ci, Co), db (G*Co): overwritten; db may be NULL
- * Co must be a multiple of 16 and, for the weight gradient, Ci a multiple of 4 (the Python side checks).
+ * Co must be a multiple of 16 and, for the weight gradient, Ci a multiple of 2 (the Python side checks).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -91,21 +91,36 @@ void conv3x3_forward(const float *x, const float *w, const float *bias, float *o
 }
 
 /* ------------------------------------------------------------------------------------------ weight gradient */
-/* dw[tap][ci0..ci0+3][c0..c0+15] += sum over n positions of one row of x at the tap's offset times g */
-static inline void wgrad_tile(const float *xc, const float *gp, float *dst, int64_t n, int64_t CT, int64_t GT,
-                              int64_t Co) {
-    v8 a[4][2] = {{ZERO, ZERO}, {ZERO, ZERO}, {ZERO, ZERO}, {ZERO, ZERO}};
+/* dw[dy*3 + dx][c..c+1][c0..c0+15] += sum over n positions of one row, for the three taps dx = 0, 1, 2 of row dy:
+ * 12 accumulators, and each load of g serves 3 taps x 2 input channels (6 broadcasts + 2 loads per 12 FMAs) */
+static inline __attribute__((always_inline)) void wgrad_tile(const float *xc, const float *gp, float *dst,
+                                                             int64_t n, int64_t CT, int64_t GT, int64_t Ci,
+                                                             int64_t Co) {
+    /* named accumulators: GCC keeps a loop-indexed array of vectors on the stack */
+    v8 a00 = ZERO, a01 = ZERO, a10 = ZERO, a11 = ZERO, a20 = ZERO, a21 = ZERO;  /* tap 0, 1, 2; channel c */
+    v8 b00 = ZERO, b01 = ZERO, b10 = ZERO, b11 = ZERO, b20 = ZERO, b21 = ZERO;  /* ... channel c + 1 */
     for (int64_t j = 0; j < n; j++, xc += CT, gp += GT) {
         const v8 g0 = LD(gp), g1 = LD(gp + 8);
-        for (int c = 0; c < 4; c++) {
-            const v8 xv = BC(xc + c);
-            a[c][0] = FMA(xv, g0, a[c][0]);
-            a[c][1] = FMA(xv, g1, a[c][1]);
-        }
+        v8 xv = BC(xc);
+        a00 = FMA(xv, g0, a00); a01 = FMA(xv, g1, a01);
+        xv = BC(xc + 1);
+        b00 = FMA(xv, g0, b00); b01 = FMA(xv, g1, b01);
+        xv = BC(xc + CT);
+        a10 = FMA(xv, g0, a10); a11 = FMA(xv, g1, a11);
+        xv = BC(xc + CT + 1);
+        b10 = FMA(xv, g0, b10); b11 = FMA(xv, g1, b11);
+        xv = BC(xc + 2 * CT);
+        a20 = FMA(xv, g0, a20); a21 = FMA(xv, g1, a21);
+        xv = BC(xc + 2 * CT + 1);
+        b20 = FMA(xv, g0, b20); b21 = FMA(xv, g1, b21);
     }
-    for (int c = 0; c < 4; c++) {
-        ST(dst + c * Co, ADD(LD(dst + c * Co), a[c][0]));
-        ST(dst + c * Co + 8, ADD(LD(dst + c * Co + 8), a[c][1]));
+    const v8 sums[12] = {a00, a01, b00, b01, a10, a11, b10, b11, a20, a21, b20, b21};
+    for (int t = 0; t < 3; t++) {
+        for (int c = 0; c < 2; c++) {
+            float *d = dst + (t * Ci + c) * Co;
+            ST(d, ADD(LD(d), sums[4 * t + 2 * c]));
+            ST(d + 8, ADD(LD(d + 8), sums[4 * t + 2 * c + 1]));
+        }
     }
 }
 
@@ -138,11 +153,11 @@ void conv3x3_backward_weight(const float *x, const float *g, float *dw, float *d
                 for (int64_t j0 = 0; j0 < Wo; j0 += seg) {
                     const int64_t len = Wo - j0 < seg ? Wo - j0 : seg;
                     const float *xs = xrow + j0 * CT + gi * Ci, *gs = grow + j0 * GT + gi * Co;
-                    for (int t = 0; t < 9; t++)
+                    for (int dy = 0; dy < 3; dy++)
                         for (int64_t c0 = 0; c0 < Co; c0 += 16)
-                            for (int64_t c = 0; c < Ci; c += 4)
-                                wgrad_tile(xs + ((t / 3) * Wp + t % 3) * CT + c, gs + c0,
-                                           mine + ((gi * 9 + t) * Ci + c) * Co + c0, len, CT, GT, Co);
+                            for (int64_t c = 0; c < Ci; c += 2)
+                                wgrad_tile(xs + dy * Wp * CT + c, gs + c0, mine + ((gi * 9 + dy * 3) * Ci + c) * Co + c0,
+                                           len, CT, GT, Ci, Co);
                 }
             }
             if (db)
