@@ -122,28 +122,35 @@ void seed_stem_forward(const float *x, const float *wt, const float *bias, void 
         const int64_t obase = ((n * Ho + i) * Wo) * KC + k * C;
         for (int64_t c0 = 0; c0 < C; c0 += VL) {
             const int nl = (int)(C - c0 < VL ? C - c0 : VL);
-            vf w[9];
-            for (int t = 0; t < 9; t++) w[t] = load_f32(wt + (k * 9 + t) * C + c0, nl);
+            /* named, not an array: GCC keeps loop-indexed arrays of vectors on the stack */
+#define W_(t) const vf w##t = load_f32(wt + (k * 9 + t) * C + c0, nl);
+            W_(0) W_(1) W_(2) W_(3) W_(4) W_(5) W_(6) W_(7) W_(8)
+#undef W_
             const vf b = load_f32(bias + k * C + c0, nl);
             for (int64_t j = 0; j < Wo; j++) {
                 const float *p0 = xr + 2 * j, *p1 = p0 + W, *p2 = p1 + W, *p3 = p2 + W;
                 const float *pr[4] = {p0, p1, p2, p3};
-                vf a[4];
-                for (int d = 0; d < 4; d++) {
+                vf m = {0};
+                vi arg = {0};
+                for (int d = 0; d < 4; d++) {  /* the window's 4 conv values, folded into the max as they come */
                     const int dy = d >> 1, dx = d & 1;
-                    vf s = w[0] * pr[dy][dx];
-                    s += w[1] * pr[dy][dx + 1];
-                    s += w[2] * pr[dy][dx + 2];
-                    s += w[3] * pr[dy + 1][dx];
-                    s += w[4] * pr[dy + 1][dx + 1];
-                    s += w[5] * pr[dy + 1][dx + 2];
-                    s += w[6] * pr[dy + 2][dx];
-                    s += w[7] * pr[dy + 2][dx + 1];
-                    s += w[8] * pr[dy + 2][dx + 2];
-                    a[d] = s;
+                    vf s = w0 * pr[dy][dx];
+                    s += w1 * pr[dy][dx + 1];
+                    s += w2 * pr[dy][dx + 2];
+                    s += w3 * pr[dy + 1][dx];
+                    s += w4 * pr[dy + 1][dx + 1];
+                    s += w5 * pr[dy + 1][dx + 2];
+                    s += w6 * pr[dy + 2][dx];
+                    s += w7 * pr[dy + 2][dx + 1];
+                    s += w8 * pr[dy + 2][dx + 2];
+                    if (d == 0) {
+                        m = s;
+                    } else {  /* max4's rule: a later value wins if greater or NaN */
+                        const vi take = (s > m) | (s != s);
+                        m = vsel(take, s, m);
+                        arg = (arg & ~take) | (((vi){0} + d) & take);
+                    }
                 }
-                vi arg;
-                vf m = max4(a, &arg);
                 m += b;
                 const vi pos = m > 0;  /* ReLU passes (and its gradient flows) where out > 0 */
                 m = vsel(pos, m, (vf){0});
@@ -182,7 +189,8 @@ void seed_stem_backward_weight(const float *x, const void *g, const uint8_t *cod
             const int64_t gbase = ((n * Ho + i) * Wo) * KC + k * C;
             for (int64_t c0 = 0; c0 < C; c0 += VL) {
                 const int nl = (int)(C - c0 < VL ? C - c0 : VL);
-                vf s[9] = {{0}}, sb = {0};  /* this row's sums, added to the thread's doubles at the end */
+                vf s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}, s4 = {0}, s5 = {0}, s6 = {0}, s7 = {0}, s8 = {0};
+                vf sb = {0};  /* this row's sums (named: see the forward), added to the thread's doubles at the end */
                 for (int64_t j = 0; j < Wo; j++) {
                     const int64_t o = gbase + j * KC + c0;
                     const vf gv = g_bf16 ? load_bf16((const uint16_t *)g + o, nl) : load_f32((const float *)g + o, nl);
@@ -193,17 +201,18 @@ void seed_stem_backward_weight(const float *x, const void *g, const uint8_t *cod
                     for (int d = 0; d < 4; d++) {
                         const int dy = d >> 1, dx = d & 1;
                         const vf gd = vsel(cv == d, gv, (vf){0});  /* code d: passed the ReLU, argmax d */
-                        s[0] += gd * pr[dy][dx];
-                        s[1] += gd * pr[dy][dx + 1];
-                        s[2] += gd * pr[dy][dx + 2];
-                        s[3] += gd * pr[dy + 1][dx];
-                        s[4] += gd * pr[dy + 1][dx + 1];
-                        s[5] += gd * pr[dy + 1][dx + 2];
-                        s[6] += gd * pr[dy + 2][dx];
-                        s[7] += gd * pr[dy + 2][dx + 1];
-                        s[8] += gd * pr[dy + 2][dx + 2];
+                        s0 += gd * pr[dy][dx];
+                        s1 += gd * pr[dy][dx + 1];
+                        s2 += gd * pr[dy][dx + 2];
+                        s3 += gd * pr[dy + 1][dx];
+                        s4 += gd * pr[dy + 1][dx + 1];
+                        s5 += gd * pr[dy + 1][dx + 2];
+                        s6 += gd * pr[dy + 2][dx];
+                        s7 += gd * pr[dy + 2][dx + 1];
+                        s8 += gd * pr[dy + 2][dx + 2];
                     }
                 }
+                const vf s[9] = {s0, s1, s2, s3, s4, s5, s6, s7, s8};
                 for (int l = 0; l < nl; l++) {
                     double *dst = mine + (k * C + c0 + l) * 10;
                     for (int t = 0; t < 9; t++) dst[t] += s[t][l];
