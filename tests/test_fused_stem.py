@@ -243,6 +243,41 @@ def test_pool_relu_matches_eager_exactly(kernel: None, dtype: torch.dtype, chann
     assert xb.grad.dtype == dtype and torch.equal(xb.grad, xa.grad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pool_without_relu_matches_max_pool_exactly(kernel: None, dtype: torch.dtype) -> None:
+    """relu=False (the pool before BatchNorm in pool_first blocks): max_pool2d's values and gradients bit for bit,
+    negative maxima, ties, NaN and an odd last row and column included."""
+    torch.manual_seed(7)
+    x = torch.randint(-3, 4, (3, 16, 9, 7)).to(dtype).contiguous(memory_format=torch.channels_last)
+    x[0, 0, 0, 0] = float("nan")
+    (xa,), (xb,) = _pair(x)
+    ref, out = F.max_pool2d(xa, 2), fs.fused_pool_relu(xb, relu=False)
+    assert (ref < 0).any()
+    torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
+    g = torch.randint(-3, 4, ref.shape).to(dtype)
+    ref.backward(g)
+    out.backward(g)
+    assert torch.equal(xb.grad, xa.grad)
+
+
+def test_pool_first_blocks_use_the_pool_kernel_in_training(kernel: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """compact_cnn's conv -> pool -> BN blocks: the kernel runs in training (and not in evaluation), same loss."""
+    torch.manual_seed(3)
+    model = build_model("compact_cnn", members=2, image_size=64, dropout=0.0)
+    x = torch.randn(4, 2, 64, 64)
+    calls: list[bool] = []
+    apply = fs._FusedPoolReLU.apply
+    monkeypatch.setattr(fs._FusedPoolReLU, "apply", lambda t, relu: calls.append(relu) or apply(t, relu))
+    model.eval()
+    model(x)
+    assert calls == []
+    model.train()
+    loss_on = model(x).square().mean()
+    assert calls and not any(calls)
+    monkeypatch.setenv(fs.ENV_SWITCH, "0")
+    torch.testing.assert_close(model(x).square().mean(), loss_on, rtol=1e-6, atol=0)
+
+
 def test_pool_relu_random_bf16_under_autocast(kernel: None) -> None:
     """Random bf16 data as the conv leaves it under autocast, gradient arriving in fp32 (autograd casts it back)."""
     torch.manual_seed(5)

@@ -267,8 +267,16 @@ class ConvBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # (B, K*cin, H, W) -> (B, K*cout, H', W')
         x = run_conv(self.conv, x)
-        x = self.bn(self.pool(x)) if self.pool_first else self.pool(self.bn(x))
+        x = self.bn(self._pool_first(x)) if self.pool_first else self.pool(self.bn(x))
         return F.relu(x, inplace=True) if self.relu else x
+
+    def _pool_first(self, x: Tensor) -> Tensor:
+        """In training on CPU the 2x2 max-pool before BN runs as the pool kernel (`fused_pool_relu` without its
+        ReLU): max_pool2d's values and gradients bit for bit, without int64 indices and a zero-filled
+        full-resolution gradient. (Pool -> ReLU blocks, the seed's, use the kernel with its ReLU: `SeedCNN`.)"""
+        if self.training and _is_pool2(self.pool) and not _has_hooks(self.pool) and use_fused_pool_relu(x):
+            return fused_pool_relu(x, relu=False)
+        return self.pool(x)
 
 
 class BasicBlock(nn.Module):
@@ -353,11 +361,15 @@ def _has_hooks(module: nn.Module) -> bool:
 
 def _pool_relu_block(block: ConvBlock) -> bool:
     """conv -> 2x2/2 max-pool -> ReLU as written (no BN, no hooks): what the fused kernels compute after the conv."""
-    pool = block.pool
+    return bool(_is_pool2(block.pool) and block.relu and not block.pool_first and isinstance(block.bn, nn.Identity)
+                and not _has_hooks(block))
+
+
+def _is_pool2(pool: nn.Module) -> bool:
+    """A plain 2x2/2 max-pool (what the pool kernel computes)."""
     return bool(isinstance(pool, nn.MaxPool2d) and pool.kernel_size in (2, (2, 2)) and pool.stride in (2, (2, 2))
                 and pool.padding in (0, (0, 0)) and pool.dilation in (1, (1, 1)) and not pool.ceil_mode
-                and not pool.return_indices and block.relu and not block.pool_first
-                and isinstance(block.bn, nn.Identity) and not _has_hooks(block))
+                and not pool.return_indices)
 
 
 # ------------------------------------------------------------------------------------------------ models

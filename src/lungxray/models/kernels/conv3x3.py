@@ -130,11 +130,11 @@ def _ours_forward(xp: Tensor, wk: Tensor, bias: Tensor | None, groups: int) -> T
     """xp (N, Hp, Wp, G*Ci) padded, wk (G, 9, Ci, Co) -> (N, G*Co, Hp-2, Wp-2), channels_last."""
     n, hp, wp, _ = xp.shape
     g, _, ci, co = wk.shape
-    out = xp.new_empty((n, hp - 2, wp - 2, g * co))
+    out = torch.empty((n, g * co, hp - 2, wp - 2), memory_format=torch.channels_last)  # not a view: in-place ops after
     b = bias.contiguous() if bias is not None else None
     _built[0].lib.conv3x3_forward(xp.data_ptr(), wk.data_ptr(), b.data_ptr() if b is not None else None,  # type: ignore[union-attr]
                                   out.data_ptr(), n, hp, wp, g, ci, co, torch.get_num_threads())
-    return out.permute(0, 3, 1, 2)
+    return out
 
 
 def _tap_major(weight: Tensor, groups: int) -> Tensor:

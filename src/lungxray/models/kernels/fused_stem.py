@@ -54,7 +54,7 @@ SIGNATURES: dict[str, tuple[str, ...]] = {
     "seed_stem_forward": ("p",) * 5 + ("i64",) * 5 + ("i", "i"),
     "seed_stem_backward_weight": ("p",) * 5 + ("i64",) * 5 + ("i", "i"),
     "seed_stem_backward_input": ("p",) * 4 + ("i64",) * 5 + ("i", "i"),
-    "seed_pool_relu_forward": ("p",) * 3 + ("i64",) * 4 + ("i", "i"),
+    "seed_pool_relu_forward": ("p",) * 3 + ("i64",) * 4 + ("i", "i", "i"),
     "seed_pool_relu_backward": ("p",) * 3 + ("i64",) * 4 + ("i", "i"),
 }
 
@@ -126,13 +126,14 @@ class _FusedStem(torch.autograd.Function):
         x32 = x.detach().to(torch.float32).contiguous()
         wt = weight.detach().to(torch.float32).reshape(k, c, 9).transpose(1, 2).contiguous()  # (K, 9, C)
         b32 = bias.detach().to(torch.float32).contiguous()
-        out = torch.empty((n, ho, wo, kc), dtype=torch.bfloat16 if out_bf16 else torch.float32)
+        out = torch.empty((n, kc, ho, wo), dtype=torch.bfloat16 if out_bf16 else torch.float32,
+                          memory_format=torch.channels_last)  # (N, Ho, Wo, K*C) in memory; not a view
         code = torch.empty((n, ho, wo, kc), dtype=torch.uint8)
         lib.seed_stem_forward(_ptr(x32), _ptr(wt), _ptr(b32), _ptr(out), _ptr(code), n, k, c, h, w, int(out_bf16),
                               torch.get_num_threads())
         ctx.save_for_backward(x32, weight, code)
         ctx.groups = groups
-        return out.permute(0, 3, 1, 2)  # (N, K*C, Ho, Wo), channels_last
+        return out  # (N, K*C, Ho, Wo), channels_last
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -210,22 +211,23 @@ def fused_stem(x: Tensor, weight: Tensor, bias: Tensor, groups: int) -> Tensor:
 # ------------------------------------------------------------------------------ blocks 2-3: max-pool -> ReLU
 class _FusedPoolReLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
+    def forward(ctx: Any, x: Tensor, relu: bool) -> Tensor:
         lib = _state["lib"]
         n, c, h, w = x.shape
         xl = x.detach().permute(0, 2, 3, 1).contiguous()  # (N, H, W, C): free when x is channels_last
-        out = torch.empty((n, h // 2, w // 2, c), dtype=x.dtype)
+        out = torch.empty((n, c, h // 2, w // 2), dtype=x.dtype, memory_format=torch.channels_last)  # not a view
         code = torch.empty((n, h // 2, w // 2, c), dtype=torch.uint8)
         bf16 = x.dtype == torch.bfloat16
-        lib.seed_pool_relu_forward(_ptr(xl), _ptr(out), _ptr(code), n, h, w, c, int(bf16), torch.get_num_threads())
+        lib.seed_pool_relu_forward(_ptr(xl), _ptr(out), _ptr(code), n, h, w, c, int(relu), int(bf16),
+                                   torch.get_num_threads())
         ctx.save_for_backward(code)
         ctx.in_shape = (h, w)
-        return out.permute(0, 3, 1, 2)  # (N, C, Ho, Wo), channels_last
+        return out  # (N, C, Ho, Wo), channels_last: an in-place ReLU or BN after it is allowed
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor | None:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:
         if not ctx.needs_input_grad[0]:
-            return None
+            return None, None
         lib = _state["lib"]
         (code,) = ctx.saved_tensors
         n, _, _, c = code.shape
@@ -235,7 +237,7 @@ class _FusedPoolReLU(torch.autograd.Function):
         dx = torch.empty((n, h, w, c), dtype=dtype)
         lib.seed_pool_relu_backward(_ptr(g), _ptr(code), _ptr(dx), n, h, w, c, int(dtype == torch.bfloat16),
                                     torch.get_num_threads())
-        return dx.permute(0, 3, 1, 2)  # channels_last; autograd casts it to the input's dtype if they differ
+        return dx.permute(0, 3, 1, 2), None  # channels_last; autograd casts it to the input's dtype if they differ
 
 
 def use_fused_pool_relu(x: Tensor) -> bool:
@@ -249,12 +251,13 @@ def use_fused_pool_relu(x: Tensor) -> bool:
     return fused_available()
 
 
-def fused_pool_relu(x: Tensor) -> Tensor:
-    """relu(max_pool2d(x, 2)) on CPU in one pass, (N, C, H, W) -> (N, C, H//2, W//2), same dtype, channels_last.
+def fused_pool_relu(x: Tensor, relu: bool = True) -> Tensor:
+    """relu(max_pool2d(x, 2)) on CPU in one pass, (N, C, H, W) -> (N, C, H//2, W//2), same dtype, channels_last;
+    with `relu=False` max_pool2d(x, 2) alone (the pool before BatchNorm of `pool_first` blocks).
 
     Check `use_fused_pool_relu` first. Values are exact (the selected input or 0), and so are gradients: backward
     writes the input gradient in one pass (the output gradient at the argmax, where the ReLU passed; 0 elsewhere)
     from a uint8 code per output, instead of int64 indices and a zero-filled map.
     """
-    out: Tensor = _FusedPoolReLU.apply(x)
+    out: Tensor = _FusedPoolReLU.apply(x, relu)
     return out

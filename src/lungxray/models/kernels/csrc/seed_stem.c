@@ -274,7 +274,8 @@ void seed_stem_backward_input(const float *w, const void *g, const uint8_t *code
  * The conv output of blocks 2 and 3 (oneDNN's, channels last) goes through one kernel instead of max_pool2d
  * (int64 indices, a zero-filled full-resolution gradient) and two ReLU passes.
  *   x     fp32 or bf16 (N, H, W, C)      the conv output, channels last
- *   out   same dtype (N, Ho, Wo, C)      relu(max_pool2d(x, 2)); Ho = H/2, Wo = W/2 (floor: an odd last row or
+ *   out   same dtype (N, Ho, Wo, C)      relu(max_pool2d(x, 2)), or max_pool2d(x, 2) with relu = 0 (a pool before
+ *                                        BatchNorm); Ho = H/2, Wo = W/2 (floor: an odd last row or
  *                                        column is never selected)
  *   code  uint8 (N, Ho, Wo, C)           argmax dy*2 + dx as PyTorch picks it (a later value wins if greater or
  *                                        NaN), +4 where the ReLU clipped (out <= 0). A NaN maximum stays NaN
@@ -294,7 +295,7 @@ static inline void store_bf16_exact(uint16_t *p, vf v, int n) {
 }
 
 void seed_pool_relu_forward(const void *x, void *out, uint8_t *code, int64_t N, int64_t H, int64_t W, int64_t C,
-                            int bf16, int nthreads) {
+                            int relu, int bf16, int nthreads) {
     const int64_t Ho = H / 2, Wo = W / 2;
 #pragma omp parallel for schedule(static) num_threads(clamp_threads(nthreads))
     for (int64_t task = 0; task < N * Ho; task++) {
@@ -309,7 +310,7 @@ void seed_pool_relu_forward(const void *x, void *out, uint8_t *code, int64_t N, 
                                  load_any(x, r1 + q, nl, bf16), load_any(x, r1 + q + C, nl, bf16)};
                 vi arg;
                 vf m = max4(a, &arg);
-                const vi clip = m <= 0;  /* false for NaN: relu(NaN) = NaN, and its gradient flows */
+                const vi clip = (m <= 0) & (relu ? -1 : 0);  /* false for NaN: relu(NaN) = NaN, its gradient flows */
                 m = vsel(clip, (vf){0}, m);
                 arg |= ((vi){0} + 4) & clip;
                 const int64_t o = obase + j * C + c0;
