@@ -91,15 +91,18 @@ void conv3x3_forward(const float *x, const float *w, const float *bias, float *o
 }
 
 /* ------------------------------------------------------------------------------------------ weight gradient */
-/* dw[dy*3 + dx][c..c+1][c0..c0+15] += sum over n positions of one row, for the three taps dx = 0, 1, 2 of row dy:
+/* dw[dy*3 + dx][c..c+1][c0..c0+15] += sum over n positions of `rows` rows (input row stride xs, gradient row stride
+ * gs), for the three taps dx = 0, 1, 2 of row dy:
  * 12 accumulators, and each load of g serves 3 taps x 2 input channels (6 broadcasts + 2 loads per 12 FMAs) */
-static inline __attribute__((always_inline)) void wgrad_tile(const float *xc, const float *gp, float *dst,
-                                                             int64_t n, int64_t CT, int64_t GT, int64_t Ci,
-                                                             int64_t Co) {
+static inline __attribute__((always_inline)) void wgrad_tile(const float *x0, const float *g0p, float *dst,
+                                                             int64_t rows, int64_t n, int64_t xs, int64_t gs,
+                                                             int64_t CT, int64_t GT, int64_t Ci, int64_t Co) {
     /* named accumulators: GCC keeps a loop-indexed array of vectors on the stack */
     v8 a00 = ZERO, a01 = ZERO, a10 = ZERO, a11 = ZERO, a20 = ZERO, a21 = ZERO;  /* tap 0, 1, 2; channel c */
     v8 b00 = ZERO, b01 = ZERO, b10 = ZERO, b11 = ZERO, b20 = ZERO, b21 = ZERO;  /* ... channel c + 1 */
-    for (int64_t j = 0; j < n; j++, xc += CT, gp += GT) {
+    for (int64_t r = 0; r < rows; r++) {
+      const float *xc = x0 + r * xs, *gp = g0p + r * gs;
+      for (int64_t j = 0; j < n; j++, xc += CT, gp += GT) {
         const v8 g0 = LD(gp), g1 = LD(gp + 8);
         v8 xv = BC(xc);
         a00 = FMA(xv, g0, a00); a01 = FMA(xv, g1, a01);
@@ -113,6 +116,7 @@ static inline __attribute__((always_inline)) void wgrad_tile(const float *xc, co
         a20 = FMA(xv, g0, a20); a21 = FMA(xv, g1, a21);
         xv = BC(xc + 2 * CT + 1);
         b20 = FMA(xv, g0, b20); b21 = FMA(xv, g1, b21);
+      }
     }
     const v8 sums[12] = {a00, a01, b00, b01, a10, a11, b10, b11, a20, a21, b20, b21};
     for (int t = 0; t < 3; t++) {
@@ -124,14 +128,18 @@ static inline __attribute__((always_inline)) void wgrad_tile(const float *xc, co
     }
 }
 
-/* One task per output row; a group's row is cut into segments short enough that their x (3 input rows) and g
- * stay in L1 (~24 KB) while every tile of every tap passes over them. Each thread sums into its own dw and db,
- * added up at the end. */
+/* One task per block of output rows of one image: one row where rows are long, enough rows for ~64 positions where
+ * they are short (each tile then sums 64 positions before it touches dw, which for 128 channels is past L2).
+ * A group's rows are cut into segments short enough that their x and g stay in L1 (~24 KB) while every tile of
+ * every tap passes over them. Each thread sums into its own dw and db, added up at the end. */
 void conv3x3_backward_weight(const float *x, const float *g, float *dw, float *db, int64_t N, int64_t Hp,
                              int64_t Wp, int64_t G, int64_t Ci, int64_t Co, int nthreads) {
     const int64_t Ho = Hp - 2, Wo = Wp - 2, CT = G * Ci, GT = G * Co, per = G * 9 * Ci * Co;
-    int64_t seg = 6144 / (3 * Ci + Co) - 2;
-    seg = seg < 4 ? 4 : seg;
+    int64_t rb = (64 + Wo - 1) / Wo;
+    rb = rb > Ho ? Ho : rb;
+    const int64_t blocks = (Ho + rb - 1) / rb;
+    int64_t seg = 6144 / ((rb + 2) * Ci + rb * Co) - 2;
+    seg = seg < 8 ? 8 : seg;
     const int64_t nseg = (Wo + seg - 1) / seg;
     seg = (Wo + nseg - 1) / nseg;  /* equal segments */
     nthreads = nthr(nthreads);
@@ -146,9 +154,9 @@ void conv3x3_backward_weight(const float *x, const float *g, float *dw, float *d
 #endif
         float *mine_b = mine + per;
 #pragma omp for schedule(static)
-        for (int64_t task = 0; task < N * Ho; task++) {
-            const int64_t y = task % Ho, n = task / Ho;
-            const float *xrow = x + ((n * Hp + y) * Wp) * CT, *grow = g + ((n * Ho + y) * Wo) * GT;
+        for (int64_t task = 0; task < N * blocks; task++) {
+            const int64_t n = task / blocks, y0 = (task % blocks) * rb, rows = Ho - y0 < rb ? Ho - y0 : rb;
+            const float *xrow = x + ((n * Hp + y0) * Wp) * CT, *grow = g + ((n * Ho + y0) * Wo) * GT;
             for (int64_t gi = 0; gi < G; gi++) {
                 for (int64_t j0 = 0; j0 < Wo; j0 += seg) {
                     const int64_t len = Wo - j0 < seg ? Wo - j0 : seg;
@@ -157,11 +165,11 @@ void conv3x3_backward_weight(const float *x, const float *g, float *dw, float *d
                         for (int64_t c0 = 0; c0 < Co; c0 += 16)
                             for (int64_t c = 0; c < Ci; c += 2)
                                 wgrad_tile(xs + dy * Wp * CT + c, gs + c0, mine + ((gi * 9 + dy * 3) * Ci + c) * Co + c0,
-                                           len, CT, GT, Ci, Co);
+                                           rows, len, Wp * CT, Wo * GT, CT, GT, Ci, Co);
                 }
             }
             if (db)
-                for (int64_t p = 0; p < Wo; p++)
+                for (int64_t p = 0; p < rows * Wo; p++)
                     for (int64_t c0 = 0; c0 < GT; c0 += 8) ST(mine_b + c0, ADD(LD(mine_b + c0), LD(grow + p * GT + c0)));
         }
     }
