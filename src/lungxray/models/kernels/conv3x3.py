@@ -43,7 +43,7 @@ from lungxray.models.kernels.loader import Built, load_library
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CHOICE_ENV", "Plan", "conv3x3", "conv3x3_available", "plan_for", "use_conv3x3"]
+__all__ = ["CHOICE_ENV", "Plan", "candidates", "conv3x3", "conv3x3_available", "plan_for", "use_conv3x3"]
 
 SOURCE = Path(__file__).with_name("csrc") / "conv3x3.c"
 CHOICE_ENV = "LUNGXRAY_CONV3X3"  # ours | onednn | auto
@@ -282,27 +282,32 @@ def _best_ms(fns: dict[str, Callable[[], object]], rounds: int = 3) -> dict[str,
     return best
 
 
-def _measure(conv: torch.nn.Conv2d, x: Tensor) -> Plan:
-    """Time each pass both ways on random data of this shape (about 20 passes; a second or two per layer)."""
-    pad, groups = _pad(conv), conv.groups
-    w = conv.weight.detach()
+def candidates(x_shape: tuple[int, ...], weight: Tensor, pad: int, groups: int) -> dict[str, Callable[[], object]]:
+    """Each pass both ways ("forward/ours", "forward/onednn", "input_grad/...", "weight_grad/...") on random data of
+    this shape, ready to time (`plan_for` does, and so does bench/conv3x3_ab.py)."""
     gen = torch.Generator().manual_seed(0)  # its own: measuring must not move training's random stream
-    xr = torch.randn(x.shape, generator=gen).contiguous(memory_format=torch.channels_last)
-    n, _, h, wd = x.shape
-    out_shape = (n, w.shape[0], h + 2 * pad - 2, wd + 2 * pad - 2)
+    xr = torch.randn(x_shape, generator=gen).contiguous(memory_format=torch.channels_last)
+    n, _, h, wd = x_shape
+    out_shape = (n, weight.shape[0], h + 2 * pad - 2, wd + 2 * pad - 2)
     gr = torch.randn(out_shape, generator=gen).contiguous(memory_format=torch.channels_last)
+    w = weight.detach()
     xp = _nhwc_padded(xr, pad)
     wk, wf = _tap_major(w, groups), _flipped_swapped(w, groups)
     fns: dict[str, Callable[[], object]] = {
         "forward/ours": lambda: _ours_forward(xp, wk, None, groups),
         "forward/onednn": lambda: F.conv2d(xr, w, None, 1, pad, 1, groups),
+        "input_grad/onednn": lambda: _onednn_backward(gr, None, w, pad, groups, x_shape, [True, False, False]),
         "weight_grad/ours": lambda: _ours_weight_grad(xp, gr, groups, False),
-        "weight_grad/onednn": lambda: _onednn_backward(gr, xr, w, pad, groups, tuple(x.shape), [False, True, False]),
-        "input_grad/onednn": lambda: _onednn_backward(gr, None, w, pad, groups, tuple(x.shape), [True, False, False]),
+        "weight_grad/onednn": lambda: _onednn_backward(gr, xr, w, pad, groups, x_shape, [False, True, False]),
     }
     if w.shape[1] % 16 == 0:
         fns["input_grad/ours"] = lambda: _ours_forward(_nhwc_padded(gr, 2 - pad), wf, None, groups)
-    ms = _best_ms(fns)
+    return fns
+
+
+def _measure(conv: torch.nn.Conv2d, x: Tensor) -> Plan:
+    """Time each pass both ways (about 20 passes; a second or two per layer) and keep the faster of each."""
+    ms = _best_ms(candidates(tuple(x.shape), conv.weight, _pad(conv), conv.groups))
 
     def pick(stage: str) -> str:
         ours = ms.get(f"{stage}/ours", float("inf"))
