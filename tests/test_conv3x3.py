@@ -32,14 +32,16 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> None:
 
 @needs_kernel
 @pytest.mark.parametrize("plan", [c3.Plan("ours", "ours", "ours"), c3.Plan("onednn", "onednn", "ours"),
-                                  c3.Plan("ours", "onednn", "onednn")])
+                                  c3.Plan("ours", "onednn", "onednn"), c3.Plan("winograd", "winograd", "ours")])
 @pytest.mark.parametrize(("cin", "cout", "groups", "pad", "size", "bias"),
                          [(32, 16, 1, 0, 11, True), (16, 32, 3, 1, 9, False), (6, 16, 2, 1, 7, True),
                           (16, 16, 1, 0, 3, True)])
 def test_every_pass_matches_conv2d(plan: c3.Plan, cin: int, cout: int, groups: int, pad: int, size: int,
                                    bias: bool) -> None:
-    if plan.input_grad == "ours" and cin % 16:
+    if plan.input_grad != "onednn" and cin % 16:
         plan = c3.Plan(plan.forward, "onednn", plan.weight_grad)  # the kernel's input gradient needs 16 | cin
+    if plan.forward == "winograd" and cin % 8:
+        plan = c3.Plan("ours", plan.input_grad, plan.weight_grad)  # Winograd's forward needs 8 | cin
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(cin * groups, cout * groups, 3, padding=pad, groups=groups, bias=bias)
     x = torch.randn(3, cin * groups, size, size + 2).contiguous(memory_format=torch.channels_last)
@@ -92,32 +94,36 @@ def test_the_choice_is_measured_once_cached_and_forced_by_the_environment(tmp_pa
     conv = torch.nn.Conv2d(16, 32, 3, padding=1).train()
     x = torch.randn(2, 16, 12, 12)
     plan = c3.plan_for(conv, x)
-    assert {plan.forward, plan.input_grad, plan.weight_grad} <= {"ours", "onednn"}
-    assert set(plan.times_ms) >= {"forward/ours", "forward/onednn", "weight_grad/ours", "weight_grad/onednn"}
+    assert {plan.forward, plan.input_grad} <= {"ours", "winograd", "onednn"} and plan.weight_grad in ("ours", "onednn")
+    assert set(plan.times_ms) >= {"forward/ours", "forward/winograd", "forward/onednn", "input_grad/winograd",
+                                  "weight_grad/ours", "weight_grad/onednn"}
     stored = json.loads((tmp_path / "autotune" / "conv3x3.json").read_text())
     assert [v["forward"] for v in stored.values()] == [plan.forward]
     c3._plans.clear()
     assert c3.plan_for(conv, x) == plan  # read back from the file, not measured again
     monkeypatch.setenv(c3.CHOICE_ENV, "ours")
     assert c3.plan_for(conv, x) == c3.Plan("ours", "ours", "ours")
+    monkeypatch.setenv(c3.CHOICE_ENV, "winograd")
+    assert c3.plan_for(conv, x) == c3.Plan("winograd", "winograd", "ours")
     monkeypatch.setenv(c3.CHOICE_ENV, "onednn")
     assert not c3.use_conv3x3(conv, x)
 
 
 @needs_kernel
+@pytest.mark.parametrize("kernel", ["ours", "winograd"])
 @pytest.mark.parametrize("arch", ["seed_cnn", "compact_cnn"])
-def test_a_training_step_gives_the_same_gradients_with_the_kernels(arch: str, monkeypatch) -> None:
+def test_a_training_step_gives_the_same_gradients_with_the_kernels(arch: str, kernel: str, monkeypatch) -> None:
     torch.manual_seed(2)
     model = build_model(arch, members=2, image_size=64, dropout=0.0).train()
     x = torch.randn(4, 2, 64, 64)
     calls = []
     monkeypatch.setattr(nets, "conv3x3", lambda conv, t: calls.append(conv) or c3.conv3x3(conv, t))
     grads = {}
-    for choice in ("ours", "onednn"):
+    for choice in (kernel, "onednn"):
         monkeypatch.setenv(c3.CHOICE_ENV, choice)
         model.zero_grad()
         model(x).square().mean().backward()
         grads[choice] = {n: p.grad.clone() for n, p in model.named_parameters()}
     assert len(calls) >= 2  # the kernels ran (LUNGXRAY_CONV3X3=onednn turns them off: no calls the second time)
-    for name, g in grads["ours"].items():
+    for name, g in grads[kernel].items():
         _close(g, grads["onednn"][name])

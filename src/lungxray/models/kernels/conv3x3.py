@@ -3,14 +3,16 @@
 Measured on a 2-core AMD EPYC Zen 3 (AVX2 + FMA, fp32; docs/performance.md, "AVX2"): oneDNN's forward of the seed
 network's convolutions runs near the peak, but its weight gradient at 25-50% of it, and the grouped convolutions
 of packed ensemble members (16-128 channels per member) at 10-70%. csrc/conv3x3.c computes forward and weight
-gradient with register tiles over channels-last data; the input gradient is the forward of the output gradient,
-zero-padded by 2 - padding, with the kernel flipped and its channels swapped.
+gradient with register tiles over channels-last data, and the forward also as Winograd F(2x2, 3x3) (2.25x fewer
+multiplies); the input gradient is the forward of the output gradient, zero-padded by 2 - padding, with the kernel
+flipped and its channels swapped.
 
 Which implementation runs is decided per pass and per layer shape by measurement, not by rule: the first time a
 shape is seen, `plan_for` times this file's kernel against oneDNN for the forward, input-gradient and weight-gradient
 passes (interleaved, best of 3) and keeps the faster of each, cached in memory and on disk under
 `$LUNGXRAY_CACHE/autotune/conv3x3.json` per CPU, instruction-set limit and torch version. `LUNGXRAY_CONV3X3`
-forces it: `ours`, `onednn`, or `auto` (the default). `LUNGXRAY_FUSED=0` turns it off with the other kernels.
+forces it: `ours` (the direct loops), `winograd` (forward and input gradient as F(2x2, 3x3) where the channels
+allow), `onednn`, or `auto` (the default). `LUNGXRAY_FUSED=0` turns it off with the other kernels.
 
 Used only where it computes the same function: training (evaluation, export, Grad-CAM and tracing run the plain
 module), CPU, fp32 weights and input with no autocast, 3x3 kernel, stride 1, padding 0 or 1, no dilation, zero
@@ -46,10 +48,11 @@ log = logging.getLogger(__name__)
 __all__ = ["CHOICE_ENV", "Plan", "candidates", "conv3x3", "conv3x3_available", "plan_for", "use_conv3x3"]
 
 SOURCE = Path(__file__).with_name("csrc") / "conv3x3.c"
-CHOICE_ENV = "LUNGXRAY_CONV3X3"  # ours | onednn | auto
+CHOICE_ENV = "LUNGXRAY_CONV3X3"  # auto | onednn | ours | winograd
 MIN_GAIN = 1.05  # the kernel must beat oneDNN by this factor on a pass to replace it
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 SIGNATURES = {"conv3x3_forward": (_P,) * 4 + (_I64,) * 6 + (ctypes.c_int,),
+              "conv3x3_winograd_forward": (_P,) * 4 + (_I64,) * 6 + (ctypes.c_int,),
               "conv3x3_backward_weight": (_P,) * 4 + (_I64,) * 6 + (ctypes.c_int,)}
 
 _lock = threading.Lock()
@@ -59,7 +62,8 @@ _plans: dict[str, Plan] = {}
 
 @dataclass(frozen=True)
 class Plan:
-    """Per pass, whether this file's kernel ("ours") or oneDNN ("onednn") runs, and the measured times (ms)."""
+    """Per pass, which runs: the kernel's direct loop ("ours"), its Winograd F(2x2, 3x3) loop ("winograd", forward
+    and input gradient) or oneDNN ("onednn"); and the measured times (ms)."""
 
     forward: str
     input_grad: str
@@ -137,16 +141,46 @@ def _ours_forward(xp: Tensor, wk: Tensor, bias: Tensor | None, groups: int) -> T
     return out
 
 
+_WINOGRAD_G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+
+
+def _winograd_weights(weight: Tensor, groups: int) -> Tensor:
+    """U = G w G^T per (output, input) channel pair, as (G, 16, Ci, Co): F(2x2, 3x3)'s transformed kernel."""
+    co = weight.shape[0] // groups
+    w = weight.detach().reshape(groups, co, weight.shape[1], 3, 3)
+    u = _WINOGRAD_G @ w @ _WINOGRAD_G.T  # (G, Co, Ci, 4, 4)
+    return u.reshape(groups, co, weight.shape[1], 16).permute(0, 3, 2, 1).contiguous()
+
+
+def _winograd_forward(xp: Tensor, u: Tensor, bias: Tensor | None, groups: int) -> Tensor:
+    """Like `_ours_forward`, on 2x2 output tiles (csrc/conv3x3.c): u from `_winograd_weights`."""
+    n, hp, wp, _ = xp.shape
+    g, _, ci, co = u.shape
+    out = torch.empty((n, g * co, hp - 2, wp - 2), memory_format=torch.channels_last)
+    b = bias.contiguous() if bias is not None else None
+    _built[0].lib.conv3x3_winograd_forward(xp.data_ptr(), u.data_ptr(), b.data_ptr() if b is not None else None,  # type: ignore[union-attr]
+                                           out.data_ptr(), n, hp, wp, g, ci, co, torch.get_num_threads())
+    return out
+
+
 def _tap_major(weight: Tensor, groups: int) -> Tensor:
     """(G*Co, Ci, 3, 3) -> (G, 9, Ci, Co)."""
     co = weight.shape[0] // groups
     return weight.detach().reshape(groups, co, weight.shape[1], 9).permute(0, 3, 2, 1).contiguous()
 
 
-def _flipped_swapped(weight: Tensor, groups: int) -> Tensor:
-    """The input gradient's kernel, (G, 9, Co, Ci): taps reversed, input and output channels exchanged."""
-    co = weight.shape[0] // groups
-    return weight.detach().reshape(groups, co, weight.shape[1], 9).flip(3).permute(0, 3, 1, 2).contiguous()
+def _input_grad_weight(weight: Tensor, groups: int) -> Tensor:
+    """The input gradient's kernel in PyTorch's layout, (G*Ci, Co, 3, 3): taps reversed, channels exchanged."""
+    co, ci = weight.shape[0] // groups, weight.shape[1]
+    w = weight.detach().reshape(groups, co, ci, 3, 3).flip(3, 4).transpose(1, 2)
+    return w.reshape(groups * ci, co, 3, 3)
+
+
+def _forward_as(plan: str, xp: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
+    """The valid convolution of padded channels-last `xp` by the kernel's direct ("ours") or Winograd loop."""
+    if plan == "winograd":
+        return _winograd_forward(xp, _winograd_weights(weight, groups), bias, groups)
+    return _ours_forward(xp, _tap_major(weight, groups), bias, groups)
 
 
 def _ours_weight_grad(xp: Tensor, g: Tensor, groups: int, with_bias: bool) -> tuple[Tensor, Tensor | None]:
@@ -174,9 +208,9 @@ class _Conv3x3(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, pad: int, groups: int,  # type: ignore[override]
                 plan: Plan) -> Tensor:
-        xp = _nhwc_padded(x, pad) if "ours" in (plan.forward, plan.weight_grad) else None
-        if plan.forward == "ours":
-            out = _ours_forward(xp, _tap_major(weight, groups), bias, groups)  # type: ignore[arg-type]
+        xp = _nhwc_padded(x, pad) if plan.forward != "onednn" or plan.weight_grad == "ours" else None
+        if plan.forward != "onednn":
+            out = _forward_as(plan.forward, xp, weight, bias, groups)  # type: ignore[arg-type]
         else:
             out = F.conv2d(x, weight, bias, 1, pad, 1, groups)
         keep = xp if plan.weight_grad == "ours" else x
@@ -190,8 +224,9 @@ class _Conv3x3(torch.autograd.Function):
         plan, pad, groups = ctx.plan, ctx.pad, ctx.groups
         want_x, want_w, want_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         dx = dw = db = None
-        if want_x and plan.input_grad == "ours":
-            dx = _ours_forward(_nhwc_padded(g, 2 - pad), _flipped_swapped(weight, groups), None, groups)
+        if want_x and plan.input_grad != "onednn":
+            gp = _nhwc_padded(g, 2 - pad)
+            dx = _forward_as(plan.input_grad, gp, _input_grad_weight(weight, groups), None, groups)
         elif want_x:
             dx = _onednn_backward(g, None, weight, pad, groups, ctx.x_shape, [True, False, False])[0]
         if (want_w or want_b) and plan.weight_grad == "ours":
@@ -241,9 +276,10 @@ def _read_cache() -> dict[str, Any]:
 def plan_for(conv: torch.nn.Conv2d, x: Tensor) -> Plan:
     """The passes to run for this layer shape: forced by LUNGXRAY_CONV3X3, else measured once and cached."""
     forced = os.environ.get(CHOICE_ENV, "auto")
-    if forced == "ours":
-        cin_ok = conv.weight.shape[1] % 16 == 0
-        return Plan("ours", "ours" if cin_ok else "onednn", "ours")
+    if forced in ("ours", "winograd"):  # where the shape allows (input channels: 8 | Ci forward, 16 | Ci backward)
+        cin = conv.weight.shape[1]
+        fwd = forced if forced == "ours" or cin % 8 == 0 else "ours"
+        return Plan(fwd, forced if cin % 16 == 0 else "onednn", "ours")
     key = f"{_machine_key()}/{_shape_key(conv, x)}"
     with _lock:
         if key in _plans:
@@ -292,7 +328,8 @@ def candidates(x_shape: tuple[int, ...], weight: Tensor, pad: int, groups: int) 
     gr = torch.randn(out_shape, generator=gen).contiguous(memory_format=torch.channels_last)
     w = weight.detach()
     xp = _nhwc_padded(xr, pad)
-    wk, wf = _tap_major(w, groups), _flipped_swapped(w, groups)
+    wi = _input_grad_weight(w, groups)
+    wk, wf = _tap_major(w, groups), _tap_major(wi, groups)
     fns: dict[str, Callable[[], object]] = {
         "forward/ours": lambda: _ours_forward(xp, wk, None, groups),
         "forward/onednn": lambda: F.conv2d(xr, w, None, 1, pad, 1, groups),
@@ -300,8 +337,13 @@ def candidates(x_shape: tuple[int, ...], weight: Tensor, pad: int, groups: int) 
         "weight_grad/ours": lambda: _ours_weight_grad(xp, gr, groups, False),
         "weight_grad/onednn": lambda: _onednn_backward(gr, xr, w, pad, groups, x_shape, [False, True, False]),
     }
+    if w.shape[1] % 8 == 0:
+        uf = _winograd_weights(w, groups)
+        fns["forward/winograd"] = lambda: _winograd_forward(xp, uf, None, groups)
     if w.shape[1] % 16 == 0:
+        ui = _winograd_weights(wi, groups)
         fns["input_grad/ours"] = lambda: _ours_forward(_nhwc_padded(gr, 2 - pad), wf, None, groups)
+        fns["input_grad/winograd"] = lambda: _winograd_forward(_nhwc_padded(gr, 2 - pad), ui, None, groups)
     return fns
 
 
@@ -310,7 +352,7 @@ def _measure(conv: torch.nn.Conv2d, x: Tensor) -> Plan:
     ms = _best_ms(candidates(tuple(x.shape), conv.weight, _pad(conv), conv.groups))
 
     def pick(stage: str) -> str:
-        ours = ms.get(f"{stage}/ours", float("inf"))
-        return "ours" if ours * MIN_GAIN < ms[f"{stage}/onednn"] else "onednn"
+        ours = min((k for k in ms if k.startswith(stage) and not k.endswith("onednn")), key=ms.__getitem__)
+        return ours.split("/")[1] if ms[ours] * MIN_GAIN < ms[f"{stage}/onednn"] else "onednn"
 
     return Plan(pick("forward"), pick("input_grad"), pick("weight_grad"), {k: round(v, 2) for k, v in ms.items()})
