@@ -1,4 +1,5 @@
-"""Layer-level A/B of the fp32 3x3 convolution passes: this project's kernel (`models.kernels.conv3x3`) against oneDNN.
+"""Layer-level A/B of the fp32 3x3 convolution passes: this project's kernels (`models.kernels.conv3x3`: direct
+loops, Winograd F(2x2, 3x3)) against oneDNN.
 
 For the layers of seed_cnn (micro-batches of 8) and of the reference's compact_cnn (10 packed members, batch 32),
 each pass (forward, input gradient, weight gradient) is timed both ways, interleaved, median of --rounds, on the
@@ -42,8 +43,9 @@ def main() -> None:
         raise SystemExit("the conv3x3 kernel is unavailable here (needs gcc, x86-64 with AVX2 and FMA)")
     feats = cpu_features()
     print(f"{feats['cpu']}, {feats['isa']}, {torch.get_num_threads()} threads, median of {args.rounds} rounds\n")
-    print("| layer | pass | oneDNN ms (GFLOP/s) | kernel ms (GFLOP/s) | kernel speed-up |")
-    print("|---|---|---|---|---|")
+    impls = ("onednn", "ours", "winograd")
+    print("| layer | pass | oneDNN ms (GFLOP/s) | direct ms (GFLOP/s) | Winograd ms (GFLOP/s*) | best against oneDNN |")
+    print("|---|---|---|---|---|---|")
     for n, ci, co, size, groups, pad in LAYERS:
         weight = 0.1 * torch.randn(groups * co, ci, 3, 3, generator=torch.Generator().manual_seed(1))
         fns = c3.candidates((n, groups * ci, size, size), weight, pad, groups)
@@ -58,12 +60,12 @@ def main() -> None:
                 times[key].append(time.perf_counter() - t0)
         layer = f"{n}x{groups * ci}->{groups * co} {size}px p{pad}" + (f" g{groups}" if groups > 1 else "")
         for stage in ("forward", "input_grad", "weight_grad"):
-            if f"{stage}/ours" not in times:
-                continue  # the kernel's input gradient needs a multiple of 16 input channels
-            dnn, ours = (statistics.median(times[f"{stage}/{who}"]) for who in ("onednn", "ours"))
-            name = stage.replace("_", " ")
-            print(f"| {layer} | {name} | {1e3 * dnn:.1f} ({flops / dnn / 1e9:.0f}) | {1e3 * ours:.1f} "
-                  f"({flops / ours / 1e9:.0f}) | {dnn / ours:.2f}x |", flush=True)
+            med = {i: statistics.median(times[f"{stage}/{i}"]) for i in impls if f"{stage}/{i}" in times}
+            cells = [f"{1e3 * med[i]:.1f} ({flops / med[i] / 1e9:.0f})" if i in med else "-" for i in impls]
+            best = min((i for i in med if i != "onednn"), key=med.__getitem__)
+            print(f"| {layer} | {stage.replace('_', ' ')} | {' | '.join(cells)} | "
+                  f"{best} {med['onednn'] / med[best]:.2f}x |", flush=True)
+    print("\n*: direct-convolution FLOPs over the time (Winograd does 2.25x fewer multiplies)")
 
 
 if __name__ == "__main__":

@@ -196,14 +196,15 @@ static inline v8 load_d(const float *x, int64_t r, int64_t col, int64_t Hp, int6
     return LD(x + (r * Wp + col) * CT);
 }
 
-static void winograd_input(const float *xn, float *V, int64_t ty, int64_t tw, int64_t Hp, int64_t Wp, int64_t CT,
-                           int64_t Ci) {
+/* V[k][t][c] for the tiles of tile row ty, stored at tile index t0 + t of the T tiles a task holds */
+static void winograd_input(const float *xn, float *V, int64_t ty, int64_t tw, int64_t T, int64_t t0, int64_t Hp,
+                           int64_t Wp, int64_t CT, int64_t Ci) {
     for (int64_t t = 0; t < tw; t++) {
-        const int64_t r0 = 2 * ty, c0 = 2 * t;
+        const int64_t r0 = 2 * ty, col0 = 2 * t;
         for (int64_t c = 0; c < Ci; c += 8) {
             v8 d[4][4], b[4][4];
             for (int i = 0; i < 4; i++)
-                for (int j = 0; j < 4; j++) d[i][j] = load_d(xn + c, r0 + i, c0 + j, Hp, Wp, CT);
+                for (int j = 0; j < 4; j++) d[i][j] = load_d(xn + c, r0 + i, col0 + j, Hp, Wp, CT);
             for (int j = 0; j < 4; j++) {  /* B^T d: along rows */
                 b[0][j] = _mm256_sub_ps(d[0][j], d[2][j]);
                 b[1][j] = ADD(d[1][j], d[2][j]);
@@ -211,11 +212,11 @@ static void winograd_input(const float *xn, float *V, int64_t ty, int64_t tw, in
                 b[3][j] = _mm256_sub_ps(d[1][j], d[3][j]);
             }
             for (int i = 0; i < 4; i++) {  /* (B^T d) B: along columns */
-                float *v = V + ((int64_t)(i * 4) * tw + t) * Ci + c;
+                float *v = V + ((int64_t)(i * 4) * T + t0 + t) * Ci + c;
                 ST(v, _mm256_sub_ps(b[i][0], b[i][2]));
-                ST(v + tw * Ci, ADD(b[i][1], b[i][2]));
-                ST(v + 2 * tw * Ci, _mm256_sub_ps(b[i][2], b[i][1]));
-                ST(v + 3 * tw * Ci, _mm256_sub_ps(b[i][1], b[i][3]));
+                ST(v + T * Ci, ADD(b[i][1], b[i][2]));
+                ST(v + 2 * T * Ci, _mm256_sub_ps(b[i][2], b[i][1]));
+                ST(v + 3 * T * Ci, _mm256_sub_ps(b[i][1], b[i][3]));
             }
         }
     }
@@ -237,10 +238,12 @@ static inline __attribute__((always_inline)) void winograd_gemm_tile(const float
     for (int r = 0; r < R; r++) { ST(m + r * 16, a0[r]); ST(m + r * 16 + 8, a1[r]); }
 }
 
-static void winograd_gemm(const float *V, const float *U, float *M, int64_t tw, int64_t Ci, int64_t Co, int64_t c0) {
+/* for the first `tw` of the T tiles */
+static void winograd_gemm(const float *V, const float *U, float *M, int64_t tw, int64_t T, int64_t Ci, int64_t Co,
+                          int64_t c0) {
     for (int k = 0; k < 16; k++) {
-        const float *v = V + (int64_t)k * tw * Ci, *u = U + (int64_t)k * Ci * Co + c0;
-        float *m = M + (int64_t)k * tw * 16;
+        const float *v = V + (int64_t)k * T * Ci, *u = U + (int64_t)k * Ci * Co + c0;
+        float *m = M + (int64_t)k * T * 16;
         int64_t t = 0;
         for (; t + RPOS <= tw; t += RPOS) winograd_gemm_tile(v + t * Ci, u, m + t * 16, Ci, Co, RPOS);
         switch (tw - t) {
@@ -254,15 +257,16 @@ static void winograd_gemm(const float *V, const float *U, float *M, int64_t tw, 
     }
 }
 
-/* Y = A^T M A (+ bias) for the row of tiles, output channels c0..c0+15, written where inside the output */
-static void winograd_output(const float *M, const float *b, float *on, int64_t ty, int64_t tw, int64_t Ho,
-                            int64_t Wo, int64_t GT) {
+/* Y = A^T M A (+ bias) for tile row ty (tiles t0.. of the T in M), output channels c0..c0+15, written where inside
+ * the output */
+static void winograd_output(const float *M, const float *b, float *on, int64_t ty, int64_t tw, int64_t T, int64_t t0,
+                            int64_t Ho, int64_t Wo, int64_t GT) {
     const v8 bias0 = b ? LD(b) : ZERO, bias1 = b ? LD(b + 8) : ZERO;
     for (int64_t t = 0; t < tw; t++) {
         for (int h = 0; h < 2; h++) {
             const v8 bias = h ? bias1 : bias0;
             v8 m[4][4], s[2][4];
-            for (int k = 0; k < 16; k++) m[k / 4][k % 4] = LD(M + ((int64_t)k * tw + t) * 16 + 8 * h);
+            for (int k = 0; k < 16; k++) m[k / 4][k % 4] = LD(M + ((int64_t)k * T + t0 + t) * 16 + 8 * h);
             for (int j = 0; j < 4; j++) {  /* A^T M: along rows */
                 s[0][j] = ADD(ADD(m[0][j], m[1][j]), m[2][j]);
                 s[1][j] = _mm256_sub_ps(_mm256_sub_ps(m[1][j], m[2][j]), m[3][j]);
@@ -280,31 +284,39 @@ static void winograd_output(const float *M, const float *b, float *on, int64_t t
     }
 }
 
+/* One task per block of tile rows of one image: enough rows for ~48 tiles, so that U (16 x Ci x Co per group,
+ * up to 1 MB) is reused across that many tiles once it is loaded */
 void conv3x3_winograd_forward(const float *x, const float *u, const float *bias, float *out, int64_t N, int64_t Hp,
                               int64_t Wp, int64_t G, int64_t Ci, int64_t Co, int nthreads) {
     const int64_t Ho = Hp - 2, Wo = Wp - 2, CT = G * Ci, GT = G * Co;
     const int64_t th = (Ho + 1) / 2, tw = (Wo + 1) / 2;
+    int64_t rb = (48 + tw - 1) / tw;
+    rb = rb > th ? th : rb;
+    const int64_t blocks = (th + rb - 1) / rb, T = rb * tw;
     nthreads = nthr(nthreads);
-    float *work = malloc((size_t)(nthreads * 16 * tw * (Ci + 16)) * sizeof(float));
+    float *work = malloc((size_t)(nthreads * 16 * T * (Ci + 16)) * sizeof(float));
     if (!work) return;
 #pragma omp parallel num_threads(nthreads)
     {
 #ifdef _OPENMP
-        float *V = work + (int64_t)omp_get_thread_num() * 16 * tw * (Ci + 16);
+        float *V = work + (int64_t)omp_get_thread_num() * 16 * T * (Ci + 16);
 #else
         float *V = work;
 #endif
-        float *M = V + 16 * tw * Ci;
+        float *M = V + 16 * T * Ci;
 #pragma omp for schedule(static)
-        for (int64_t task = 0; task < N * th; task++) {  /* one row of tiles: two output rows */
-            const int64_t ty = task % th, n = task / th;
+        for (int64_t task = 0; task < N * blocks; task++) {
+            const int64_t n = task / blocks, ty0 = (task % blocks) * rb;
+            const int64_t rows = th - ty0 < rb ? th - ty0 : rb, tiles = rows * tw;
             for (int64_t gi = 0; gi < G; gi++) {
-                winograd_input(x + n * Hp * Wp * CT + gi * Ci, V, ty, tw, Hp, Wp, CT, Ci);
+                for (int64_t r = 0; r < rows; r++)
+                    winograd_input(x + n * Hp * Wp * CT + gi * Ci, V, ty0 + r, tw, T, r * tw, Hp, Wp, CT, Ci);
                 const float *ug = u + gi * 16 * Ci * Co;
                 for (int64_t c0 = 0; c0 < Co; c0 += 16) {
-                    winograd_gemm(V, ug, M, tw, Ci, Co, c0);
-                    winograd_output(M, bias ? bias + gi * Co + c0 : NULL, out + n * Ho * Wo * GT + gi * Co + c0,
-                                    ty, tw, Ho, Wo, GT);
+                    winograd_gemm(V, ug, M, tiles, T, Ci, Co, c0);
+                    for (int64_t r = 0; r < rows; r++)
+                        winograd_output(M, bias ? bias + gi * Co + c0 : NULL, out + n * Ho * Wo * GT + gi * Co + c0,
+                                        ty0 + r, tw, T, r * tw, Ho, Wo, GT);
                 }
             }
         }
