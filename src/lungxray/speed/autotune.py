@@ -146,8 +146,14 @@ def _key(arch: str, model_args: dict[str, Any], members: int, image_size: int, b
         "cores": usable_cores(),
         "arch": arch, "model_args": {k: model_args[k] for k in sorted(model_args)}, "members": members,
         "image_size": image_size, "batch_size": batch_size, "precision": cfg.precision, "threads": cfg.threads,
-        "optimizer": cfg.optimizer,
+        "optimizer": cfg.optimizer, "kernels": _kernel_sources(),
     }
+
+
+def _kernel_sources() -> str:
+    """A hash of the C kernels' sources: a changed kernel changes what is fastest, so it is measured again."""
+    csrc = Path(__file__).resolve().parents[1] / "models" / "kernels" / "csrc"
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(csrc.glob("*.c")))).hexdigest()[:16]
 
 
 def _busy() -> tuple[float, bool]:
