@@ -53,7 +53,8 @@ MIN_GAIN = 1.05  # the kernel must beat oneDNN by this factor on a pass to repla
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 SIGNATURES = {"conv3x3_forward": (_P,) * 4 + (_I64,) * 6 + (ctypes.c_int,),
               "conv3x3_winograd_forward": (_P,) * 4 + (_I64,) * 6 + (ctypes.c_int,),
-              "conv3x3_backward_weight": (_P,) * 4 + (_I64,) * 6 + (ctypes.c_int,)}
+              "conv3x3_backward_weight": (_P,) * 4 + (_I64,) * 6 + (ctypes.c_int,),
+              "conv3x3_winograd_backward_weight": (_P,) * 3 + (_I64,) * 6 + (ctypes.c_int,)}
 
 _lock = threading.Lock()
 _built: list[Built] = []
@@ -62,8 +63,8 @@ _plans: dict[str, Plan] = {}
 
 @dataclass(frozen=True)
 class Plan:
-    """Per pass, which runs: the kernel's direct loop ("ours"), its Winograd F(2x2, 3x3) loop ("winograd", forward
-    and input gradient) or oneDNN ("onednn"); and the measured times (ms)."""
+    """Per pass, which runs: the kernel's direct loop ("ours"), its Winograd F(2x2, 3x3) loop ("winograd") or
+    oneDNN ("onednn"); and the measured times (ms)."""
 
     forward: str
     input_grad: str
@@ -195,6 +196,19 @@ def _ours_weight_grad(xp: Tensor, g: Tensor, groups: int, with_bias: bool) -> tu
     return dw.permute(0, 3, 2, 1).reshape(groups * co, ci, 3, 3), db
 
 
+def _winograd_weight_grad(xp: Tensor, g: Tensor, groups: int, with_bias: bool) -> tuple[Tensor, Tensor | None]:
+    """The weight gradient through F(2x2, 3x3): the kernel sums dL/dU over tiles, then dL/dw = G^T (dL/dU) G."""
+    n, hp, wp, ct = xp.shape
+    gl = g.permute(0, 2, 3, 1).contiguous()
+    ci, co = ct // groups, gl.shape[-1] // groups
+    du = xp.new_empty((groups, 16, ci, co))
+    _built[0].lib.conv3x3_winograd_backward_weight(xp.data_ptr(), gl.data_ptr(), du.data_ptr(), n, hp, wp,  # type: ignore[union-attr]
+                                                   groups, ci, co, torch.get_num_threads())
+    dw = torch.einsum("ia,gijcd,jb->gdcab", _WINOGRAD_G, du.view(groups, 4, 4, ci, co), _WINOGRAD_G)
+    db = gl.sum((0, 1, 2)) if with_bias else None
+    return dw.reshape(groups * co, ci, 3, 3), db
+
+
 def _onednn_backward(g: Tensor, x: Tensor | None, weight: Tensor, pad: int, groups: int, x_shape: tuple[int, ...],
                      mask: list[bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     inp = x if x is not None else torch.empty(x_shape, memory_format=torch.channels_last)  # only its shape is read
@@ -208,12 +222,12 @@ class _Conv3x3(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, pad: int, groups: int,  # type: ignore[override]
                 plan: Plan) -> Tensor:
-        xp = _nhwc_padded(x, pad) if plan.forward != "onednn" or plan.weight_grad == "ours" else None
+        xp = _nhwc_padded(x, pad) if plan.forward != "onednn" or plan.weight_grad != "onednn" else None
         if plan.forward != "onednn":
             out = _forward_as(plan.forward, xp, weight, bias, groups)  # type: ignore[arg-type]
         else:
             out = F.conv2d(x, weight, bias, 1, pad, 1, groups)
-        keep = xp if plan.weight_grad == "ours" else x
+        keep = xp if plan.weight_grad != "onednn" else x
         ctx.save_for_backward(keep, weight)
         ctx.pad, ctx.groups, ctx.plan, ctx.x_shape, ctx.has_bias = pad, groups, plan, tuple(x.shape), bias is not None
         return out
@@ -229,8 +243,9 @@ class _Conv3x3(torch.autograd.Function):
             dx = _forward_as(plan.input_grad, gp, _input_grad_weight(weight, groups), None, groups)
         elif want_x:
             dx = _onednn_backward(g, None, weight, pad, groups, ctx.x_shape, [True, False, False])[0]
-        if (want_w or want_b) and plan.weight_grad == "ours":
-            dw, db = _ours_weight_grad(kept, g, groups, ctx.has_bias and want_b)
+        if (want_w or want_b) and plan.weight_grad != "onednn":
+            weight_grad = _winograd_weight_grad if plan.weight_grad == "winograd" else _ours_weight_grad
+            dw, db = weight_grad(kept, g, groups, ctx.has_bias and want_b)
         elif want_w or want_b:
             _, dw, db = _onednn_backward(g, kept, weight, pad, groups, ctx.x_shape,
                                          [False, True, bool(ctx.has_bias and want_b)])
@@ -286,7 +301,7 @@ def plan_for(conv: torch.nn.Conv2d, x: Tensor) -> Plan:
     if forced in ("ours", "winograd"):  # where the shape allows (input channels: 8 | Ci forward, 16 | Ci backward)
         cin = conv.weight.shape[1]
         fwd = forced if forced == "ours" or cin % 8 == 0 else "ours"
-        return Plan(fwd, forced if cin % 16 == 0 else "onednn", "ours")
+        return Plan(fwd, forced if cin % 16 == 0 else "onednn", fwd)
     key = f"{_machine_key()}/{_shape_key(conv, x)}"
     with _lock:
         if key in _plans:
@@ -347,6 +362,7 @@ def candidates(x_shape: tuple[int, ...], weight: Tensor, pad: int, groups: int) 
     if w.shape[1] % 8 == 0:
         uf = _winograd_weights(w, groups)
         fns["forward/winograd"] = lambda: _winograd_forward(xp, uf, None, groups)
+        fns["weight_grad/winograd"] = lambda: _winograd_weight_grad(xp, gr, groups, False)
     if w.shape[1] % 16 == 0:
         ui = _winograd_weights(wi, groups)
         fns["input_grad/ours"] = lambda: _ours_forward(_nhwc_padded(gr, 2 - pad), wf, None, groups)

@@ -323,3 +323,104 @@ void conv3x3_winograd_forward(const float *x, const float *u, const float *bias,
     }
     free(work);
 }
+
+/* ----------------------------------------------------------------------- Winograd F(2x2, 3x3) weight gradient
+ * Forward is Y = A^T [(G w G^T) . (B^T d B)] A per tile, so with the output gradient g of a tile,
+ * dL/dU = sum over tiles of (B^T d B) . (A g A^T), and dL/dw = G^T (dL/dU) G (done by the caller on the small
+ * (G, 16, Ci, Co) result). The sum over tiles is 16 GEMMs with the tiles as the reduction: 2.25x fewer FMAs than
+ * the direct weight gradient. Needs Ci a multiple of 8 and Co of 16. */
+
+/* Gt[k][t][c0..] = (A g A^T)[k] for tile row ty's tiles (stored from t0 of T), all output channels; g outside
+ * the output (an odd last row or column) is zero */
+static void winograd_grad_out(const float *gn, float *Gt, int64_t ty, int64_t tw, int64_t T, int64_t t0, int64_t Ho,
+                              int64_t Wo, int64_t GT, int64_t Co) {
+    for (int64_t t = 0; t < tw; t++) {
+        const int64_t y = 2 * ty, x0 = 2 * t;
+        for (int64_t c = 0; c < Co; c += 8) {
+            v8 g[2][2];
+            for (int i = 0; i < 2; i++)
+                for (int j = 0; j < 2; j++)
+                    g[i][j] = (y + i < Ho && x0 + j < Wo) ? LD(gn + ((y + i) * Wo + x0 + j) * GT + c) : ZERO;
+            v8 h[4][2];  /* A g: rows g0, g0 + g1, g0 - g1, -g1 */
+            for (int j = 0; j < 2; j++) {
+                h[0][j] = g[0][j];
+                h[1][j] = ADD(g[0][j], g[1][j]);
+                h[2][j] = _mm256_sub_ps(g[0][j], g[1][j]);
+                h[3][j] = _mm256_sub_ps(ZERO, g[1][j]);
+            }
+            for (int i = 0; i < 4; i++) {  /* (A g) A^T: columns a, a + b, a - b, -b */
+                float *o = Gt + ((int64_t)(i * 4) * T + t0 + t) * Co + c;
+                ST(o, h[i][0]);
+                ST(o + T * Co, ADD(h[i][0], h[i][1]));
+                ST(o + 2 * T * Co, _mm256_sub_ps(h[i][0], h[i][1]));
+                ST(o + 3 * T * Co, _mm256_sub_ps(ZERO, h[i][1]));
+            }
+        }
+    }
+}
+
+/* du[c..c+3][c0..c0+15] += sum over the tiles of v[t][c..c+3] gt[t][c0..c0+15] (one transformed position k) */
+static inline void winograd_wgrad_tile(const float *v, const float *gt, float *du, int64_t tiles, int64_t Ci,
+                                       int64_t Co) {
+    v8 a0 = ZERO, a1 = ZERO, b0 = ZERO, b1 = ZERO, c0 = ZERO, c1 = ZERO, d0 = ZERO, d1 = ZERO;
+    for (int64_t t = 0; t < tiles; t++, v += Ci, gt += Co) {
+        const v8 g0 = LD(gt), g1 = LD(gt + 8);
+        v8 xv = BC(v);
+        a0 = FMA(xv, g0, a0); a1 = FMA(xv, g1, a1);
+        xv = BC(v + 1);
+        b0 = FMA(xv, g0, b0); b1 = FMA(xv, g1, b1);
+        xv = BC(v + 2);
+        c0 = FMA(xv, g0, c0); c1 = FMA(xv, g1, c1);
+        xv = BC(v + 3);
+        d0 = FMA(xv, g0, d0); d1 = FMA(xv, g1, d1);
+    }
+    const v8 sums[8] = {a0, a1, b0, b1, c0, c1, d0, d1};
+    for (int c = 0; c < 4; c++) {
+        ST(du + c * Co, ADD(LD(du + c * Co), sums[2 * c]));
+        ST(du + c * Co + 8, ADD(LD(du + c * Co + 8), sums[2 * c + 1]));
+    }
+}
+
+/* du (G, 16, Ci, Co) overwritten: dL/dU, to be turned into dL/dw = G^T du G by the caller */
+void conv3x3_winograd_backward_weight(const float *x, const float *g, float *du, int64_t N, int64_t Hp, int64_t Wp,
+                                      int64_t G, int64_t Ci, int64_t Co, int nthreads) {
+    const int64_t Ho = Hp - 2, Wo = Wp - 2, CT = G * Ci, GT = G * Co, per = G * 16 * Ci * Co;
+    const int64_t th = (Ho + 1) / 2, tw = (Wo + 1) / 2;
+    int64_t rb = (48 + tw - 1) / tw;
+    rb = rb > th ? th : rb;
+    const int64_t blocks = (th + rb - 1) / rb, T = rb * tw;
+    nthreads = nthr(nthreads);
+    float *acc = calloc((size_t)(nthreads * (per + 16 * T * (Ci + Co))), sizeof(float));
+    if (!acc) return;
+#pragma omp parallel num_threads(nthreads)
+    {
+#ifdef _OPENMP
+        float *mine = acc + (int64_t)omp_get_thread_num() * (per + 16 * T * (Ci + Co));
+#else
+        float *mine = acc;
+#endif
+        float *V = mine + per, *Gt = V + 16 * T * Ci;
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < N * blocks; task++) {
+            const int64_t n = task / blocks, ty0 = (task % blocks) * rb;
+            const int64_t rows = th - ty0 < rb ? th - ty0 : rb, tiles = rows * tw;
+            for (int64_t gi = 0; gi < G; gi++) {
+                for (int64_t r = 0; r < rows; r++) {
+                    winograd_input(x + n * Hp * Wp * CT + gi * Ci, V, ty0 + r, tw, T, r * tw, Hp, Wp, CT, Ci);
+                    winograd_grad_out(g + n * Ho * Wo * GT + gi * Co, Gt, ty0 + r, tw, T, r * tw, Ho, Wo, GT, Co);
+                }
+                for (int k = 0; k < 16; k++)
+                    for (int64_t c0 = 0; c0 < Co; c0 += 16)
+                        for (int64_t c = 0; c < Ci; c += 4)
+                            winograd_wgrad_tile(V + (int64_t)k * T * Ci + c, Gt + (int64_t)k * T * Co + c0,
+                                                mine + ((gi * 16 + k) * Ci + c) * Co + c0, tiles, Ci, Co);
+            }
+        }
+    }
+    for (int64_t q = 0; q < per; q++) {
+        float tot = 0.0f;
+        for (int th_ = 0; th_ < nthreads; th_++) tot += acc[th_ * (per + 16 * T * (Ci + Co)) + q];
+        du[q] = tot;
+    }
+    free(acc);
+}
