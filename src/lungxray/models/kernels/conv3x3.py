@@ -45,7 +45,7 @@ from lungxray.models.kernels.loader import Built, load_library
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CHOICE_ENV", "Plan", "candidates", "conv3x3", "conv3x3_available", "plan_for", "use_conv3x3"]
+__all__ = ["CHOICE_ENV", "Plan", "candidates", "chosen", "conv3x3", "conv3x3_available", "plan_for", "use_conv3x3"]
 
 SOURCE = Path(__file__).with_name("csrc") / "conv3x3.c"
 CHOICE_ENV = "LUNGXRAY_CONV3X3"  # auto | onednn | ours | winograd
@@ -325,6 +325,13 @@ def plan_for(conv: torch.nn.Conv2d, x: Tensor) -> Plan:
     log.info("conv3x3 %s: forward %s, input gradient %s, weight gradient %s (measured, ms: %s)", _shape_key(conv, x),
              plan.forward, plan.input_grad, plan.weight_grad, plan.times_ms)
     return plan
+
+
+def chosen() -> dict[str, str]:
+    """The passes chosen for every layer shape this process trained or calibrated, one line each (run.json, metrics)."""
+    with _lock:
+        return {key.split("/", 1)[1]: f"forward {p.forward}, input gradient {p.input_grad}, weight gradient "
+                f"{p.weight_grad}" for key, p in _plans.items()}
 
 
 def _best_ms(fns: dict[str, Callable[[], object]], rounds: int = 3) -> dict[str, float]:
