@@ -127,3 +127,13 @@ def test_a_training_step_gives_the_same_gradients_with_the_kernels(arch: str, ke
     assert len(calls) >= 2  # the kernels ran (LUNGXRAY_CONV3X3=onednn turns them off: no calls the second time)
     for name, g in grads[kernel].items():
         _close(g, grads["onednn"][name])
+
+
+@needs_kernel
+def test_a_layer_the_kernels_cannot_take_every_pass_of_keeps_onednn_for_those(tmp_path, monkeypatch) -> None:
+    """4 input channels: no Winograd (8 | Ci) and no kernel input gradient (16 | Ci); the rest is still measured."""
+    monkeypatch.setenv("LUNGXRAY_CACHE", str(tmp_path))
+    monkeypatch.setattr(c3, "_plans", {})
+    plan = c3.plan_for(torch.nn.Conv2d(4, 16, 3).train(), torch.randn(2, 4, 10, 10))
+    assert plan.input_grad == "onednn" and plan.forward in ("ours", "onednn")
+    assert "forward/winograd" not in plan.times_ms and "input_grad/ours" not in plan.times_ms

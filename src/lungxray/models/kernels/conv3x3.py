@@ -382,7 +382,8 @@ def _measure(conv: torch.nn.Conv2d, x: Tensor) -> Plan:
     ms = _best_ms(candidates(tuple(x.shape), conv.weight, _pad(conv), conv.groups))
 
     def pick(stage: str) -> str:
-        ours = min((k for k in ms if k.startswith(stage) and not k.endswith("onednn")), key=ms.__getitem__)
-        return ours.split("/")[1] if ms[ours] * MIN_GAIN < ms[f"{stage}/onednn"] else "onednn"
+        mine = [k for k in ms if k.startswith(stage + "/") and not k.endswith("/onednn")]
+        best = min(mine, key=ms.__getitem__, default=None)  # none where the channels rule the kernels out
+        return best.split("/")[1] if best and ms[best] * MIN_GAIN < ms[f"{stage}/onednn"] else "onednn"
 
     return Plan(pick("forward"), pick("input_grad"), pick("weight_grad"), {k: round(v, 2) for k, v in ms.items()})
