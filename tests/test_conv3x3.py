@@ -13,6 +13,16 @@ from lungxray.models import nets
 from lungxray.models.kernels import conv3x3 as c3
 from lungxray.models.nets import build_model
 
+
+@pytest.fixture(autouse=True)
+def _not_deterministic():
+    """Deterministic mode keeps oneDNN (`use_conv3x3`); another test may have left it on."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(False)
+    yield
+    torch.use_deterministic_algorithms(before, warn_only=True)
+
+
 needs_kernel = pytest.mark.skipif(not c3.conv3x3_available(), reason="conv3x3 kernel needs gcc and AVX2+FMA")
 
 
@@ -81,6 +91,11 @@ def test_used_only_where_it_computes_the_same_function() -> None:
     assert not c3.use_conv3x3(torch.nn.Conv2d(16, 32, 3, padding=1, padding_mode="reflect"), x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not c3.use_conv3x3(conv, x)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        assert not c3.use_conv3x3(conv, x)  # deterministic runs keep oneDNN: a measured choice could differ
+    finally:
+        torch.use_deterministic_algorithms(False)
     handle = conv.register_forward_hook(lambda *a: None)
     assert not c3.use_conv3x3(conv, x)
     handle.remove()
@@ -97,7 +112,7 @@ def test_the_choice_is_measured_once_cached_and_forced_by_the_environment(tmp_pa
     assert {plan.forward, plan.input_grad, plan.weight_grad} <= {"ours", "winograd", "onednn"}
     assert set(plan.times_ms) >= {"forward/ours", "forward/winograd", "forward/onednn", "input_grad/winograd",
                                   "weight_grad/ours", "weight_grad/winograd", "weight_grad/onednn"}
-    stored = json.loads((tmp_path / "autotune" / "conv3x3.json").read_text())
+    stored = json.loads((tmp_path / "autotune" / "conv3x3" / "plans.json").read_text())
     assert [v["forward"] for v in stored.values()] == [plan.forward]
     c3._plans.clear()
     assert c3.plan_for(conv, x) == plan  # read back from the file, not measured again

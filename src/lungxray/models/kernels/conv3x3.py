@@ -10,14 +10,15 @@ flipped and its channels swapped.
 Which implementation runs is decided per pass and per layer shape by measurement, not by rule: the first time a
 shape is seen, `plan_for` times this file's kernel against oneDNN for the forward, input-gradient and weight-gradient
 passes (interleaved, best of 3) and keeps the faster of each, cached in memory and on disk under
-`$LUNGXRAY_CACHE/autotune/conv3x3.json` per CPU, instruction-set limit and torch version. `LUNGXRAY_CONV3X3`
+`$LUNGXRAY_CACHE/autotune/conv3x3/plans.json` per CPU, instruction-set limit and torch version. `LUNGXRAY_CONV3X3`
 forces it: `ours` (the direct loops), `winograd` (forward and input gradient as F(2x2, 3x3) where the channels
 allow), `onednn`, or `auto` (the default). `LUNGXRAY_FUSED=0` turns it off with the other kernels.
 
 Used only where it computes the same function: training (evaluation, export, Grad-CAM and tracing run the plain
-module), CPU, fp32 weights and input with no autocast, 3x3 kernel, stride 1, padding 0 or 1, no dilation, zero
-padding mode, output channels per group a multiple of 16 and input channels per group a multiple of 2 (of 16
-for the kernel's input gradient). Results equal oneDNN's up to float summation order (tests/test_conv3x3.py).
+module; deterministic runs too, as a measured choice could differ between a run and its resumption), CPU, fp32
+weights and input with no autocast, 3x3 kernel, stride 1, padding 0 or 1, no dilation, zero padding mode, output
+channels per group a multiple of 16 and input channels per group a multiple of 2 (of 16 for the kernel's input
+gradient). Results equal oneDNN's up to float summation order (tests/test_conv3x3.py).
 """
 
 from __future__ import annotations
@@ -99,6 +100,8 @@ def use_conv3x3(conv: torch.nn.Module, x: Tensor) -> bool:
     if not (isinstance(conv, torch.nn.Conv2d) and conv.training) or tracing():
         return False
     if conv._forward_hooks or conv._forward_pre_hooks or torch.is_autocast_enabled("cpu"):
+        return False
+    if torch.are_deterministic_algorithms_enabled():  # a measured choice could differ between processes
         return False
     w = conv.weight
     if x.device.type != "cpu" or w.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32:
@@ -284,7 +287,7 @@ def _machine_key() -> str:
 
 
 def _cache_file() -> Path:
-    return cache_root() / "autotune" / "conv3x3.json"
+    return cache_root() / "autotune" / "conv3x3" / "plans.json"  # beside the training calibration's files
 
 
 def _read_cache() -> dict[str, Any]:
