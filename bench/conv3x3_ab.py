@@ -43,7 +43,7 @@ def main() -> None:
         raise SystemExit("the conv3x3 kernel is unavailable here (needs gcc, x86-64 with AVX2 and FMA)")
     feats = cpu_features()
     print(f"{feats['cpu']}, {feats['isa']}, {torch.get_num_threads()} threads, median of {args.rounds} rounds\n")
-    impls = ("onednn", "ours", "winograd")
+    impls = ("onednn", "direct", "winograd")
     print("| layer | pass | oneDNN ms (GFLOP/s) | direct ms (GFLOP/s) | Winograd ms (GFLOP/s*) | best against oneDNN |")
     print("|---|---|---|---|---|---|")
     for n, ci, co, size, groups, pad in LAYERS:

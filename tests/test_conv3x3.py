@@ -41,8 +41,8 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 @needs_kernel
-@pytest.mark.parametrize("plan", [c3.Plan("ours", "ours", "ours"), c3.Plan("onednn", "onednn", "ours"),
-                                  c3.Plan("ours", "onednn", "onednn"), c3.Plan("winograd", "winograd", "winograd")])
+@pytest.mark.parametrize("plan", [c3.Plan("direct", "direct", "direct"), c3.Plan("onednn", "onednn", "direct"),
+                                  c3.Plan("direct", "onednn", "onednn"), c3.Plan("winograd", "winograd", "winograd")])
 @pytest.mark.parametrize(("cin", "cout", "groups", "pad", "size", "bias"),
                          [(32, 16, 1, 0, 11, True), (16, 32, 3, 1, 9, False), (6, 16, 2, 1, 7, True),
                           (16, 16, 1, 0, 3, True)])
@@ -51,7 +51,7 @@ def test_every_pass_matches_conv2d(plan: c3.Plan, cin: int, cout: int, groups: i
     if plan.input_grad != "onednn" and cin % 16:
         plan = c3.Plan(plan.forward, "onednn", plan.weight_grad)  # the kernel's input gradient needs 16 | cin
     if plan.forward == "winograd" and cin % 8:
-        plan = c3.Plan("ours", plan.input_grad, "ours")  # Winograd's forward and weight gradient need 8 | cin
+        plan = c3.Plan("direct", plan.input_grad, "direct")  # Winograd's forward and weight gradient need 8 | cin
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(cin * groups, cout * groups, 3, padding=pad, groups=groups, bias=bias)
     x = torch.randn(3, cin * groups, size, size + 2).contiguous(memory_format=torch.channels_last)
@@ -72,7 +72,7 @@ def test_nchw_input_and_no_input_gradient() -> None:
     torch.manual_seed(1)
     conv = torch.nn.Conv2d(16, 32, 3)
     x = torch.randn(2, 16, 8, 8)  # contiguous NCHW, no gradient wanted (a first layer)
-    out = c3._Conv3x3.apply(x, conv.weight, conv.bias, 0, 1, c3.Plan("ours", "ours", "ours"))
+    out = c3._Conv3x3.apply(x, conv.weight, conv.bias, 0, 1, c3.Plan("direct", "direct", "direct"))
     out.sum().backward()
     w = conv.weight.detach().clone().requires_grad_()
     F.conv2d(x, w, conv.bias.detach()).sum().backward()
@@ -109,15 +109,15 @@ def test_the_choice_is_measured_once_cached_and_forced_by_the_environment(tmp_pa
     conv = torch.nn.Conv2d(16, 32, 3, padding=1).train()
     x = torch.randn(2, 16, 12, 12)
     plan = c3.plan_for(conv, x)
-    assert {plan.forward, plan.input_grad, plan.weight_grad} <= {"ours", "winograd", "onednn"}
-    assert set(plan.times_ms) >= {"forward/ours", "forward/winograd", "forward/onednn", "input_grad/winograd",
-                                  "weight_grad/ours", "weight_grad/winograd", "weight_grad/onednn"}
+    assert {plan.forward, plan.input_grad, plan.weight_grad} <= {"direct", "winograd", "onednn"}
+    assert set(plan.times_ms) >= {"forward/direct", "forward/winograd", "forward/onednn", "input_grad/winograd",
+                                  "weight_grad/direct", "weight_grad/winograd", "weight_grad/onednn"}
     stored = json.loads((tmp_path / "autotune" / "conv3x3" / "plans.json").read_text())
     assert [v["forward"] for v in stored.values()] == [plan.forward]
     c3._plans.clear()
     assert c3.plan_for(conv, x) == plan  # read back from the file, not measured again
-    monkeypatch.setenv(c3.CHOICE_ENV, "ours")
-    assert c3.plan_for(conv, x) == c3.Plan("ours", "ours", "ours")
+    monkeypatch.setenv(c3.CHOICE_ENV, "direct")
+    assert c3.plan_for(conv, x) == c3.Plan("direct", "direct", "direct")
     monkeypatch.setenv(c3.CHOICE_ENV, "winograd")
     assert c3.plan_for(conv, x) == c3.Plan("winograd", "winograd", "winograd")
     monkeypatch.setenv(c3.CHOICE_ENV, "onednn")
@@ -125,7 +125,7 @@ def test_the_choice_is_measured_once_cached_and_forced_by_the_environment(tmp_pa
 
 
 @needs_kernel
-@pytest.mark.parametrize("kernel", ["ours", "winograd"])
+@pytest.mark.parametrize("kernel", ["direct", "winograd"])
 @pytest.mark.parametrize("arch", ["seed_cnn", "compact_cnn"])
 def test_a_training_step_gives_the_same_gradients_with_the_kernels(arch: str, kernel: str, monkeypatch) -> None:
     torch.manual_seed(2)
@@ -150,5 +150,5 @@ def test_a_layer_the_kernels_cannot_take_every_pass_of_keeps_onednn_for_those(tm
     monkeypatch.setenv("LUNGXRAY_CACHE", str(tmp_path))
     monkeypatch.setattr(c3, "_plans", {})
     plan = c3.plan_for(torch.nn.Conv2d(4, 16, 3).train(), torch.randn(2, 4, 10, 10))
-    assert plan.input_grad == "onednn" and plan.forward in ("ours", "onednn")
-    assert "forward/winograd" not in plan.times_ms and "input_grad/ours" not in plan.times_ms
+    assert plan.input_grad == "onednn" and plan.forward in ("direct", "onednn")
+    assert "forward/winograd" not in plan.times_ms and "input_grad/direct" not in plan.times_ms

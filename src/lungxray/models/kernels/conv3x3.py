@@ -11,7 +11,7 @@ Which implementation runs is decided per pass and per layer shape by measurement
 shape is seen, `plan_for` times this file's kernel against oneDNN for the forward, input-gradient and weight-gradient
 passes (interleaved, best of 3) and keeps the faster of each, cached in memory and on disk under
 `$LUNGXRAY_CACHE/autotune/conv3x3/plans.json` per CPU, instruction-set limit and torch version. `LUNGXRAY_CONV3X3`
-forces it: `ours` (the direct loops), `winograd` (forward and input gradient as F(2x2, 3x3) where the channels
+forces it: `direct` (the direct loops), `winograd` (forward and input gradient as F(2x2, 3x3) where the channels
 allow), `onednn`, or `auto` (the default). `LUNGXRAY_FUSED=0` turns it off with the other kernels.
 
 Used only where it computes the same function: training (evaluation, export, Grad-CAM and tracing run the plain
@@ -43,13 +43,15 @@ from lungxray.hostinfo import cache_root
 from lungxray.io.files import write_json
 from lungxray.models.kernels.fused_stem import ENV_SWITCH, tracing
 from lungxray.models.kernels.loader import Built, load_library
+from lungxray.runtime import cpu_features
 
 log = logging.getLogger(__name__)
 
 __all__ = ["CHOICE_ENV", "Plan", "candidates", "chosen", "conv3x3", "conv3x3_available", "plan_for", "use_conv3x3"]
 
 SOURCE = Path(__file__).with_name("csrc") / "conv3x3.c"
-CHOICE_ENV = "LUNGXRAY_CONV3X3"  # auto | onednn | ours | winograd
+CHOICE_ENV = "LUNGXRAY_CONV3X3"  # auto | onednn | direct | winograd
+PLAN_VERSION = 2  # 2: the direct loops are "direct" (were "ours")
 MIN_GAIN = 1.05  # the kernel must beat oneDNN by this factor on a pass to replace it
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 SIGNATURES = {"conv3x3_forward": (_P,) * 4 + (_I64,) * 6 + (ctypes.c_int,),
@@ -64,7 +66,7 @@ _plans: dict[str, Plan] = {}
 
 @dataclass(frozen=True)
 class Plan:
-    """Per pass, which runs: the kernel's direct loop ("ours"), its Winograd F(2x2, 3x3) loop ("winograd") or
+    """Per pass, which runs: the kernel's direct loop ("direct"), its Winograd F(2x2, 3x3) loop ("winograd") or
     oneDNN ("onednn"); and the measured times (ms)."""
 
     forward: str
@@ -134,7 +136,7 @@ def _nhwc_padded(t: Tensor, pad: int) -> Tensor:
     return out
 
 
-def _ours_forward(xp: Tensor, wk: Tensor, bias: Tensor | None, groups: int) -> Tensor:
+def _direct_forward(xp: Tensor, wk: Tensor, bias: Tensor | None, groups: int) -> Tensor:
     """xp (N, Hp, Wp, G*Ci) padded, wk (G, 9, Ci, Co) -> (N, G*Co, Hp-2, Wp-2), channels_last."""
     n, hp, wp, _ = xp.shape
     g, _, ci, co = wk.shape
@@ -157,7 +159,7 @@ def _winograd_weights(weight: Tensor, groups: int) -> Tensor:
 
 
 def _winograd_forward(xp: Tensor, u: Tensor, bias: Tensor | None, groups: int) -> Tensor:
-    """Like `_ours_forward`, on 2x2 output tiles (csrc/conv3x3.c): u from `_winograd_weights`."""
+    """Like `_direct_forward`, on 2x2 output tiles (csrc/conv3x3.c): u from `_winograd_weights`."""
     n, hp, wp, _ = xp.shape
     g, _, ci, co = u.shape
     out = torch.empty((n, g * co, hp - 2, wp - 2), memory_format=torch.channels_last)
@@ -181,13 +183,13 @@ def _input_grad_weight(weight: Tensor, groups: int) -> Tensor:
 
 
 def _forward_as(plan: str, xp: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
-    """The valid convolution of padded channels-last `xp` by the kernel's direct ("ours") or Winograd loop."""
+    """The valid convolution of padded channels-last `xp` by the kernel's direct ("direct") or Winograd loop."""
     if plan == "winograd":
         return _winograd_forward(xp, _winograd_weights(weight, groups), bias, groups)
-    return _ours_forward(xp, _tap_major(weight, groups), bias, groups)
+    return _direct_forward(xp, _tap_major(weight, groups), bias, groups)
 
 
-def _ours_weight_grad(xp: Tensor, g: Tensor, groups: int, with_bias: bool) -> tuple[Tensor, Tensor | None]:
+def _direct_weight_grad(xp: Tensor, g: Tensor, groups: int, with_bias: bool) -> tuple[Tensor, Tensor | None]:
     n, hp, wp, ct = xp.shape
     gl = g.permute(0, 2, 3, 1).contiguous()
     ci, co = ct // groups, gl.shape[-1] // groups
@@ -247,7 +249,7 @@ class _Conv3x3(torch.autograd.Function):
         elif want_x:
             dx = _onednn_backward(g, None, weight, pad, groups, ctx.x_shape, [True, False, False])[0]
         if (want_w or want_b) and plan.weight_grad != "onednn":
-            weight_grad = _winograd_weight_grad if plan.weight_grad == "winograd" else _ours_weight_grad
+            weight_grad = _winograd_weight_grad if plan.weight_grad == "winograd" else _direct_weight_grad
             dw, db = weight_grad(kept, g, groups, ctx.has_bias and want_b)
         elif want_w or want_b:
             _, dw, db = _onednn_backward(g, kept, weight, pad, groups, ctx.x_shape,
@@ -278,11 +280,9 @@ def _shape_key(conv: torch.nn.Conv2d, x: Tensor) -> str:
 
 
 def _machine_key() -> str:
-    from lungxray.runtime import cpu_features
-
     feats = cpu_features()
     limits = "|".join(os.environ.get(v, "") for v in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"))
-    raw = f"{feats['cpu']}|{feats['isa']}|{limits}|{torch.__version__}".encode()
+    raw = f"{PLAN_VERSION}|{feats['cpu']}|{feats['isa']}|{limits}|{torch.__version__}".encode()
     return hashlib.sha256(raw + SOURCE.read_bytes()).hexdigest()[:16]  # a changed kernel is measured again
 
 
@@ -301,9 +301,9 @@ def _read_cache() -> dict[str, Any]:
 def plan_for(conv: torch.nn.Conv2d, x: Tensor) -> Plan:
     """The passes to run for this layer shape: forced by LUNGXRAY_CONV3X3, else measured once and cached."""
     forced = os.environ.get(CHOICE_ENV, "auto")
-    if forced in ("ours", "winograd"):  # where the shape allows (input channels: 8 | Ci forward, 16 | Ci backward)
+    if forced in ("direct", "winograd"):  # where the shape allows (input channels: 8 | Ci forward, 16 | Ci backward)
         cin = conv.weight.shape[1]
-        fwd = forced if forced == "ours" or cin % 8 == 0 else "ours"
+        fwd = forced if forced == "direct" or cin % 8 == 0 else "direct"
         return Plan(fwd, forced if cin % 16 == 0 else "onednn", fwd)
     key = f"{_machine_key()}/{_shape_key(conv, x)}"
     with _lock:
@@ -351,7 +351,7 @@ def _best_ms(fns: dict[str, Callable[[], object]], rounds: int = 3) -> dict[str,
 
 
 def candidates(x_shape: tuple[int, ...], weight: Tensor, pad: int, groups: int) -> dict[str, Callable[[], object]]:
-    """Each pass both ways ("forward/ours", "forward/onednn", "input_grad/...", "weight_grad/...") on random data of
+    """Each pass both ways ("forward/direct", "forward/onednn", "input_grad/...", "weight_grad/...") on random data of
     this shape, ready to time (`plan_for` does, and so does bench/conv3x3_ab.py)."""
     gen = torch.Generator().manual_seed(0)  # its own: measuring must not move training's random stream
     xr = torch.randn(x_shape, generator=gen).contiguous(memory_format=torch.channels_last)
@@ -363,10 +363,10 @@ def candidates(x_shape: tuple[int, ...], weight: Tensor, pad: int, groups: int) 
     wi = _input_grad_weight(w, groups)
     wk, wf = _tap_major(w, groups), _tap_major(wi, groups)
     fns: dict[str, Callable[[], object]] = {
-        "forward/ours": lambda: _ours_forward(xp, wk, None, groups),
+        "forward/direct": lambda: _direct_forward(xp, wk, None, groups),
         "forward/onednn": lambda: F.conv2d(xr, w, None, 1, pad, 1, groups),
         "input_grad/onednn": lambda: _onednn_backward(gr, None, w, pad, groups, x_shape, [True, False, False]),
-        "weight_grad/ours": lambda: _ours_weight_grad(xp, gr, groups, False),
+        "weight_grad/direct": lambda: _direct_weight_grad(xp, gr, groups, False),
         "weight_grad/onednn": lambda: _onednn_backward(gr, xr, w, pad, groups, x_shape, [False, True, False]),
     }
     if w.shape[1] % 8 == 0:
@@ -375,7 +375,7 @@ def candidates(x_shape: tuple[int, ...], weight: Tensor, pad: int, groups: int) 
         fns["weight_grad/winograd"] = lambda: _winograd_weight_grad(xp, gr, groups, False)
     if w.shape[1] % 16 == 0:
         ui = _winograd_weights(wi, groups)
-        fns["input_grad/ours"] = lambda: _ours_forward(_nhwc_padded(gr, 2 - pad), wf, None, groups)
+        fns["input_grad/direct"] = lambda: _direct_forward(_nhwc_padded(gr, 2 - pad), wf, None, groups)
         fns["input_grad/winograd"] = lambda: _winograd_forward(_nhwc_padded(gr, 2 - pad), ui, None, groups)
     return fns
 
