@@ -87,19 +87,21 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, fused=fused)
 
 
-def _augment_shard(augmenter: Augmenter, x: torch.Tensor, total: int, offset: int | torch.Tensor) -> torch.Tensor:
-    """Augment rows [offset, offset + len(x)) of a `total`-row batch with the parameters the whole batch draws.
+def _augment_shard(augmenter: Augmenter, images: torch.Tensor, index: torch.Tensor, total: int,
+                   offset: int | torch.Tensor) -> torch.Tensor:
+    """`normalize(images[index])` (n, 1, H, W) augmented as rows [offset, offset + n) of a `total`-row batch.
 
-    On one process this is `augmenter(x)`; on N data-parallel ranks every rank draws the same parameters for the
+    The parameters are drawn for the whole batch: on N data-parallel ranks every rank draws the same ones for the
     global batch and keeps its rows, so a run on N ranks sees the same augmentations as a run on one. `offset`
     may also be a tensor of row indices (the still-active members' rows when stopped members were pruned).
     """
-    if total == x.shape[0] or augmenter.params.is_identity():
-        return augmenter(x)
-    p = augmenter.sample(total, x.shape[-2], x.shape[-1])
-    rows = offset if isinstance(offset, torch.Tensor) else slice(offset, offset + x.shape[0])
-    return augmenter.apply(x, {k: v[rows.to(v.device) if isinstance(rows, torch.Tensor) else rows]
-                               for k, v in p.items()})
+    if augmenter.params.is_identity():
+        return normalize(images[index]).unsqueeze(1)
+    p = augmenter.sample(total, images.shape[-2], images.shape[-1])
+    if total != index.numel():
+        rows = offset if isinstance(offset, torch.Tensor) else slice(offset, offset + index.numel())
+        p = {k: v[rows.to(v.device) if isinstance(rows, torch.Tensor) else rows] for k, v in p.items()}
+    return augmenter.apply_gathered(images, index, p)
 
 
 def _photometric_rows(photometric: PhotometricAugmenter, x: torch.Tensor, total: int,
@@ -280,16 +282,18 @@ def _draw_epoch(inputs: EpochInputs, state: TrainState, cfg: TrainConfig, rng: n
     return _EpochDraws(order, ks, k_plan, active, class_weights, decay, distributed.data_world())
 
 
-def _augment_batch(inputs: EpochInputs, draws: _EpochDraws, x: torch.Tensor, b_all: int, lo: int) -> torch.Tensor:
-    """Geometric, then photometric changes of x (B, K, H, W): rows [lo, lo + B) of the b_all-row global batch.
+def _augment_batch(inputs: EpochInputs, draws: _EpochDraws, idx: torch.Tensor, b_all: int, lo: int) -> torch.Tensor:
+    """The images `idx` (B, K) indexes, standardised, with geometric, then photometric changes: (B, K, H, W), rows
+    [lo, lo + B) of the b_all-row global batch.
 
     The draws are made for the whole global batch of all the plan's members and this rank's (computed) rows kept.
     """
-    b, k_members, h, w = x.shape
+    b, k_members = idx.shape
+    h, w = inputs.images.shape[-2:]
     rows = None
     if draws.pruned:
         rows = (torch.arange(lo, lo + b)[:, None] * draws.k_plan + torch.tensor(draws.ks)[None, :]).reshape(-1)
-    x = _augment_shard(inputs.augmenter, x.reshape(b * k_members, 1, h, w), b_all * draws.k_plan,
+    x = _augment_shard(inputs.augmenter, inputs.images, idx.reshape(-1), b_all * draws.k_plan,
                        rows if rows is not None else lo * k_members)
     x = x.reshape(b, k_members, h, w)
     if inputs.photometric is not None:
@@ -310,7 +314,7 @@ def _make_batch(inputs: EpochInputs, draws: _EpochDraws, columns: np.ndarray, cf
         return None
     lo, hi = distributed.batch_shard(b_all)  # this rank's columns: all of them in one process
     idx = idx[:, lo:hi]
-    x = _augment_batch(inputs, draws, normalize(inputs.images[idx.T]), b_all, lo)  # (B, K, H, W)
+    x = _augment_batch(inputs, draws, idx.T, b_all, lo)  # (B, K, H, W)
     y = inputs.labels[idx.T]  # (B, K)
     mix = None
     if cfg.mixup > 0:

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lungxray.runtime import INPUT_MEAN, INPUT_STD
+from lungxray.models.kernels.warp import warp_available, warp_uint8
+from lungxray.runtime import INPUT_MEAN, INPUT_STD, normalize
 from lungxray.transforms.params import GEOMETRIC_PRESETS as PRESETS
 from lungxray.transforms.params import AugmentParams, resolve_params
 
@@ -59,6 +60,27 @@ def _xy_matrices(p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
     lin = rot @ shear @ zoom
     shift = (rot @ torch.stack([p["tx"], p["ty"]], -1).unsqueeze(-1)).squeeze(-1)  # R @ T's translation
     return lin, shift
+
+
+def _no_geometry(q: dict[str, torch.Tensor]) -> bool:
+    """Whether no sample rotates, shifts, shears or zooms."""
+    trivial = [q[k] == 0 for k in ("theta", "tx", "ty", "shear")] + [q[k] == 1 for k in ("zx", "zy")]
+    return bool(torch.stack(trivial).all())
+
+
+def _pixel_matrices(p: dict[str, torch.Tensor], h: int, w: int) -> torch.Tensor:
+    """(N, 2, 3) float64: output (column j, row i, 1) -> input (column, row), about the centre, flips folded in.
+
+    A flip after the transform reads output column W-1-j, which about the centre is -(j - cx): the matrices' j
+    column changes sign.
+    """
+    q = {k: p[k].to("cpu", torch.float64) for k in _KEYS}
+    lin, shift = _xy_matrices(q)
+    sign = torch.where(p["flip"].to("cpu"), -1.0, 1.0).to(torch.float64)
+    lin = torch.stack([lin[:, :, 0] * sign[:, None], lin[:, :, 1]], -1)
+    centre = torch.tensor([(w - 1) / 2.0, (h - 1) / 2.0], dtype=torch.float64)
+    offset = shift + centre - (lin @ centre)  # input = lin @ (out - c) + shift + c
+    return torch.cat([lin, offset.unsqueeze(-1)], -1)
 
 
 def _affine_grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -161,8 +183,7 @@ class Augmenter:
             raise ValueError(f"parameters are for {tuple(p['theta'].shape)} samples, batch has {n}")
         work = torch.float64 if x.dtype == torch.float64 else torch.float32
         q = {k: p[k].to(device=x.device, dtype=work) for k in _KEYS}
-        trivial = [q[k] == 0 for k in ("theta", "tx", "ty", "shear")] + [q[k] == 1 for k in ("zx", "zy")]
-        if bool(torch.stack(trivial).all()):  # no geometry for any sample: keep pixels bit-exact
+        if _no_geometry(q):  # keep pixels bit-exact
             flipped = self._flip(x, p)
             return self._erase(flipped, p, owned=flipped is not x)
         lin, shift = _xy_matrices(q)  # (N,2,2), (N,2) in pixels about the centre
@@ -173,6 +194,23 @@ class Augmenter:
         y = F.grid_sample(x.to(work), grid, mode="bilinear", padding_mode="border", align_corners=True)
         y = y.to(x.dtype)
         return self._erase(self._flip(y, p), p, owned=True)  # grid_sample made y
+
+    def apply_gathered(self, images: torch.Tensor, index: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``apply(normalize(images[index]).unsqueeze(1), p)`` for uint8 (N, H, W) images, as (n, 1, H, W).
+
+        On the CPU with the warp kernel (csrc/warp.c) the gather, the conversion, the resampling and the flip
+        are one pass over the uint8 images, where the float path makes four (docs/performance.md, "The
+        augmentation's resampling"); the values agree up to float rounding.
+        """
+        h, w = images.shape[-2:]
+        if p["theta"].shape != index.shape:
+            raise ValueError(f"parameters are for {tuple(p['theta'].shape)} samples, index has {tuple(index.shape)}")
+        fast = images.dtype == torch.uint8 and images.device.type == "cpu" and h >= 2 and w >= 2
+        if not fast or _no_geometry({k: p[k] for k in _KEYS}) or not warp_available():
+            return self.apply(normalize(images[index]).unsqueeze(1), p)
+        scale, shift = 1.0 / (255.0 * INPUT_STD), -INPUT_MEAN / INPUT_STD
+        y = warp_uint8(images, index, _pixel_matrices(p, h, w), scale, shift)
+        return self._erase(y, p, owned=True)
 
     @staticmethod
     def _flip(y: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -42,7 +42,7 @@ from torch import Tensor
 from lungxray.hostinfo import cache_root
 from lungxray.io.files import write_json
 from lungxray.models.kernels.fused_stem import ENV_SWITCH, tracing
-from lungxray.models.kernels.loader import Built, load_library
+from lungxray.models.kernels.loader import LazyLibrary
 from lungxray.runtime import cpu_features
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,8 @@ SIGNATURES = {"conv3x3_forward": (_P,) * 4 + (_I64,) * 6 + (ctypes.c_int,),
               "conv3x3_backward_weight": (_P,) * 4 + (_I64,) * 6 + (ctypes.c_int,),
               "conv3x3_winograd_backward_weight": (_P,) * 3 + (_I64,) * 6 + (ctypes.c_int,)}
 
+_kernels = LazyLibrary(SOURCE, SIGNATURES, "convolutions stay oneDNN's")
 _lock = threading.Lock()
-_built: list[Built] = []
 _plans: dict[str, Plan] = {}
 
 
@@ -75,21 +75,17 @@ class Plan:
     times_ms: dict[str, float] | None = None
 
 
-def _declare(lib: ctypes.CDLL) -> None:
-    for name, params in SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = list(params), None
-
-
 def _library() -> ctypes.CDLL | None:
     if os.environ.get(ENV_SWITCH, "1") == "0" or os.environ.get(CHOICE_ENV) == "onednn":
         return None
-    with _lock:
-        if not _built:
-            _built.append(load_library(SOURCE, _declare))
-            if _built[0].reason:
-                log.info("conv3x3 kernel unavailable (%s); convolutions stay oneDNN's", _built[0].reason)
-    return _built[0].lib
+    return _kernels.get()
+
+
+def _lib() -> ctypes.CDLL:
+    """The loaded library, for code that runs only after `use_conv3x3` said yes."""
+    lib = _kernels.get()
+    assert lib is not None
+    return lib
 
 
 def conv3x3_available() -> bool:
@@ -142,7 +138,7 @@ def _direct_forward(xp: Tensor, wk: Tensor, bias: Tensor | None, groups: int) ->
     g, _, ci, co = wk.shape
     out = torch.empty((n, g * co, hp - 2, wp - 2), memory_format=torch.channels_last)  # not a view: in-place ops after
     b = bias.contiguous() if bias is not None else None
-    _built[0].lib.conv3x3_forward(xp.data_ptr(), wk.data_ptr(), b.data_ptr() if b is not None else None,  # type: ignore[union-attr]
+    _lib().conv3x3_forward(xp.data_ptr(), wk.data_ptr(), b.data_ptr() if b is not None else None,
                                   out.data_ptr(), n, hp, wp, g, ci, co, torch.get_num_threads())
     return out
 
@@ -164,7 +160,7 @@ def _winograd_forward(xp: Tensor, u: Tensor, bias: Tensor | None, groups: int) -
     g, _, ci, co = u.shape
     out = torch.empty((n, g * co, hp - 2, wp - 2), memory_format=torch.channels_last)
     b = bias.contiguous() if bias is not None else None
-    _built[0].lib.conv3x3_winograd_forward(xp.data_ptr(), u.data_ptr(), b.data_ptr() if b is not None else None,  # type: ignore[union-attr]
+    _lib().conv3x3_winograd_forward(xp.data_ptr(), u.data_ptr(), b.data_ptr() if b is not None else None,
                                            out.data_ptr(), n, hp, wp, g, ci, co, torch.get_num_threads())
     return out
 
@@ -195,7 +191,7 @@ def _direct_weight_grad(xp: Tensor, g: Tensor, groups: int, with_bias: bool) -> 
     ci, co = ct // groups, gl.shape[-1] // groups
     dw = xp.new_empty((groups, 9, ci, co))
     db = xp.new_empty((groups * co,)) if with_bias else None
-    _built[0].lib.conv3x3_backward_weight(xp.data_ptr(), gl.data_ptr(), dw.data_ptr(),  # type: ignore[union-attr]
+    _lib().conv3x3_backward_weight(xp.data_ptr(), gl.data_ptr(), dw.data_ptr(),
                                           db.data_ptr() if db is not None else None, n, hp, wp, groups, ci, co,
                                           torch.get_num_threads())
     return dw.permute(0, 3, 2, 1).reshape(groups * co, ci, 3, 3), db
@@ -207,7 +203,7 @@ def _winograd_weight_grad(xp: Tensor, g: Tensor, groups: int, with_bias: bool) -
     gl = g.permute(0, 2, 3, 1).contiguous()
     ci, co = ct // groups, gl.shape[-1] // groups
     du = xp.new_empty((groups, 16, ci, co))
-    _built[0].lib.conv3x3_winograd_backward_weight(xp.data_ptr(), gl.data_ptr(), du.data_ptr(), n, hp, wp,  # type: ignore[union-attr]
+    _lib().conv3x3_winograd_backward_weight(xp.data_ptr(), gl.data_ptr(), du.data_ptr(), n, hp, wp,
                                                    groups, ci, co, torch.get_num_threads())
     dw = torch.einsum("ia,gijcd,jb->gdcab", _WINOGRAD_G, du.view(groups, 4, 4, ci, co), _WINOGRAD_G)
     db = gl.sum((0, 1, 2)) if with_bias else None

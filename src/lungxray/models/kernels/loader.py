@@ -13,19 +13,23 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from lungxray.hostinfo import cache_root
 
-__all__ = ["FLAGS", "Built", "build", "load_library", "trusted", "trusted_folder"]
+log = logging.getLogger(__name__)
+
+__all__ = ["FLAGS", "Built", "LazyLibrary", "build", "declare_all", "load_library", "trusted", "trusted_folder"]
 
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
@@ -54,6 +58,35 @@ def load_library(source: Path, declare: Callable[[ctypes.CDLL], None]) -> Built:
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
         return Built(None, reason=f"could not build/load {source.name}: {e}")
     return Built(lib, str(path), compile_s)
+
+
+def declare_all(signatures: Mapping[str, tuple[type, ...]]) -> Callable[[ctypes.CDLL], None]:
+    """A `declare` for `load_library`: each named function gets these ctypes argument types and no return value."""
+
+    def declare(lib: ctypes.CDLL) -> None:
+        for name, params in signatures.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = list(params), None
+
+    return declare
+
+
+class LazyLibrary:
+    """One kernel file's library, built and loaded at its first use in the process and kept; None where it is
+    unavailable (the reason is logged once, at info level: every caller has a PyTorch path to fall back on)."""
+
+    def __init__(self, source: Path, signatures: Mapping[str, tuple[type, ...]], fallback: str) -> None:
+        self.source, self.signatures, self.fallback = source, signatures, fallback
+        self.built: Built | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> ctypes.CDLL | None:
+        with self._lock:
+            if self.built is None:
+                self.built = load_library(self.source, declare_all(self.signatures))
+                if self.built.reason:
+                    log.info("%s unavailable (%s); %s", self.source.name, self.built.reason, self.fallback)
+        return self.built.lib
 
 
 def _cpu_id() -> str:
