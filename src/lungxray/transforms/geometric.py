@@ -123,7 +123,8 @@ class Augmenter:
     """Batched random augmentation. Owns its seeded ``torch.Generator``, never touches global RNG.
 
     Parameters are drawn on the CPU (so a seed gives the same augmentations on any device) and the resampling
-    runs as one affine grid + one ``grid_sample`` call on the batch's own device (no per-image loop).
+    runs as one affine grid + one ``grid_sample`` call on the batch's own device (no per-image loop); training
+    batches of uint8 images on the CPU go through :meth:`apply_gathered`, one C pass where the kernel is available.
     """
 
     def __init__(self, params: AugmentParams, seed: int = 0, device: str | torch.device = "cpu") -> None:
