@@ -200,14 +200,14 @@ class Augmenter:
         """``apply(normalize(images[index]).unsqueeze(1), p)`` for uint8 (N, H, W) images, as (n, 1, H, W).
 
         On the CPU with the warp kernel (csrc/warp.c) the gather, the conversion, the resampling and the flip
-        are one pass over the uint8 images, where the float path makes four (docs/performance.md, "The
-        augmentation's resampling"); the values agree up to float rounding.
+        are one pass over the uint8 images, where the float path makes four (docs/performance.md, "the
+        augmentation's resampling in one pass"); the values agree up to float rounding.
         """
         h, w = images.shape[-2:]
         if p["theta"].shape != index.shape:
             raise ValueError(f"parameters are for {tuple(p['theta'].shape)} samples, index has {tuple(index.shape)}")
         fast = images.dtype == torch.uint8 and images.device.type == "cpu" and h >= 2 and w >= 2
-        if not fast or _no_geometry({k: p[k] for k in _KEYS}) or not warp_available():
+        if not fast or _no_geometry(p) or not warp_available():
             return self.apply(normalize(images[index]).unsqueeze(1), p)
         scale, shift = 1.0 / (255.0 * INPUT_STD), -INPUT_MEAN / INPUT_STD
         y = warp_uint8(images, index, _pixel_matrices(p, h, w), scale, shift)

@@ -5,7 +5,7 @@
  * Why: the PyTorch path builds an (N, H, W, 2) coordinate grid (two strided broadcast adds, ~130 ms per step of
  * the reference's 320 images of 256x256 on 2 Zen 3 cores), samples it with grid_sample (~125 ms) and converts and
  * standardises the gathered images first (~45 ms); here the coordinates are computed where they are used and the
- * source stays uint8 (docs/performance.md, "The augmentation's resampling").
+ * source stays uint8 (docs/performance.md, "the augmentation's resampling in one pass").
  *
  * C with AVX2/FMA intrinsics and OpenMP, loaded by lungxray/models/kernels/warp.py with ctypes:
  *   src  (n_src, h, w) uint8, contiguous        rows (n,) int64: the source image of each output
