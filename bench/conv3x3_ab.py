@@ -1,5 +1,5 @@
 """Layer-level A/B of the fp32 3x3 convolution passes: this project's kernels (`models.kernels.conv3x3`: direct
-loops, Winograd F(2x2, 3x3)) against oneDNN.
+loops, Winograd F(2x2, 3x3) and F(4x4, 3x3)) against oneDNN.
 
 For the layers of seed_cnn (micro-batches of 8) and of the reference's compact_cnn (10 packed members, batch 32),
 each pass (forward, input gradient, weight gradient) is timed both ways, interleaved, median of --rounds, on the
@@ -43,9 +43,10 @@ def main() -> None:
         raise SystemExit("the conv3x3 kernel is unavailable here (needs gcc, x86-64 with AVX2 and FMA)")
     feats = cpu_features()
     print(f"{feats['cpu']}, {feats['isa']}, {torch.get_num_threads()} threads, median of {args.rounds} rounds\n")
-    impls = ("onednn", "direct", "winograd")
-    print("| layer | pass | oneDNN ms (GFLOP/s) | direct ms (GFLOP/s) | Winograd ms (GFLOP/s*) | best against oneDNN |")
-    print("|---|---|---|---|---|---|")
+    impls = ("onednn", "direct", "winograd", "winograd4")
+    print("| layer | pass | oneDNN ms (GFLOP/s) | direct ms (GFLOP/s) | Winograd F(2x2) ms (GFLOP/s*) | "
+          "Winograd F(4x4) ms (GFLOP/s*) | best against oneDNN |")
+    print("|---|---|---|---|---|---|---|")
     for n, ci, co, size, groups, pad in LAYERS:
         weight = 0.1 * torch.randn(groups * co, ci, 3, 3, generator=torch.Generator().manual_seed(1))
         fns = c3.candidates((n, groups * ci, size, size), weight, pad, groups)
@@ -65,7 +66,7 @@ def main() -> None:
             best = min((i for i in med if i != "onednn"), key=med.__getitem__)
             print(f"| {layer} | {stage.replace('_', ' ')} | {' | '.join(cells)} | "
                   f"{best} {med['onednn'] / med[best]:.2f}x |", flush=True)
-    print("\n*: direct-convolution FLOPs over the time (Winograd does 2.25x fewer multiplies)")
+    print("\n*: direct-convolution FLOPs over the time (F(2x2, 3x3) does 2.25x fewer multiplies, F(4x4, 3x3) 4x)")
 
 
 if __name__ == "__main__":

@@ -42,15 +42,16 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> None:
 
 @needs_kernel
 @pytest.mark.parametrize("plan", [c3.Plan("direct", "direct", "direct"), c3.Plan("onednn", "onednn", "direct"),
-                                  c3.Plan("direct", "onednn", "onednn"), c3.Plan("winograd", "winograd", "winograd")])
+                                  c3.Plan("direct", "onednn", "onednn"), c3.Plan("winograd", "winograd", "winograd"),
+                                  c3.Plan("winograd4", "winograd4", "winograd4")])
 @pytest.mark.parametrize(("cin", "cout", "groups", "pad", "size", "bias"),
                          [(32, 16, 1, 0, 11, True), (16, 32, 3, 1, 9, False), (6, 16, 2, 1, 7, True),
-                          (16, 16, 1, 0, 3, True)])
+                          (16, 16, 1, 0, 3, True), (128, 16, 2, 1, 16, True)])
 def test_every_pass_matches_conv2d(plan: c3.Plan, cin: int, cout: int, groups: int, pad: int, size: int,
                                    bias: bool) -> None:
     if plan.input_grad != "onednn" and cin % 16:
         plan = c3.Plan(plan.forward, "onednn", plan.weight_grad)  # the kernel's input gradient needs 16 | cin
-    if plan.forward == "winograd" and cin % 8:
+    if plan.forward in c3.WINOGRAD_TILE and cin % 8:
         plan = c3.Plan("direct", plan.input_grad, "direct")  # Winograd's forward and weight gradient need 8 | cin
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(cin * groups, cout * groups, 3, padding=pad, groups=groups, bias=bias)
@@ -109,9 +110,10 @@ def test_the_choice_is_measured_once_cached_and_forced_by_the_environment(tmp_pa
     conv = torch.nn.Conv2d(16, 32, 3, padding=1).train()
     x = torch.randn(2, 16, 12, 12)
     plan = c3.plan_for(conv, x)
-    assert {plan.forward, plan.input_grad, plan.weight_grad} <= {"direct", "winograd", "onednn"}
-    assert set(plan.times_ms) >= {"forward/direct", "forward/winograd", "forward/onednn", "input_grad/winograd",
-                                  "weight_grad/direct", "weight_grad/winograd", "weight_grad/onednn"}
+    assert {plan.forward, plan.input_grad, plan.weight_grad} <= {"direct", "winograd", "winograd4", "onednn"}
+    assert set(plan.times_ms) >= {"forward/direct", "forward/winograd", "forward/winograd4", "forward/onednn",
+                                  "input_grad/winograd", "input_grad/winograd4", "weight_grad/direct",
+                                  "weight_grad/winograd", "weight_grad/winograd4", "weight_grad/onednn"}
     stored = json.loads((tmp_path / "autotune" / "conv3x3" / "plans.json").read_text())
     assert [v["forward"] for v in stored.values()] == [plan.forward]
     c3._plans.clear()
@@ -120,12 +122,14 @@ def test_the_choice_is_measured_once_cached_and_forced_by_the_environment(tmp_pa
     assert c3.plan_for(conv, x) == c3.Plan("direct", "direct", "direct")
     monkeypatch.setenv(c3.CHOICE_ENV, "winograd")
     assert c3.plan_for(conv, x) == c3.Plan("winograd", "winograd", "winograd")
+    monkeypatch.setenv(c3.CHOICE_ENV, "winograd4")
+    assert c3.plan_for(conv, x) == c3.Plan("winograd4", "winograd4", "winograd4")
     monkeypatch.setenv(c3.CHOICE_ENV, "onednn")
     assert not c3.use_conv3x3(conv, x)
 
 
 @needs_kernel
-@pytest.mark.parametrize("kernel", ["direct", "winograd"])
+@pytest.mark.parametrize("kernel", ["direct", "winograd", "winograd4"])
 @pytest.mark.parametrize("arch", ["seed_cnn", "compact_cnn"])
 def test_a_training_step_gives_the_same_gradients_with_the_kernels(arch: str, kernel: str, monkeypatch) -> None:
     torch.manual_seed(2)
@@ -151,4 +155,4 @@ def test_a_layer_the_kernels_cannot_take_every_pass_of_keeps_onednn_for_those(tm
     monkeypatch.setattr(c3, "_plans", {})
     plan = c3.plan_for(torch.nn.Conv2d(4, 16, 3).train(), torch.randn(2, 4, 10, 10))
     assert plan.input_grad == "onednn" and plan.forward in ("direct", "onednn")
-    assert "forward/winograd" not in plan.times_ms and "input_grad/direct" not in plan.times_ms
+    assert not {"forward/winograd", "forward/winograd4", "input_grad/direct"} & set(plan.times_ms)

@@ -3,16 +3,16 @@
 Measured on a 2-core AMD EPYC Zen 3 (AVX2 + FMA, fp32; docs/performance.md, "AVX2"): oneDNN's forward of the seed
 network's convolutions runs near the peak, but its weight gradient at 25-50% of it, and the grouped convolutions
 of packed ensemble members (16-128 channels per member) at 10-70%. csrc/conv3x3.c computes forward and weight
-gradient with register tiles over channels-last data, and the forward also as Winograd F(2x2, 3x3) (2.25x fewer
-multiplies); the input gradient is the forward of the output gradient, zero-padded by 2 - padding, with the kernel
-flipped and its channels swapped.
+gradient with register tiles over channels-last data, and both also as Winograd F(2x2, 3x3) and F(4x4, 3x3) (2.25x
+and 4x fewer multiplies); the input gradient is the forward of the output gradient, zero-padded by 2 - padding, with
+the kernel flipped and its channels swapped.
 
 Which implementation runs is decided per pass and per layer shape by measurement, not by rule: the first time a
 shape is seen, `plan_for` times this file's kernel against oneDNN for the forward, input-gradient and weight-gradient
 passes (interleaved, best of 3) and keeps the faster of each, cached in memory and on disk under
 `$LUNGXRAY_CACHE/autotune/conv3x3/plans.json` per CPU, instruction-set limit and torch version. `LUNGXRAY_CONV3X3`
-forces it: `direct` (the direct loops), `winograd` (forward and input gradient as F(2x2, 3x3) where the channels
-allow), `onednn`, or `auto` (the default). `LUNGXRAY_FUSED=0` turns it off with the other kernels.
+forces it: `direct` (the direct loops), `winograd` (every pass as F(2x2, 3x3) where the channels allow),
+`winograd4` (the same with F(4x4, 3x3)), `onednn`, or `auto` (the default). `LUNGXRAY_FUSED=0` turns it off with the other kernels.
 
 Used only where it computes the same function: training (evaluation, export, Grad-CAM and tracing run the plain
 module; deterministic runs too, as a measured choice could differ between a run and its resumption), CPU, fp32
@@ -50,14 +50,15 @@ log = logging.getLogger(__name__)
 __all__ = ["CHOICE_ENV", "Plan", "candidates", "chosen", "conv3x3", "conv3x3_available", "plan_for", "use_conv3x3"]
 
 SOURCE = Path(__file__).with_name("csrc") / "conv3x3.c"
-CHOICE_ENV = "LUNGXRAY_CONV3X3"  # auto | onednn | direct | winograd
-PLAN_VERSION = 2  # 2: the direct loops are "direct" (were "ours")
+CHOICE_ENV = "LUNGXRAY_CONV3X3"  # auto | onednn | direct | winograd | winograd4
+PLAN_VERSION = 3  # 2: the direct loops are "direct" (were "ours"); 3: F(4x4, 3x3) is a candidate
 MIN_GAIN = 1.05  # the kernel must beat oneDNN by this factor on a pass to replace it
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 SIGNATURES = {"conv3x3_forward": (_P,) * 4 + (_I64,) * 6 + (ctypes.c_int,),
-              "conv3x3_winograd_forward": (_P,) * 4 + (_I64,) * 6 + (ctypes.c_int,),
+              "conv3x3_winograd_forward": (_P,) * 4 + (_I64,) * 6 + (ctypes.c_int,) * 2,
               "conv3x3_backward_weight": (_P,) * 4 + (_I64,) * 6 + (ctypes.c_int,),
-              "conv3x3_winograd_backward_weight": (_P,) * 3 + (_I64,) * 6 + (ctypes.c_int,)}
+              "conv3x3_winograd_backward_weight": (_P,) * 3 + (_I64,) * 6 + (ctypes.c_int,) * 2}
+WINOGRAD_TILE = {"winograd": 2, "winograd4": 4}  # plan name -> output tile side m of F(m x m, 3x3)
 
 _kernels = LazyLibrary(SOURCE, SIGNATURES, "convolutions stay oneDNN's")
 _lock = threading.Lock()
@@ -66,8 +67,8 @@ _plans: dict[str, Plan] = {}
 
 @dataclass(frozen=True)
 class Plan:
-    """Per pass, which runs: the kernel's direct loop ("direct"), its Winograd F(2x2, 3x3) loop ("winograd") or
-    oneDNN ("onednn"); and the measured times (ms)."""
+    """Per pass, which runs: the kernel's direct loop ("direct"), its Winograd F(2x2, 3x3) or F(4x4, 3x3) loops
+    ("winograd", "winograd4") or oneDNN ("onednn"); and the measured times (ms)."""
 
     forward: str
     input_grad: str
@@ -143,26 +144,35 @@ def _direct_forward(xp: Tensor, wk: Tensor, bias: Tensor | None, groups: int) ->
     return out
 
 
-_WINOGRAD_G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+# G of F(m x m, 3x3) per tile side m (Lavin & Gray 2016; m = 4 interpolates at 0, +-1, +-2 and infinity)
+_WINOGRAD_G = {2: torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]]),
+               4: torch.tensor([[1 / 4, 0.0, 0.0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                                [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0.0, 0.0, 1.0]])}
 
 
-def _winograd_weights(weight: Tensor, groups: int) -> Tensor:
-    """U = G w G^T per (output, input) channel pair, as (G, 16, Ci, Co): F(2x2, 3x3)'s transformed kernel."""
-    co = weight.shape[0] // groups
+def _winograd_weights(weight: Tensor, groups: int, m: int) -> Tensor:
+    """U = G w G^T per (output, input) channel pair, as (G, (m+2)^2, Ci, Co): F(m x m, 3x3)'s transformed kernel."""
+    co, a = weight.shape[0] // groups, m + 2
     w = weight.detach().reshape(groups, co, weight.shape[1], 3, 3)
-    u = _WINOGRAD_G @ w @ _WINOGRAD_G.T  # (G, Co, Ci, 4, 4)
-    return u.reshape(groups, co, weight.shape[1], 16).permute(0, 3, 2, 1).contiguous()
+    g = _WINOGRAD_G[m]
+    u = g @ w @ g.T  # (G, Co, Ci, a, a)
+    return u.reshape(groups, co, weight.shape[1], a * a).permute(0, 3, 2, 1).contiguous()
 
 
 def _winograd_forward(xp: Tensor, u: Tensor, bias: Tensor | None, groups: int) -> Tensor:
-    """Like `_direct_forward`, on 2x2 output tiles (csrc/conv3x3.c): u from `_winograd_weights`."""
+    """Like `_direct_forward`, on m x m output tiles (csrc/conv3x3.c): u from `_winograd_weights`, which says m."""
     n, hp, wp, _ = xp.shape
-    g, _, ci, co = u.shape
+    g, k, ci, co = u.shape
     out = torch.empty((n, g * co, hp - 2, wp - 2), memory_format=torch.channels_last)
     b = bias.contiguous() if bias is not None else None
     _lib().conv3x3_winograd_forward(xp.data_ptr(), u.data_ptr(), b.data_ptr() if b is not None else None,
-                                           out.data_ptr(), n, hp, wp, g, ci, co, torch.get_num_threads())
+                                    out.data_ptr(), n, hp, wp, g, ci, co, _tile_side(k), torch.get_num_threads())
     return out
+
+
+def _tile_side(k: int) -> int:
+    """m from the (m+2)^2 transformed positions."""
+    return {16: 2, 36: 4}[k]
 
 
 def _tap_major(weight: Tensor, groups: int) -> Tensor:
@@ -179,9 +189,10 @@ def _input_grad_weight(weight: Tensor, groups: int) -> Tensor:
 
 
 def _forward_as(plan: str, xp: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
-    """The valid convolution of padded channels-last `xp` by the kernel's direct ("direct") or Winograd loop."""
-    if plan == "winograd":
-        return _winograd_forward(xp, _winograd_weights(weight, groups), bias, groups)
+    """The valid convolution of padded channels-last `xp` by the kernel's direct ("direct") or Winograd loops
+    ("winograd": F(2x2, 3x3), "winograd4": F(4x4, 3x3))."""
+    if plan in WINOGRAD_TILE:
+        return _winograd_forward(xp, _winograd_weights(weight, groups, WINOGRAD_TILE[plan]), bias, groups)
     return _direct_forward(xp, _tap_major(weight, groups), bias, groups)
 
 
@@ -197,15 +208,17 @@ def _direct_weight_grad(xp: Tensor, g: Tensor, groups: int, with_bias: bool) -> 
     return dw.permute(0, 3, 2, 1).reshape(groups * co, ci, 3, 3), db
 
 
-def _winograd_weight_grad(xp: Tensor, g: Tensor, groups: int, with_bias: bool) -> tuple[Tensor, Tensor | None]:
-    """The weight gradient through F(2x2, 3x3): the kernel sums dL/dU over tiles, then dL/dw = G^T (dL/dU) G."""
+def _winograd_weight_grad(xp: Tensor, g: Tensor, groups: int, with_bias: bool,
+                          m: int) -> tuple[Tensor, Tensor | None]:
+    """The weight gradient through F(m x m, 3x3): the kernel sums dL/dU over tiles, then dL/dw = G^T (dL/dU) G."""
     n, hp, wp, ct = xp.shape
     gl = g.permute(0, 2, 3, 1).contiguous()
-    ci, co = ct // groups, gl.shape[-1] // groups
-    du = xp.new_empty((groups, 16, ci, co))
+    ci, co, a = ct // groups, gl.shape[-1] // groups, m + 2
+    du = xp.new_empty((groups, a * a, ci, co))
     _lib().conv3x3_winograd_backward_weight(xp.data_ptr(), gl.data_ptr(), du.data_ptr(), n, hp, wp,
-                                                   groups, ci, co, torch.get_num_threads())
-    dw = torch.einsum("ia,gijcd,jb->gdcab", _WINOGRAD_G, du.view(groups, 4, 4, ci, co), _WINOGRAD_G)
+                                            groups, ci, co, m, torch.get_num_threads())
+    gm = _WINOGRAD_G[m]
+    dw = torch.einsum("ia,gijcd,jb->gdcab", gm, du.view(groups, a, a, ci, co), gm)
     db = gl.sum((0, 1, 2)) if with_bias else None
     return dw.reshape(groups * co, ci, 3, 3), db
 
@@ -245,8 +258,11 @@ class _Conv3x3(torch.autograd.Function):
         elif want_x:
             dx = _onednn_backward(g, None, weight, pad, groups, ctx.x_shape, [True, False, False])[0]
         if (want_w or want_b) and plan.weight_grad != "onednn":
-            weight_grad = _winograd_weight_grad if plan.weight_grad == "winograd" else _direct_weight_grad
-            dw, db = weight_grad(kept, g, groups, ctx.has_bias and want_b)
+            with_bias = ctx.has_bias and want_b
+            if plan.weight_grad in WINOGRAD_TILE:
+                dw, db = _winograd_weight_grad(kept, g, groups, with_bias, WINOGRAD_TILE[plan.weight_grad])
+            else:
+                dw, db = _direct_weight_grad(kept, g, groups, with_bias)
         elif want_w or want_b:
             _, dw, db = _onednn_backward(g, kept, weight, pad, groups, ctx.x_shape,
                                          [False, True, bool(ctx.has_bias and want_b)])
@@ -297,7 +313,7 @@ def _read_cache() -> dict[str, Any]:
 def plan_for(conv: torch.nn.Conv2d, x: Tensor) -> Plan:
     """The passes to run for this layer shape: forced by LUNGXRAY_CONV3X3, else measured once and cached."""
     forced = os.environ.get(CHOICE_ENV, "auto")
-    if forced in ("direct", "winograd"):  # where the shape allows (input channels: 8 | Ci forward, 16 | Ci backward)
+    if forced in ("direct", *WINOGRAD_TILE):  # where the shape allows (input channels: 8 | Ci forward, 16 | Ci backward)
         cin = conv.weight.shape[1]
         fwd = forced if forced == "direct" or cin % 8 == 0 else "direct"
         return Plan(fwd, forced if cin % 16 == 0 else "onednn", fwd)
@@ -365,14 +381,24 @@ def candidates(x_shape: tuple[int, ...], weight: Tensor, pad: int, groups: int) 
         "weight_grad/direct": lambda: _direct_weight_grad(xp, gr, groups, False),
         "weight_grad/onednn": lambda: _onednn_backward(gr, xr, w, pad, groups, x_shape, [False, True, False]),
     }
-    if w.shape[1] % 8 == 0:
-        uf = _winograd_weights(w, groups)
-        fns["forward/winograd"] = lambda: _winograd_forward(xp, uf, None, groups)
-        fns["weight_grad/winograd"] = lambda: _winograd_weight_grad(xp, gr, groups, False)
     if w.shape[1] % 16 == 0:
-        ui = _winograd_weights(wi, groups)
         fns["input_grad/direct"] = lambda: _direct_forward(_nhwc_padded(gr, 2 - pad), wf, None, groups)
-        fns["input_grad/winograd"] = lambda: _winograd_forward(_nhwc_padded(gr, 2 - pad), ui, None, groups)
+    for name, m in WINOGRAD_TILE.items():
+        fns.update(_winograd_candidates(name, m, xp, gr, w, wi, pad, groups))
+    return fns
+
+
+def _winograd_candidates(name: str, m: int, xp: Tensor, gr: Tensor, w: Tensor, wi: Tensor, pad: int,
+                         groups: int) -> dict[str, Callable[[], object]]:
+    """The passes of one Winograd tile size, where the input channels allow them."""
+    fns: dict[str, Callable[[], object]] = {}
+    if w.shape[1] % 8 == 0:
+        uf = _winograd_weights(w, groups, m)
+        fns[f"forward/{name}"] = lambda: _winograd_forward(xp, uf, None, groups)
+        fns[f"weight_grad/{name}"] = lambda: _winograd_weight_grad(xp, gr, groups, False, m)
+    if w.shape[1] % 16 == 0:
+        ui = _winograd_weights(wi, groups, m)
+        fns[f"input_grad/{name}"] = lambda: _winograd_forward(_nhwc_padded(gr, 2 - pad), ui, None, groups)
     return fns
 
 

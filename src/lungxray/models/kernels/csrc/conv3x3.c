@@ -182,47 +182,136 @@ void conv3x3_backward_weight(const float *x, const float *g, float *dw, float *d
     free(acc);
 }
 
-/* ------------------------------------------------------------------------------ Winograd F(2x2, 3x3) forward
- * Same convolution as conv3x3_forward, computed on 2x2 output tiles from 4x4 input tiles: V = B^T d B per tile and
- * input channel, M = V . U per transformed position (16 small GEMMs over the input channels, U = G w G^T
- * precomputed by the caller as (G, 16, Ci, Co)), Y = A^T M A. 16 multiplies per tile instead of 36: 2.25x fewer
- * FMAs; the transforms are additions only. Rounding differs from the direct sum by a few ulps (the transforms
- * scale by 1/2 and add), well inside float noise for these layers (tests/test_conv3x3.py).
- * Needs Ci a multiple of 8 and Co of 16. An odd output height or width reads one zero row / column past the input. */
+/* ------------------------------------------------------------------ Winograd F(m x m, 3x3), m = 2 or 4
+ * The same convolution as conv3x3_forward, on m x m output tiles from (m+2) x (m+2) input tiles (a = m + 2):
+ * V = B^T d B per tile and input channel, M = V . U per transformed position (a^2 small GEMMs over the input
+ * channels, U = G w G^T precomputed by the caller as (G, a^2, Ci, Co)), Y = A^T M A. Multiplies per output: 9 direct,
+ * 4 with F(2x2, 3x3), 2.25 with F(4x4, 3x3) (Lavin & Gray 2016, points 0, +-1, +-2); the transforms are additions
+ * and small constant multiplies. Rounding differs from the direct sum by a few ulps for m = 2 and a few more for
+ * m = 4 (its transforms scale by up to 8), well inside float noise for these layers (tests/test_conv3x3.py).
+ * Needs Ci a multiple of 8 and Co of 16. Tiles past the output's last row or column read zeros. */
 
-/* d[i][j]: input rows 2ty+i, columns 2tx+j of group gi, channels c..c+7; zero outside the image */
+/* B^T along one line of a tile: a inputs -> a outputs */
+static inline __attribute__((always_inline)) void bt_line(const v8 *d, v8 *o, const int m) {
+    if (m == 2) {
+        o[0] = _mm256_sub_ps(d[0], d[2]);
+        o[1] = ADD(d[1], d[2]);
+        o[2] = _mm256_sub_ps(d[2], d[1]);
+        o[3] = _mm256_sub_ps(d[1], d[3]);
+        return;
+    }
+    const v8 four = _mm256_set1_ps(4.0f), five = _mm256_set1_ps(5.0f), two = _mm256_set1_ps(2.0f);
+    const v8 p = _mm256_sub_ps(d[4], d[2]), q = _mm256_sub_ps(d[1], d[3]);
+    const v8 s12 = ADD(d[1], d[2]), s34 = ADD(d[3], d[4]), d12 = _mm256_sub_ps(d[1], d[2]);
+    const v8 d43 = _mm256_sub_ps(d[4], d[3]);
+    o[0] = _mm256_fnmadd_ps(five, d[2], FMA(four, d[0], d[4]));
+    o[1] = _mm256_fnmadd_ps(four, s12, s34);
+    o[2] = FMA(four, d12, d43);
+    o[3] = _mm256_fnmadd_ps(two, q, p);
+    o[4] = FMA(two, q, p);
+    o[5] = _mm256_fnmadd_ps(five, d[3], FMA(four, d[1], d[5]));
+}
+
+/* A^T along one line: a inputs -> m outputs */
+static inline __attribute__((always_inline)) void at_line(const v8 *s, v8 *y, const int m) {
+    if (m == 2) {
+        y[0] = ADD(ADD(s[0], s[1]), s[2]);
+        y[1] = _mm256_sub_ps(_mm256_sub_ps(s[1], s[2]), s[3]);
+        return;
+    }
+    const v8 a12 = ADD(s[1], s[2]), d12 = _mm256_sub_ps(s[1], s[2]);
+    const v8 a34 = ADD(s[3], s[4]), d34 = _mm256_sub_ps(s[3], s[4]);
+    y[0] = ADD(ADD(s[0], a12), a34);
+    y[1] = FMA(_mm256_set1_ps(2.0f), d34, d12);
+    y[2] = FMA(_mm256_set1_ps(4.0f), a34, a12);
+    y[3] = ADD(FMA(_mm256_set1_ps(8.0f), d34, d12), s[5]);
+}
+
+/* A along one line (the output gradient's transform): m inputs -> a outputs */
+static inline __attribute__((always_inline)) void a_line(const v8 *g, v8 *o, const int m) {
+    if (m == 2) {
+        o[0] = g[0];
+        o[1] = ADD(g[0], g[1]);
+        o[2] = _mm256_sub_ps(g[0], g[1]);
+        o[3] = _mm256_sub_ps(ZERO, g[1]);
+        return;
+    }
+    const v8 e = ADD(g[0], g[2]), f = ADD(g[1], g[3]);
+    const v8 e4 = FMA(_mm256_set1_ps(4.0f), g[2], g[0]), f8 = FMA(_mm256_set1_ps(8.0f), g[3], ADD(g[1], g[1]));
+    o[0] = g[0];
+    o[1] = ADD(e, f);
+    o[2] = _mm256_sub_ps(e, f);
+    o[3] = ADD(e4, f8);
+    o[4] = _mm256_sub_ps(e4, f8);
+    o[5] = g[3];
+}
+
+/* one input value of a tile: row r, column col of an image, 8 channels; zero outside it */
 static inline v8 load_d(const float *x, int64_t r, int64_t col, int64_t Hp, int64_t Wp, int64_t CT) {
     if (r >= Hp || col >= Wp) return ZERO;
     return LD(x + (r * Wp + col) * CT);
 }
 
-/* V[k][t][c] for the tiles of tile row ty, stored at tile index t0 + t of the T tiles a task holds */
-static void winograd_input(const float *xn, float *V, int64_t ty, int64_t tw, int64_t T, int64_t t0, int64_t Hp,
-                           int64_t Wp, int64_t CT, int64_t Ci) {
-    for (int64_t t = 0; t < tw; t++) {
-        const int64_t r0 = 2 * ty, col0 = 2 * t;
-        for (int64_t c = 0; c < Ci; c += 8) {
-            v8 d[4][4], b[4][4];
-            for (int i = 0; i < 4; i++)
-                for (int j = 0; j < 4; j++) d[i][j] = load_d(xn + c, r0 + i, col0 + j, Hp, Wp, CT);
-            for (int j = 0; j < 4; j++) {  /* B^T d: along rows */
-                b[0][j] = _mm256_sub_ps(d[0][j], d[2][j]);
-                b[1][j] = ADD(d[1][j], d[2][j]);
-                b[2][j] = _mm256_sub_ps(d[2][j], d[1][j]);
-                b[3][j] = _mm256_sub_ps(d[1][j], d[3][j]);
-            }
-            for (int i = 0; i < 4; i++) {  /* (B^T d) B: along columns */
-                float *v = V + ((int64_t)(i * 4) * T + t0 + t) * Ci + c;
-                ST(v, _mm256_sub_ps(b[i][0], b[i][2]));
-                ST(v + T * Ci, ADD(b[i][1], b[i][2]));
-                ST(v + 2 * T * Ci, _mm256_sub_ps(b[i][2], b[i][1]));
-                ST(v + 3 * T * Ci, _mm256_sub_ps(b[i][1], b[i][3]));
-            }
-        }
+/* V[k] = (B^T d B)[k] of the tile whose top left input is (r0, col0), 8 channels, k planes `stride` apart */
+static inline __attribute__((always_inline)) void input_tile(const float *xn, float *v, int64_t stride, int64_t r0,
+                                                             int64_t col0, int64_t Hp, int64_t Wp, int64_t CT,
+                                                             const int m) {
+    const int a = m + 2;
+    v8 rows[6][6];
+    for (int i = 0; i < a; i++) {
+        v8 d[6];
+        for (int j = 0; j < a; j++) d[j] = load_d(xn, r0 + i, col0 + j, Hp, Wp, CT);
+        bt_line(d, rows[i], m);
+    }
+    for (int j = 0; j < a; j++) {
+        v8 col[6], o[6];
+        for (int i = 0; i < a; i++) col[i] = rows[i][j];
+        bt_line(col, o, m);
+        for (int i = 0; i < a; i++) ST(v + (i * a + j) * stride, o[i]);
     }
 }
 
-/* M[k][t][0..15] = sum_c V[k][t][c] U[k][c][c0..c0+15] for R tiles t0..t0+R-1 */
+/* Y = A^T M A (+ bias) of one tile, 8 channels (M planes `stride` apart), written where inside the output */
+static inline __attribute__((always_inline)) void output_tile(const float *mk, int64_t stride, v8 bias, float *on,
+                                                              int64_t y0, int64_t x0, int64_t Ho, int64_t Wo,
+                                                              int64_t GT, const int m) {
+    const int a = m + 2;
+    v8 s[6][4];
+    for (int i = 0; i < a; i++) {
+        v8 row[6];
+        for (int j = 0; j < a; j++) row[j] = LD(mk + (i * a + j) * stride);
+        at_line(row, s[i], m);
+    }
+    for (int j = 0; j < m; j++) {
+        if (x0 + j >= Wo) break;
+        v8 col[6], y[4];
+        for (int i = 0; i < a; i++) col[i] = s[i][j];
+        at_line(col, y, m);
+        for (int i = 0; i < m && y0 + i < Ho; i++) ST(on + ((y0 + i) * Wo + x0 + j) * GT, ADD(y[i], bias));
+    }
+}
+
+/* Gt[k] = (A g A^T)[k] of the output-gradient tile at (y0, x0), 8 channels; g outside the output is zero */
+static inline __attribute__((always_inline)) void grad_tile(const float *gn, float *gt, int64_t stride, int64_t y0,
+                                                            int64_t x0, int64_t Ho, int64_t Wo, int64_t GT,
+                                                            const int m) {
+    const int a = m + 2;
+    v8 r[4][6];
+    for (int i = 0; i < m; i++) {
+        v8 g[4];
+        for (int j = 0; j < m; j++)
+            g[j] = (y0 + i < Ho && x0 + j < Wo) ? LD(gn + ((y0 + i) * Wo + x0 + j) * GT) : ZERO;
+        a_line(g, r[i], m);
+    }
+    for (int j = 0; j < a; j++) {
+        v8 col[4], o[6];
+        for (int i = 0; i < m; i++) col[i] = r[i][j];
+        a_line(col, o, m);
+        for (int i = 0; i < a; i++) ST(gt + (i * a + j) * stride, o[i]);
+    }
+}
+
+/* M[t][0..15] = sum_c V[t][c] U[c][c0..c0+15] for R tiles (one transformed position) */
 static inline __attribute__((always_inline)) void winograd_gemm_tile(const float *v, const float *u, float *m,
                                                                      int64_t Ci, int64_t Co, const int R) {
     v8 a0[RPOS], a1[RPOS];
@@ -238,189 +327,192 @@ static inline __attribute__((always_inline)) void winograd_gemm_tile(const float
     for (int r = 0; r < R; r++) { ST(m + r * 16, a0[r]); ST(m + r * 16 + 8, a1[r]); }
 }
 
-/* for the first `tw` of the T tiles */
+/* all K positions, for the first `tw` of the T tiles, output channels c0..c0+15 */
 static void winograd_gemm(const float *V, const float *U, float *M, int64_t tw, int64_t T, int64_t Ci, int64_t Co,
-                          int64_t c0) {
-    for (int k = 0; k < 16; k++) {
+                          int64_t c0, int K) {
+    for (int k = 0; k < K; k++) {
         const float *v = V + (int64_t)k * T * Ci, *u = U + (int64_t)k * Ci * Co + c0;
-        float *m = M + (int64_t)k * T * 16;
+        float *mk = M + (int64_t)k * T * 16;
         int64_t t = 0;
-        for (; t + RPOS <= tw; t += RPOS) winograd_gemm_tile(v + t * Ci, u, m + t * 16, Ci, Co, RPOS);
+        for (; t + RPOS <= tw; t += RPOS) winograd_gemm_tile(v + t * Ci, u, mk + t * 16, Ci, Co, RPOS);
         switch (tw - t) {
-            case 5: winograd_gemm_tile(v + t * Ci, u, m + t * 16, Ci, Co, 5); break;
-            case 4: winograd_gemm_tile(v + t * Ci, u, m + t * 16, Ci, Co, 4); break;
-            case 3: winograd_gemm_tile(v + t * Ci, u, m + t * 16, Ci, Co, 3); break;
-            case 2: winograd_gemm_tile(v + t * Ci, u, m + t * 16, Ci, Co, 2); break;
-            case 1: winograd_gemm_tile(v + t * Ci, u, m + t * 16, Ci, Co, 1); break;
+            case 5: winograd_gemm_tile(v + t * Ci, u, mk + t * 16, Ci, Co, 5); break;
+            case 4: winograd_gemm_tile(v + t * Ci, u, mk + t * 16, Ci, Co, 4); break;
+            case 3: winograd_gemm_tile(v + t * Ci, u, mk + t * 16, Ci, Co, 3); break;
+            case 2: winograd_gemm_tile(v + t * Ci, u, mk + t * 16, Ci, Co, 2); break;
+            case 1: winograd_gemm_tile(v + t * Ci, u, mk + t * 16, Ci, Co, 1); break;
             default: break;
         }
     }
 }
 
-/* Y = A^T M A (+ bias) for tile row ty (tiles t0.. of the T in M), output channels c0..c0+15, written where inside
- * the output */
-static void winograd_output(const float *M, const float *b, float *on, int64_t ty, int64_t tw, int64_t T, int64_t t0,
-                            int64_t Ho, int64_t Wo, int64_t GT) {
-    const v8 bias0 = b ? LD(b) : ZERO, bias1 = b ? LD(b + 8) : ZERO;
-    for (int64_t t = 0; t < tw; t++) {
+/* The tiles of a layer, as rows of tiles over the whole batch (image n = q / th, tile row q % th) */
+typedef struct { int64_t Ho, Wo, th, tw, rows; } tiling;
+
+static tiling tiles_of(int64_t N, int64_t Hp, int64_t Wp, int m) {
+    tiling t = {Hp - 2, Wp - 2, 0, 0, 0};
+    t.th = (t.Ho + m - 1) / m;
+    t.tw = (t.Wo + m - 1) / m;
+    t.rows = N * t.th;
+    return t;
+}
+
+/* Tile rows per forward task: enough tiles to reuse U across them, few enough that V (K x tiles x Ci) stays near
+ * 384 KB, inside L2 with the U columns in use */
+static int64_t rows_per_task(const tiling *tl, int K, int64_t Ci) {
+    int64_t tiles = 98304 / (K * Ci);
+    int64_t rb = tiles / tl->tw;
+    rb = rb < 1 ? 1 : rb;
+    return rb > tl->rows ? tl->rows : rb;
+}
+
+/* One forward task: tile rows q0.. (`rows` of them) of group gi, through V (K x T x Ci) and M (K x T x 16) */
+static inline __attribute__((always_inline)) void forward_task(const float *x, const float *ug, const float *bias,
+                                                               float *out, float *V, float *M, const tiling *tl,
+                                                               int64_t q0, int64_t rows, int64_t T, int64_t Hp,
+                                                               int64_t Wp, int64_t gi, int64_t G, int64_t Ci,
+                                                               int64_t Co, const int m) {
+    const int K = (m + 2) * (m + 2);
+    const int64_t CT = G * Ci, GT = G * Co;
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t n = (q0 + r) / tl->th, ty = (q0 + r) % tl->th;
+        const float *xn = x + n * Hp * Wp * CT + gi * Ci;
+        for (int64_t t = 0; t < tl->tw; t++)
+            for (int64_t c = 0; c < Ci; c += 8)
+                input_tile(xn + c, V + (r * tl->tw + t) * Ci + c, T * Ci, ty * m, t * m, Hp, Wp, CT, m);
+    }
+    for (int64_t c0 = 0; c0 < Co; c0 += 16) {
+        winograd_gemm(V, ug, M, rows * tl->tw, T, Ci, Co, c0, K);
         for (int h = 0; h < 2; h++) {
-            const v8 bias = h ? bias1 : bias0;
-            v8 m[4][4], s[2][4];
-            for (int k = 0; k < 16; k++) m[k / 4][k % 4] = LD(M + ((int64_t)k * T + t0 + t) * 16 + 8 * h);
-            for (int j = 0; j < 4; j++) {  /* A^T M: along rows */
-                s[0][j] = ADD(ADD(m[0][j], m[1][j]), m[2][j]);
-                s[1][j] = _mm256_sub_ps(_mm256_sub_ps(m[1][j], m[2][j]), m[3][j]);
-            }
-            for (int i = 0; i < 2; i++) {
-                const int64_t y = 2 * ty + i;
-                if (y >= Ho) break;
-                const v8 y0 = ADD(ADD(ADD(s[i][0], s[i][1]), s[i][2]), bias);
-                const v8 y1 = ADD(_mm256_sub_ps(_mm256_sub_ps(s[i][1], s[i][2]), s[i][3]), bias);
-                float *o = on + (y * Wo + 2 * t) * GT + 8 * h;
-                ST(o, y0);
-                if (2 * t + 1 < Wo) ST(o + GT, y1);
+            const v8 b = bias ? LD(bias + gi * Co + c0 + 8 * h) : ZERO;
+            for (int64_t r = 0; r < rows; r++) {
+                const int64_t n = (q0 + r) / tl->th, ty = (q0 + r) % tl->th;
+                float *on = out + n * tl->Ho * tl->Wo * GT + gi * Co + c0 + 8 * h;
+                for (int64_t t = 0; t < tl->tw; t++)
+                    output_tile(M + (r * tl->tw + t) * 16 + 8 * h, T * 16, b, on, ty * m, t * m, tl->Ho, tl->Wo, GT,
+                                m);
             }
         }
     }
 }
 
-/* One task per block of tile rows of one image: enough rows for ~48 tiles, so that U (16 x Ci x Co per group,
- * up to 1 MB) is reused across that many tiles once it is loaded */
+/* u (G, (m+2)^2, Ci, Co) from the caller's G w G^T; m is 2 or 4 (anything else writes nothing). One task per block
+ * of tile rows of one group, group-major, so that a thread's consecutive tasks share U. */
 void conv3x3_winograd_forward(const float *x, const float *u, const float *bias, float *out, int64_t N, int64_t Hp,
-                              int64_t Wp, int64_t G, int64_t Ci, int64_t Co, int nthreads) {
-    const int64_t Ho = Hp - 2, Wo = Wp - 2, CT = G * Ci, GT = G * Co;
-    const int64_t th = (Ho + 1) / 2, tw = (Wo + 1) / 2;
-    int64_t rb = (48 + tw - 1) / tw;
-    rb = rb > th ? th : rb;
-    const int64_t blocks = (th + rb - 1) / rb, T = rb * tw;
+                              int64_t Wp, int64_t G, int64_t Ci, int64_t Co, int m, int nthreads) {
+    if (m != 2 && m != 4) return;
+    const int K = (m + 2) * (m + 2);
+    const tiling tl = tiles_of(N, Hp, Wp, m);
+    const int64_t rb = rows_per_task(&tl, K, Ci), T = rb * tl.tw, blocks = (tl.rows + rb - 1) / rb;
     nthreads = nthr(nthreads);
-    float *work = malloc((size_t)(nthreads * 16 * T * (Ci + 16)) * sizeof(float));
+    float *work = malloc((size_t)(nthreads * K * T * (Ci + 16)) * sizeof(float));
     if (!work) return;
 #pragma omp parallel num_threads(nthreads)
     {
 #ifdef _OPENMP
-        float *V = work + (int64_t)omp_get_thread_num() * 16 * T * (Ci + 16);
+        float *V = work + (int64_t)omp_get_thread_num() * K * T * (Ci + 16);
 #else
         float *V = work;
 #endif
-        float *M = V + 16 * T * Ci;
+        float *M = V + K * T * Ci;
 #pragma omp for schedule(static)
-        for (int64_t task = 0; task < N * blocks; task++) {
-            const int64_t n = task / blocks, ty0 = (task % blocks) * rb;
-            const int64_t rows = th - ty0 < rb ? th - ty0 : rb, tiles = rows * tw;
-            for (int64_t gi = 0; gi < G; gi++) {
-                for (int64_t r = 0; r < rows; r++)
-                    winograd_input(x + n * Hp * Wp * CT + gi * Ci, V, ty0 + r, tw, T, r * tw, Hp, Wp, CT, Ci);
-                const float *ug = u + gi * 16 * Ci * Co;
-                for (int64_t c0 = 0; c0 < Co; c0 += 16) {
-                    winograd_gemm(V, ug, M, tiles, T, Ci, Co, c0);
-                    for (int64_t r = 0; r < rows; r++)
-                        winograd_output(M, bias ? bias + gi * Co + c0 : NULL, out + n * Ho * Wo * GT + gi * Co + c0,
-                                        ty0 + r, tw, T, r * tw, Ho, Wo, GT);
-                }
-            }
+        for (int64_t task = 0; task < G * blocks; task++) {
+            const int64_t gi = task / blocks, q0 = (task % blocks) * rb;
+            const int64_t rows = tl.rows - q0 < rb ? tl.rows - q0 : rb;
+            const float *ug = u + gi * K * Ci * Co;
+            if (m == 2) forward_task(x, ug, bias, out, V, M, &tl, q0, rows, T, Hp, Wp, gi, G, Ci, Co, 2);
+            else forward_task(x, ug, bias, out, V, M, &tl, q0, rows, T, Hp, Wp, gi, G, Ci, Co, 4);
         }
     }
     free(work);
 }
 
-/* ----------------------------------------------------------------------- Winograd F(2x2, 3x3) weight gradient
+/* ------------------------------------------------------------------------- Winograd weight gradient
  * Forward is Y = A^T [(G w G^T) . (B^T d B)] A per tile, so with the output gradient g of a tile,
  * dL/dU = sum over tiles of (B^T d B) . (A g A^T), and dL/dw = G^T (dL/dU) G (done by the caller on the small
- * (G, 16, Ci, Co) result). The sum over tiles is 16 GEMMs with the tiles as the reduction: 2.25x fewer FMAs than
- * the direct weight gradient. Needs Ci a multiple of 8 and Co of 16. */
+ * (G, K, Ci, Co) result). In two phases per group: the transforms of every tile of the batch into k-major scratch,
+ * then per (k, 16 output channels) one GEMM with the tiles as the reduction, written straight to du (no per-thread
+ * copies of du to add up: for 128 channels and m = 4 those were 24 MB a thread). */
 
-/* Gt[k][t][c0..] = (A g A^T)[k] for tile row ty's tiles (stored from t0 of T), all output channels; g outside
- * the output (an odd last row or column) is zero */
-static void winograd_grad_out(const float *gn, float *Gt, int64_t ty, int64_t tw, int64_t T, int64_t t0, int64_t Ho,
-                              int64_t Wo, int64_t GT, int64_t Co) {
-    for (int64_t t = 0; t < tw; t++) {
-        const int64_t y = 2 * ty, x0 = 2 * t;
-        for (int64_t c = 0; c < Co; c += 8) {
-            v8 g[2][2];
-            for (int i = 0; i < 2; i++)
-                for (int j = 0; j < 2; j++)
-                    g[i][j] = (y + i < Ho && x0 + j < Wo) ? LD(gn + ((y + i) * Wo + x0 + j) * GT + c) : ZERO;
-            v8 h[4][2];  /* A g: rows g0, g0 + g1, g0 - g1, -g1 */
-            for (int j = 0; j < 2; j++) {
-                h[0][j] = g[0][j];
-                h[1][j] = ADD(g[0][j], g[1][j]);
-                h[2][j] = _mm256_sub_ps(g[0][j], g[1][j]);
-                h[3][j] = _mm256_sub_ps(ZERO, g[1][j]);
-            }
-            for (int i = 0; i < 4; i++) {  /* (A g) A^T: columns a, a + b, a - b, -b */
-                float *o = Gt + ((int64_t)(i * 4) * T + t0 + t) * Co + c;
-                ST(o, h[i][0]);
-                ST(o + T * Co, ADD(h[i][0], h[i][1]));
-                ST(o + 2 * T * Co, _mm256_sub_ps(h[i][0], h[i][1]));
-                ST(o + 3 * T * Co, _mm256_sub_ps(ZERO, h[i][1]));
-            }
-        }
-    }
-}
-
-/* du[c..c+3][c0..c0+15] += sum over the tiles of v[t][c..c+3] gt[t][c0..c0+15] (one transformed position k) */
-static inline void winograd_wgrad_tile(const float *v, const float *gt, float *du, int64_t tiles, int64_t Ci,
-                                       int64_t Co) {
-    v8 a0 = ZERO, a1 = ZERO, b0 = ZERO, b1 = ZERO, c0 = ZERO, c1 = ZERO, d0 = ZERO, d1 = ZERO;
+/* du[c..c+R-1][0..15] += sum over the tiles of v[t][c..c+R-1] gt[t][0..15] (one transformed position): R up to 6
+ * input channels x 16 output channels in 12 accumulators, 2 loads + R broadcasts per 2R FMAs */
+static inline __attribute__((always_inline)) void winograd_wgrad_tile(const float *v, const float *gt, float *du,
+                                                                      int64_t tiles, int64_t Ci, int64_t Co,
+                                                                      const int R) {
+    v8 a0[RPOS], a1[RPOS];
+    for (int r = 0; r < R; r++) { a0[r] = ZERO; a1[r] = ZERO; }
     for (int64_t t = 0; t < tiles; t++, v += Ci, gt += Co) {
         const v8 g0 = LD(gt), g1 = LD(gt + 8);
-        v8 xv = BC(v);
-        a0 = FMA(xv, g0, a0); a1 = FMA(xv, g1, a1);
-        xv = BC(v + 1);
-        b0 = FMA(xv, g0, b0); b1 = FMA(xv, g1, b1);
-        xv = BC(v + 2);
-        c0 = FMA(xv, g0, c0); c1 = FMA(xv, g1, c1);
-        xv = BC(v + 3);
-        d0 = FMA(xv, g0, d0); d1 = FMA(xv, g1, d1);
+        for (int r = 0; r < R; r++) {
+            const v8 xv = BC(v + r);
+            a0[r] = FMA(xv, g0, a0[r]);
+            a1[r] = FMA(xv, g1, a1[r]);
+        }
     }
-    const v8 sums[8] = {a0, a1, b0, b1, c0, c1, d0, d1};
-    for (int c = 0; c < 4; c++) {
-        ST(du + c * Co, ADD(LD(du + c * Co), sums[2 * c]));
-        ST(du + c * Co + 8, ADD(LD(du + c * Co + 8), sums[2 * c + 1]));
+    for (int r = 0; r < R; r++) {
+        ST(du + r * Co, ADD(LD(du + r * Co), a0[r]));
+        ST(du + r * Co + 8, ADD(LD(du + r * Co + 8), a1[r]));
     }
 }
 
-/* du (G, 16, Ci, Co) overwritten: dL/dU, to be turned into dL/dw = G^T du G by the caller */
+/* all Ci input channels of one (k, 16 output channels) block, over `tiles` tiles: blocks of 6, then the even rest */
+static void winograd_wgrad_block(const float *v, const float *gt, float *du, int64_t tiles, int64_t Ci, int64_t Co) {
+    int64_t c = 0;
+    for (; c + RPOS <= Ci; c += RPOS) winograd_wgrad_tile(v + c, gt, du + c * Co, tiles, Ci, Co, RPOS);
+    switch (Ci - c) {
+        case 4: winograd_wgrad_tile(v + c, gt, du + c * Co, tiles, Ci, Co, 4); break;
+        case 2: winograd_wgrad_tile(v + c, gt, du + c * Co, tiles, Ci, Co, 2); break;
+        default: break;  /* Ci is a multiple of 8: the rest is 0, 2 or 4 */
+    }
+}
+
+#define WGRAD_CHUNK 256 /* tiles summed per pass over a (k, 16 channels) block: its V and Gt columns stay in L1/L2 */
+
+/* the transforms of tile row q of group gi: V and Gt at tile index q * tw.., k planes `total` tiles apart */
+static inline __attribute__((always_inline)) void wgrad_transform_row(const float *x, const float *g, float *V,
+                                                                      float *Gt, const tiling *tl, int64_t q,
+                                                                      int64_t total, int64_t Hp, int64_t Wp,
+                                                                      int64_t gi, int64_t G, int64_t Ci, int64_t Co,
+                                                                      const int m) {
+    const int64_t CT = G * Ci, GT = G * Co, n = q / tl->th, ty = q % tl->th;
+    const float *xn = x + n * Hp * Wp * CT + gi * Ci, *gn = g + n * tl->Ho * tl->Wo * GT + gi * Co;
+    for (int64_t t = 0; t < tl->tw; t++) {
+        const int64_t at = q * tl->tw + t;
+        for (int64_t c = 0; c < Ci; c += 8)
+            input_tile(xn + c, V + at * Ci + c, total * Ci, ty * m, t * m, Hp, Wp, CT, m);
+        for (int64_t c = 0; c < Co; c += 8)
+            grad_tile(gn + c, Gt + at * Co + c, total * Co, ty * m, t * m, tl->Ho, tl->Wo, GT, m);
+    }
+}
+
+/* du (G, (m+2)^2, Ci, Co) overwritten: dL/dU, to be turned into dL/dw = G^T du G by the caller; m is 2 or 4 */
 void conv3x3_winograd_backward_weight(const float *x, const float *g, float *du, int64_t N, int64_t Hp, int64_t Wp,
-                                      int64_t G, int64_t Ci, int64_t Co, int nthreads) {
-    const int64_t Ho = Hp - 2, Wo = Wp - 2, CT = G * Ci, GT = G * Co, per = G * 16 * Ci * Co;
-    const int64_t th = (Ho + 1) / 2, tw = (Wo + 1) / 2;
-    int64_t rb = (48 + tw - 1) / tw;
-    rb = rb > th ? th : rb;
-    const int64_t blocks = (th + rb - 1) / rb, T = rb * tw;
+                                      int64_t G, int64_t Ci, int64_t Co, int m, int nthreads) {
+    if (m != 2 && m != 4) return;
+    const int K = (m + 2) * (m + 2);
+    const tiling tl = tiles_of(N, Hp, Wp, m);
+    const int64_t total = tl.rows * tl.tw, blocks = Co / 16;
+    float *V = malloc((size_t)(K * total * (Ci + Co)) * sizeof(float));
+    if (!V) return;
+    float *Gt = V + K * total * Ci;
     nthreads = nthr(nthreads);
-    float *acc = calloc((size_t)(nthreads * (per + 16 * T * (Ci + Co))), sizeof(float));
-    if (!acc) return;
-#pragma omp parallel num_threads(nthreads)
-    {
-#ifdef _OPENMP
-        float *mine = acc + (int64_t)omp_get_thread_num() * (per + 16 * T * (Ci + Co));
-#else
-        float *mine = acc;
-#endif
-        float *V = mine + per, *Gt = V + 16 * T * Ci;
-#pragma omp for schedule(static)
-        for (int64_t task = 0; task < N * blocks; task++) {
-            const int64_t n = task / blocks, ty0 = (task % blocks) * rb;
-            const int64_t rows = th - ty0 < rb ? th - ty0 : rb, tiles = rows * tw;
-            for (int64_t gi = 0; gi < G; gi++) {
-                for (int64_t r = 0; r < rows; r++) {
-                    winograd_input(x + n * Hp * Wp * CT + gi * Ci, V, ty0 + r, tw, T, r * tw, Hp, Wp, CT, Ci);
-                    winograd_grad_out(g + n * Ho * Wo * GT + gi * Co, Gt, ty0 + r, tw, T, r * tw, Ho, Wo, GT, Co);
-                }
-                for (int k = 0; k < 16; k++)
-                    for (int64_t c0 = 0; c0 < Co; c0 += 16)
-                        for (int64_t c = 0; c < Ci; c += 4)
-                            winograd_wgrad_tile(V + (int64_t)k * T * Ci + c, Gt + (int64_t)k * T * Co + c0,
-                                                mine + ((gi * 16 + k) * Ci + c) * Co + c0, tiles, Ci, Co);
+    memset(du, 0, (size_t)(G * K * Ci * Co) * sizeof(float));
+    for (int64_t gi = 0; gi < G; gi++) {
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+        for (int64_t q = 0; q < tl.rows; q++) {
+            if (m == 2) wgrad_transform_row(x, g, V, Gt, &tl, q, total, Hp, Wp, gi, G, Ci, Co, 2);
+            else wgrad_transform_row(x, g, V, Gt, &tl, q, total, Hp, Wp, gi, G, Ci, Co, 4);
+        }
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+        for (int64_t task = 0; task < K * blocks; task++) {
+            const int64_t k = task / blocks, c0 = (task % blocks) * 16;
+            float *d = du + (gi * K + k) * Ci * Co + c0;
+            for (int64_t t0 = 0; t0 < total; t0 += WGRAD_CHUNK) {
+                const int64_t n = total - t0 < WGRAD_CHUNK ? total - t0 : WGRAD_CHUNK;
+                const float *v = V + (k * total + t0) * Ci, *gt = Gt + (k * total + t0) * Co + c0;
+                winograd_wgrad_block(v, gt, d, n, Ci, Co);
             }
         }
     }
-    for (int64_t q = 0; q < per; q++) {
-        float tot = 0.0f;
-        for (int th_ = 0; th_ < nthreads; th_++) tot += acc[th_ * (per + 16 * T * (Ci + Co)) + q];
-        du[q] = tot;
-    }
-    free(acc);
+    free(V);
 }
