@@ -12,7 +12,8 @@ shape is seen, `plan_for` times this file's kernel against oneDNN for the forwar
 passes (interleaved, best of 3) and keeps the faster of each, cached in memory and on disk under
 `$LUNGXRAY_CACHE/autotune/conv3x3/plans.json` per CPU, instruction-set limit and torch version. `LUNGXRAY_CONV3X3`
 forces it: `direct` (the direct loops), `winograd` (every pass as F(2x2, 3x3) where the channels allow),
-`winograd4` (the same with F(4x4, 3x3)), `onednn`, or `auto` (the default). `LUNGXRAY_FUSED=0` turns it off with the other kernels.
+`winograd4` (the same with F(4x4, 3x3)), `onednn`, or `auto` (the default). `LUNGXRAY_FUSED=0` turns it off with
+the other kernels.
 
 Used only where it computes the same function: training (evaluation, export, Grad-CAM and tracing run the plain
 module; deterministic runs too, as a measured choice could differ between a run and its resumption), CPU, fp32
@@ -313,7 +314,7 @@ def _read_cache() -> dict[str, Any]:
 def plan_for(conv: torch.nn.Conv2d, x: Tensor) -> Plan:
     """The passes to run for this layer shape: forced by LUNGXRAY_CONV3X3, else measured once and cached."""
     forced = os.environ.get(CHOICE_ENV, "auto")
-    if forced in ("direct", *WINOGRAD_TILE):  # where the shape allows (input channels: 8 | Ci forward, 16 | Ci backward)
+    if forced in ("direct", *WINOGRAD_TILE):  # where the shape allows (8 | Ci forward, 16 | Ci backward)
         cin = conv.weight.shape[1]
         fwd = forced if forced == "direct" or cin % 8 == 0 else "direct"
         return Plan(fwd, forced if cin % 16 == 0 else "onednn", fwd)
