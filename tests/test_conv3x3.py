@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from pooling import gradients_where_pools_agree
 
 from lungxray.models import nets
 from lungxray.models.kernels import conv3x3 as c3
-from lungxray.models.kernels.fused_stem import fused_pool_relu
 from lungxray.models.nets import build_model
 
 
@@ -133,35 +133,16 @@ def test_the_choice_is_measured_once_cached_and_forced_by_the_environment(tmp_pa
 @pytest.mark.parametrize("kernel", ["direct", "winograd", "winograd4"])
 @pytest.mark.parametrize("arch", ["seed_cnn", "compact_cnn"])
 def test_a_training_step_gives_the_same_gradients_with_the_kernels(arch: str, kernel: str, monkeypatch) -> None:
-    """The gradients agree wherever both runs' max-pools pick the same elements: two valid roundings of a near-tie
-    send a pool's gradient to different pixels (a ~1e-3 difference downstream, whichever kernel is right), so inputs
-    are drawn until the selections agree (most draws do)."""
     torch.manual_seed(2)
     model = build_model(arch, members=2, image_size=64, dropout=0.0).train()
-    calls, picks = [], []
+    calls = []
     monkeypatch.setattr(nets, "conv3x3", lambda conv, t: calls.append(conv) or c3.conv3x3(conv, t))
-
-    def recording_pool(t: torch.Tensor, relu: bool = True) -> torch.Tensor:
-        picks.append(F.max_pool2d(t.detach(), 2, return_indices=True)[1])
-        return fused_pool_relu(t, relu)
-
-    monkeypatch.setattr(nets, "fused_pool_relu", recording_pool)
-    for _draw in range(10):
-        x, grads, selections = torch.randn(4, 2, 64, 64), {}, {}
-        for choice in (kernel, "onednn"):
-            monkeypatch.setenv(c3.CHOICE_ENV, choice)
-            model.zero_grad()
-            picks.clear()
-            model(x).square().mean().backward()
-            grads[choice] = {n: p.grad.clone() for n, p in model.named_parameters()}
-            selections[choice] = list(picks)
-        if all(torch.equal(a, b) for a, b in zip(selections[kernel], selections["onednn"], strict=True)):
-            break
-    else:
-        pytest.fail("10 draws of inputs all had a max-pool near-tie rounded both ways")
-    assert len(calls) >= 2 and selections[kernel]  # the kernels and the pools ran (no calls with onednn)
-    for name, g in grads[kernel].items():
-        _close(g, grads["onednn"][name])
+    ours, theirs = gradients_where_pools_agree(
+        model, [lambda: monkeypatch.setenv(c3.CHOICE_ENV, kernel), lambda: monkeypatch.setenv(c3.CHOICE_ENV, "onednn")],
+        (4, 2, 64, 64), monkeypatch)
+    assert calls  # the kernels ran (LUNGXRAY_CONV3X3=onednn turns them off)
+    for name, g in ours.items():
+        _close(g, theirs[name])
 
 
 @needs_kernel

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from lungxray.models.kernels.conv3x3 import conv3x3, use_conv3x3
 from lungxray.models.kernels.fused_stem import fused_pool_relu, fused_stem, use_fused_pool_relu, use_fused_stem
+from lungxray.models.kernels.patch_stem import patch_stem, use_patch_stem
 
 __all__ = ["PackedLinear", "PackedNet", "build_model", "count_flops", "extract_member", "list_models", "member_rows",
            "model_info", "register_model", "scatter_members", "select_members", "stack_members"]  # fmt: skip
@@ -230,8 +231,11 @@ class PackedLinear(nn.Module):
 
 
 def run_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """`conv(x)`, through the measured fp32 3x3 kernels in training where they apply (`kernels.conv3x3`)."""
-    return conv3x3(conv, x) if use_conv3x3(conv, x) else conv(x)
+    """`conv(x)`, in training through the measured fp32 3x3 kernels (`kernels.conv3x3`) or the patch-stem kernel
+    (`kernels.patch_stem`) where they apply."""
+    if use_conv3x3(conv, x):
+        return conv3x3(conv, x)
+    return patch_stem(conv, x) if use_patch_stem(conv, x) else conv(x)
 
 
 class ConvBlock(nn.Module):
