@@ -52,13 +52,13 @@ __all__ = ["CHOICE_ENV", "Plan", "candidates", "chosen", "conv3x3", "conv3x3_ava
 
 SOURCE = Path(__file__).with_name("csrc") / "conv3x3.c"
 CHOICE_ENV = "LUNGXRAY_CONV3X3"  # auto | onednn | direct | winograd | winograd4
-PLAN_VERSION = 3  # 2: the direct loops are "direct" (were "ours"); 3: F(4x4, 3x3) is a candidate
+PLAN_VERSION = 4  # 2: the direct loops named "direct"; 3: F(4x4, 3x3) a candidate; 4: Winograd pads itself
 MIN_GAIN = 1.05  # the kernel must beat oneDNN by this factor on a pass to replace it
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 SIGNATURES = {"conv3x3_forward": (_P,) * 4 + (_I64,) * 6 + (ctypes.c_int,),
-              "conv3x3_winograd_forward": (_P,) * 4 + (_I64,) * 6 + (ctypes.c_int,) * 2,
+              "conv3x3_winograd_forward": (_P,) * 4 + (_I64,) * 7 + (ctypes.c_int,) * 2,
               "conv3x3_backward_weight": (_P,) * 4 + (_I64,) * 6 + (ctypes.c_int,),
-              "conv3x3_winograd_backward_weight": (_P,) * 3 + (_I64,) * 6 + (ctypes.c_int,) * 2}
+              "conv3x3_winograd_backward_weight": (_P,) * 3 + (_I64,) * 7 + (ctypes.c_int,) * 2}
 WINOGRAD_TILE = {"winograd": 2, "winograd4": 4}  # plan name -> output tile side m of F(m x m, 3x3)
 
 _kernels = LazyLibrary(SOURCE, SIGNATURES, "convolutions stay oneDNN's")
@@ -119,8 +119,14 @@ def _pad(conv: torch.nn.Conv2d) -> int:
 
 
 # --------------------------------------------------------------------------------------------- the passes
+def _nhwc(t: Tensor) -> Tensor:
+    """(N, C, H, W) in any layout -> contiguous (N, H, W, C): free when `t` is channels_last."""
+    return t.permute(0, 2, 3, 1).contiguous()
+
+
 def _nhwc_padded(t: Tensor, pad: int) -> Tensor:
-    """(N, C, H, W) in any layout -> contiguous (N, H + 2 pad, W + 2 pad, C) with a zero border."""
+    """(N, C, H, W) in any layout -> contiguous (N, H + 2 pad, W + 2 pad, C) with a zero border, for the direct
+    loops (the Winograd ones read the unpadded `_nhwc` and supply the zeros themselves)."""
     nhwc = t.permute(0, 2, 3, 1)
     if pad == 0:
         return nhwc.contiguous()
@@ -165,14 +171,15 @@ def _winograd_weights(weight: Tensor, groups: int, m: int) -> Tensor:
     return u.view(groups, a * a, ci, co)
 
 
-def _winograd_forward(xp: Tensor, u: Tensor, bias: Tensor | None, groups: int) -> Tensor:
-    """Like `_direct_forward`, on m x m output tiles (csrc/conv3x3.c): u from `_winograd_weights`, which says m."""
-    n, hp, wp, _ = xp.shape
+def _winograd_forward(xl: Tensor, u: Tensor, bias: Tensor | None, groups: int, pad: int) -> Tensor:
+    """xl (N, H, W, G*Ci) unpadded, zero-padded by `pad` where the tiles read it -> (N, G*Co, H+2pad-2, W+2pad-2),
+    channels_last, on m x m output tiles (csrc/conv3x3.c): u from `_winograd_weights`, which says m."""
+    n, h, w, _ = xl.shape
     g, k, ci, co = u.shape
-    out = torch.empty((n, g * co, hp - 2, wp - 2), memory_format=torch.channels_last)
+    out = torch.empty((n, g * co, h + 2 * pad - 2, w + 2 * pad - 2), memory_format=torch.channels_last)
     b = bias.contiguous() if bias is not None else None
-    _lib().conv3x3_winograd_forward(xp.data_ptr(), u.data_ptr(), b.data_ptr() if b is not None else None,
-                                    out.data_ptr(), n, hp, wp, g, ci, co, _tile_side(k), torch.get_num_threads())
+    _lib().conv3x3_winograd_forward(xl.data_ptr(), u.data_ptr(), b.data_ptr() if b is not None else None,
+                                    out.data_ptr(), n, h, w, g, ci, co, pad, _tile_side(k), torch.get_num_threads())
     return out
 
 
@@ -194,12 +201,12 @@ def _input_grad_weight(weight: Tensor, groups: int) -> Tensor:
     return w.reshape(groups * ci, co, 3, 3)
 
 
-def _forward_as(plan: str, xp: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
-    """The valid convolution of padded channels-last `xp` by the kernel's direct ("direct") or Winograd loops
-    ("winograd": F(2x2, 3x3), "winograd4": F(4x4, 3x3))."""
+def _forward_as(plan: str, t: Tensor, pad: int, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
+    """The convolution of `t` (N, C, H, W), zero-padded by `pad`, by the kernel's direct ("direct") or Winograd
+    loops ("winograd": F(2x2, 3x3), "winograd4": F(4x4, 3x3))."""
     if plan in WINOGRAD_TILE:
-        return _winograd_forward(xp, _winograd_weights(weight, groups, WINOGRAD_TILE[plan]), bias, groups)
-    return _direct_forward(xp, _tap_major(weight, groups), bias, groups)
+        return _winograd_forward(_nhwc(t), _winograd_weights(weight, groups, WINOGRAD_TILE[plan]), bias, groups, pad)
+    return _direct_forward(_nhwc_padded(t, pad), _tap_major(weight, groups), bias, groups)
 
 
 def _direct_weight_grad(xp: Tensor, g: Tensor, groups: int, with_bias: bool) -> tuple[Tensor, Tensor | None]:
@@ -214,15 +221,16 @@ def _direct_weight_grad(xp: Tensor, g: Tensor, groups: int, with_bias: bool) -> 
     return dw.permute(0, 3, 2, 1).reshape(groups * co, ci, 3, 3), db
 
 
-def _winograd_weight_grad(xp: Tensor, g: Tensor, groups: int, with_bias: bool,
-                          m: int) -> tuple[Tensor, Tensor | None]:
-    """The weight gradient through F(m x m, 3x3): the kernel sums dL/dU over tiles, then dL/dw = G^T (dL/dU) G."""
-    n, hp, wp, ct = xp.shape
-    gl = g.permute(0, 2, 3, 1).contiguous()
+def _winograd_weight_grad(xl: Tensor, g: Tensor, groups: int, with_bias: bool, m: int,
+                          pad: int) -> tuple[Tensor, Tensor | None]:
+    """The weight gradient through F(m x m, 3x3) from the unpadded input `xl` (N, H, W, G*Ci): the kernel sums
+    dL/dU over tiles, then dL/dw = G^T (dL/dU) G."""
+    n, h, w, ct = xl.shape
+    gl = _nhwc(g)
     ci, co, a = ct // groups, gl.shape[-1] // groups, m + 2
-    du = xp.new_empty((groups, a * a, ci, co))
-    _lib().conv3x3_winograd_backward_weight(xp.data_ptr(), gl.data_ptr(), du.data_ptr(), n, hp, wp,
-                                            groups, ci, co, m, torch.get_num_threads())
+    du = xl.new_empty((groups, a * a, ci, co))
+    _lib().conv3x3_winograd_backward_weight(xl.data_ptr(), gl.data_ptr(), du.data_ptr(), n, h, w,
+                                            groups, ci, co, pad, m, torch.get_num_threads())
     dw = _WINOGRAD_KRON[m].T @ du.view(groups, a * a, ci * co)  # G^T (dL/dU) G, tap-major (G, 9, Ci*Co)
     db = gl.sum((0, 1, 2)) if with_bias else None
     return dw.view(groups, 9, ci, co).permute(0, 3, 2, 1).reshape(groups * co, ci, 3, 3), db
@@ -241,12 +249,17 @@ class _Conv3x3(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, pad: int, groups: int,  # type: ignore[override]
                 plan: Plan) -> Tensor:
-        xp = _nhwc_padded(x, pad) if plan.forward != "onednn" or plan.weight_grad != "onednn" else None
-        if plan.forward != "onednn":
-            out = _forward_as(plan.forward, xp, weight, bias, groups)  # type: ignore[arg-type]
+        if plan.weight_grad == "direct":  # the direct loops read a padded copy; forward shares it if direct too
+            keep = _nhwc_padded(x, pad)
+        else:  # Winograd reads the unpadded input (a view of x when channels_last), oneDNN x itself
+            keep = _nhwc(x) if plan.weight_grad in WINOGRAD_TILE else x
+        if plan.forward == "direct":
+            xp = keep if plan.weight_grad == "direct" else _nhwc_padded(x, pad)
+            out = _direct_forward(xp, _tap_major(weight, groups), bias, groups)
+        elif plan.forward in WINOGRAD_TILE:
+            out = _forward_as(plan.forward, x, pad, weight, bias, groups)
         else:
             out = F.conv2d(x, weight, bias, 1, pad, 1, groups)
-        keep = xp if plan.weight_grad != "onednn" else x
         ctx.save_for_backward(keep, weight)
         ctx.pad, ctx.groups, ctx.plan, ctx.x_shape, ctx.has_bias = pad, groups, plan, tuple(x.shape), bias is not None
         return out
@@ -258,14 +271,13 @@ class _Conv3x3(torch.autograd.Function):
         want_x, want_w, want_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         dx = dw = db = None
         if want_x and plan.input_grad != "onednn":
-            gp = _nhwc_padded(g, 2 - pad)
-            dx = _forward_as(plan.input_grad, gp, _input_grad_weight(weight, groups), None, groups)
+            dx = _forward_as(plan.input_grad, g, 2 - pad, _input_grad_weight(weight, groups), None, groups)
         elif want_x:
             dx = _onednn_backward(g, None, weight, pad, groups, ctx.x_shape, [True, False, False])[0]
         if (want_w or want_b) and plan.weight_grad != "onednn":
             with_bias = ctx.has_bias and want_b
             if plan.weight_grad in WINOGRAD_TILE:
-                dw, db = _winograd_weight_grad(kept, g, groups, with_bias, WINOGRAD_TILE[plan.weight_grad])
+                dw, db = _winograd_weight_grad(kept, g, groups, with_bias, WINOGRAD_TILE[plan.weight_grad], pad)
             else:
                 dw, db = _direct_weight_grad(kept, g, groups, with_bias)
         elif want_w or want_b:
@@ -389,21 +401,21 @@ def candidates(x_shape: tuple[int, ...], weight: Tensor, pad: int, groups: int) 
     if w.shape[1] % 16 == 0:
         fns["input_grad/direct"] = lambda: _direct_forward(_nhwc_padded(gr, 2 - pad), wf, None, groups)
     for name, m in WINOGRAD_TILE.items():
-        fns.update(_winograd_candidates(name, m, xp, gr, w, wi, pad, groups))
+        fns.update(_winograd_candidates(name, m, _nhwc(xr), gr, w, wi, pad, groups))
     return fns
 
 
-def _winograd_candidates(name: str, m: int, xp: Tensor, gr: Tensor, w: Tensor, wi: Tensor, pad: int,
+def _winograd_candidates(name: str, m: int, xl: Tensor, gr: Tensor, w: Tensor, wi: Tensor, pad: int,
                          groups: int) -> dict[str, Callable[[], object]]:
     """The passes of one Winograd tile size, where the input channels allow them."""
     fns: dict[str, Callable[[], object]] = {}
     if w.shape[1] % 8 == 0:
         uf = _winograd_weights(w, groups, m)
-        fns[f"forward/{name}"] = lambda: _winograd_forward(xp, uf, None, groups)
-        fns[f"weight_grad/{name}"] = lambda: _winograd_weight_grad(xp, gr, groups, False, m)
+        fns[f"forward/{name}"] = lambda: _winograd_forward(xl, uf, None, groups, pad)
+        fns[f"weight_grad/{name}"] = lambda: _winograd_weight_grad(xl, gr, groups, False, m, pad)
     if w.shape[1] % 16 == 0:
         ui = _winograd_weights(wi, groups, m)
-        fns[f"input_grad/{name}"] = lambda: _winograd_forward(_nhwc_padded(gr, 2 - pad), ui, None, groups)
+        fns[f"input_grad/{name}"] = lambda: _winograd_forward(_nhwc(gr), ui, None, groups, 2 - pad)
     return fns
 
 

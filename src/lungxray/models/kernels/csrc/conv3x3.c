@@ -8,7 +8,8 @@
  *
  * C with AVX2/FMA intrinsics (8 floats per ymm register) and OpenMP, loaded by
  * lungxray/models/kernels/conv3x3.py with ctypes. All tensors contiguous, row-major:
- *   x    (N, Hp, Wp, G*Ci)   input, already zero-padded (valid convolution on it)
+ *   x    (N, Hp, Wp, G*Ci)   input, already zero-padded (valid convolution on it); the Winograd functions
+ *                            take it unpadded, (N, H, W, G*Ci) with `pad`, and read zeros outside it
  *   w    (G, 9, Ci, Co)      weights, tap-major (t = ky*3 + kx), a tap's output channels contiguous
  *   out  (N, Hp-2, Wp-2, G*Co)
  *   g    (N, Hp-2, Wp-2, G*Co)  gradient of out (weight gradient)
@@ -246,21 +247,23 @@ static inline __attribute__((always_inline)) void a_line(const v8 *g, v8 *o, con
     o[5] = g[3];
 }
 
-/* one input value of a tile: row r, column col of an image, 8 channels; zero outside it */
-static inline v8 load_d(const float *x, int64_t r, int64_t col, int64_t Hp, int64_t Wp, int64_t CT) {
-    if (r >= Hp || col >= Wp) return ZERO;
-    return LD(x + (r * Wp + col) * CT);
+/* one input value of a tile: row r, column col of an unpadded H x W image, 8 channels; zero outside it (the
+ * convolution's zero padding, and the far side of the last tiles) */
+static inline v8 load_d(const float *x, int64_t r, int64_t col, int64_t H, int64_t W, int64_t CT) {
+    if (r < 0 || col < 0 || r >= H || col >= W) return ZERO;
+    return LD(x + (r * W + col) * CT);
 }
 
-/* V[k] = (B^T d B)[k] of the tile whose top left input is (r0, col0), 8 channels, k planes `stride` apart */
+/* V[k] = (B^T d B)[k] of the tile whose top left input is (r0, col0) (negative in the padding), 8 channels, k
+ * planes `stride` apart */
 static inline __attribute__((always_inline)) void input_tile(const float *xn, float *v, int64_t stride, int64_t r0,
-                                                             int64_t col0, int64_t Hp, int64_t Wp, int64_t CT,
+                                                             int64_t col0, int64_t H, int64_t W, int64_t CT,
                                                              const int m) {
     const int a = m + 2;
     v8 rows[6][6];
     for (int i = 0; i < a; i++) {
         v8 d[6];
-        for (int j = 0; j < a; j++) d[j] = load_d(xn, r0 + i, col0 + j, Hp, Wp, CT);
+        for (int j = 0; j < a; j++) d[j] = load_d(xn, r0 + i, col0 + j, H, W, CT);
         bt_line(d, rows[i], m);
     }
     for (int j = 0; j < a; j++) {
@@ -346,11 +349,12 @@ static void winograd_gemm(const float *V, const float *U, float *M, int64_t tw, 
     }
 }
 
-/* The tiles of a layer, as rows of tiles over the whole batch (image n = q / th, tile row q % th) */
-typedef struct { int64_t Ho, Wo, th, tw, rows; } tiling;
+/* The tiles of a layer, as rows of tiles over the whole batch (image n = q / th, tile row q % th); the input is
+ * H x W, zero-padded by `pad` (0, 1 or 2) on every side where the tiles read it */
+typedef struct { int64_t H, W, pad, Ho, Wo, th, tw, rows; } tiling;
 
-static tiling tiles_of(int64_t N, int64_t Hp, int64_t Wp, int m) {
-    tiling t = {Hp - 2, Wp - 2, 0, 0, 0};
+static tiling tiles_of(int64_t N, int64_t H, int64_t W, int64_t pad, int m) {
+    tiling t = {H, W, pad, H + 2 * pad - 2, W + 2 * pad - 2, 0, 0, 0};
     t.th = (t.Ho + m - 1) / m;
     t.tw = (t.Wo + m - 1) / m;
     t.rows = N * t.th;
@@ -369,17 +373,17 @@ static int64_t rows_per_task(const tiling *tl, int K, int64_t Ci) {
 /* One forward task: tile rows q0.. (`rows` of them) of group gi, through V (K x T x Ci) and M (K x T x 16) */
 static inline __attribute__((always_inline)) void forward_task(const float *x, const float *ug, const float *bias,
                                                                float *out, float *V, float *M, const tiling *tl,
-                                                               int64_t q0, int64_t rows, int64_t T, int64_t Hp,
-                                                               int64_t Wp, int64_t gi, int64_t G, int64_t Ci,
-                                                               int64_t Co, const int m) {
+                                                               int64_t q0, int64_t rows, int64_t T, int64_t gi,
+                                                               int64_t G, int64_t Ci, int64_t Co, const int m) {
     const int K = (m + 2) * (m + 2);
     const int64_t CT = G * Ci, GT = G * Co;
     for (int64_t r = 0; r < rows; r++) {
         const int64_t n = (q0 + r) / tl->th, ty = (q0 + r) % tl->th;
-        const float *xn = x + n * Hp * Wp * CT + gi * Ci;
+        const float *xn = x + n * tl->H * tl->W * CT + gi * Ci;
         for (int64_t t = 0; t < tl->tw; t++)
             for (int64_t c = 0; c < Ci; c += 8)
-                input_tile(xn + c, V + (r * tl->tw + t) * Ci + c, T * Ci, ty * m, t * m, Hp, Wp, CT, m);
+                input_tile(xn + c, V + (r * tl->tw + t) * Ci + c, T * Ci, ty * m - tl->pad, t * m - tl->pad, tl->H,
+                           tl->W, CT, m);
     }
     for (int64_t c0 = 0; c0 < Co; c0 += 16) {
         winograd_gemm(V, ug, M, rows * tl->tw, T, Ci, Co, c0, K);
@@ -398,11 +402,11 @@ static inline __attribute__((always_inline)) void forward_task(const float *x, c
 
 /* u (G, (m+2)^2, Ci, Co) from the caller's G w G^T; m is 2 or 4 (anything else writes nothing). One task per block
  * of tile rows of one group, group-major, so that a thread's consecutive tasks share U. */
-void conv3x3_winograd_forward(const float *x, const float *u, const float *bias, float *out, int64_t N, int64_t Hp,
-                              int64_t Wp, int64_t G, int64_t Ci, int64_t Co, int m, int nthreads) {
+void conv3x3_winograd_forward(const float *x, const float *u, const float *bias, float *out, int64_t N, int64_t H,
+                              int64_t W, int64_t G, int64_t Ci, int64_t Co, int64_t pad, int m, int nthreads) {
     if (m != 2 && m != 4) return;
     const int K = (m + 2) * (m + 2);
-    const tiling tl = tiles_of(N, Hp, Wp, m);
+    const tiling tl = tiles_of(N, H, W, pad, m);
     const int64_t rb = rows_per_task(&tl, K, Ci), T = rb * tl.tw, blocks = (tl.rows + rb - 1) / rb;
     nthreads = nthr(nthreads);
     float *work = malloc((size_t)(nthreads * K * T * (Ci + 16)) * sizeof(float));
@@ -420,8 +424,8 @@ void conv3x3_winograd_forward(const float *x, const float *u, const float *bias,
             const int64_t gi = task / blocks, q0 = (task % blocks) * rb;
             const int64_t rows = tl.rows - q0 < rb ? tl.rows - q0 : rb;
             const float *ug = u + gi * K * Ci * Co;
-            if (m == 2) forward_task(x, ug, bias, out, V, M, &tl, q0, rows, T, Hp, Wp, gi, G, Ci, Co, 2);
-            else forward_task(x, ug, bias, out, V, M, &tl, q0, rows, T, Hp, Wp, gi, G, Ci, Co, 4);
+            if (m == 2) forward_task(x, ug, bias, out, V, M, &tl, q0, rows, T, gi, G, Ci, Co, 2);
+            else forward_task(x, ug, bias, out, V, M, &tl, q0, rows, T, gi, G, Ci, Co, 4);
         }
     }
     free(work);
@@ -471,26 +475,25 @@ static void winograd_wgrad_block(const float *v, const float *gt, float *du, int
 /* the transforms of tile row q of group gi: V and Gt at tile index q * tw.., k planes `total` tiles apart */
 static inline __attribute__((always_inline)) void wgrad_transform_row(const float *x, const float *g, float *V,
                                                                       float *Gt, const tiling *tl, int64_t q,
-                                                                      int64_t total, int64_t Hp, int64_t Wp,
-                                                                      int64_t gi, int64_t G, int64_t Ci, int64_t Co,
-                                                                      const int m) {
+                                                                      int64_t total, int64_t gi, int64_t G, int64_t Ci,
+                                                                      int64_t Co, const int m) {
     const int64_t CT = G * Ci, GT = G * Co, n = q / tl->th, ty = q % tl->th;
-    const float *xn = x + n * Hp * Wp * CT + gi * Ci, *gn = g + n * tl->Ho * tl->Wo * GT + gi * Co;
+    const float *xn = x + n * tl->H * tl->W * CT + gi * Ci, *gn = g + n * tl->Ho * tl->Wo * GT + gi * Co;
     for (int64_t t = 0; t < tl->tw; t++) {
         const int64_t at = q * tl->tw + t;
         for (int64_t c = 0; c < Ci; c += 8)
-            input_tile(xn + c, V + at * Ci + c, total * Ci, ty * m, t * m, Hp, Wp, CT, m);
+            input_tile(xn + c, V + at * Ci + c, total * Ci, ty * m - tl->pad, t * m - tl->pad, tl->H, tl->W, CT, m);
         for (int64_t c = 0; c < Co; c += 8)
             grad_tile(gn + c, Gt + at * Co + c, total * Co, ty * m, t * m, tl->Ho, tl->Wo, GT, m);
     }
 }
 
 /* du (G, (m+2)^2, Ci, Co) overwritten: dL/dU, to be turned into dL/dw = G^T du G by the caller; m is 2 or 4 */
-void conv3x3_winograd_backward_weight(const float *x, const float *g, float *du, int64_t N, int64_t Hp, int64_t Wp,
-                                      int64_t G, int64_t Ci, int64_t Co, int m, int nthreads) {
+void conv3x3_winograd_backward_weight(const float *x, const float *g, float *du, int64_t N, int64_t H, int64_t W,
+                                      int64_t G, int64_t Ci, int64_t Co, int64_t pad, int m, int nthreads) {
     if (m != 2 && m != 4) return;
     const int K = (m + 2) * (m + 2);
-    const tiling tl = tiles_of(N, Hp, Wp, m);
+    const tiling tl = tiles_of(N, H, W, pad, m);
     const int64_t total = tl.rows * tl.tw, blocks = Co / 16;
     float *V = malloc((size_t)(K * total * (Ci + Co)) * sizeof(float));
     if (!V) return;
@@ -500,8 +503,8 @@ void conv3x3_winograd_backward_weight(const float *x, const float *g, float *du,
     for (int64_t gi = 0; gi < G; gi++) {
 #pragma omp parallel for schedule(static) num_threads(nthreads)
         for (int64_t q = 0; q < tl.rows; q++) {
-            if (m == 2) wgrad_transform_row(x, g, V, Gt, &tl, q, total, Hp, Wp, gi, G, Ci, Co, 2);
-            else wgrad_transform_row(x, g, V, Gt, &tl, q, total, Hp, Wp, gi, G, Ci, Co, 4);
+            if (m == 2) wgrad_transform_row(x, g, V, Gt, &tl, q, total, gi, G, Ci, Co, 2);
+            else wgrad_transform_row(x, g, V, Gt, &tl, q, total, gi, G, Ci, Co, 4);
         }
 #pragma omp parallel for schedule(static) num_threads(nthreads)
         for (int64_t task = 0; task < K * blocks; task++) {
