@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lungxray.models.kernels.bn_relu import bn_relu, use_bn_relu
 from lungxray.models.kernels.conv3x3 import conv3x3, use_conv3x3
 from lungxray.models.kernels.fused_stem import fused_pool_relu, fused_stem, use_fused_pool_relu, use_fused_stem
 from lungxray.models.kernels.patch_stem import patch_stem, use_patch_stem
@@ -271,7 +272,16 @@ class ConvBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # (B, K*cin, H, W) -> (B, K*cout, H', W')
         x = run_conv(self.conv, x)
-        x = self.bn(self._pool_first(x)) if self.pool_first else self.pool(self.bn(x))
+        if self.pool_first or isinstance(self.pool, nn.Identity):
+            return self._bn_relu(self._pool_first(x) if self.pool_first else x)
+        x = self.pool(self.bn(x))
+        return F.relu(x, inplace=True) if self.relu else x
+
+    def _bn_relu(self, x: Tensor) -> Tensor:
+        """BN then (with `relu`) ReLU: in training on CPU as one kernel where it applies (`kernels.bn_relu`)."""
+        if use_bn_relu(self.bn, x):
+            return bn_relu(self.bn, x, self.relu)  # type: ignore[arg-type]
+        x = self.bn(x)
         return F.relu(x, inplace=True) if self.relu else x
 
     def _pool_first(self, x: Tensor) -> Tensor:
