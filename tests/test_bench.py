@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from lungxray.cli import main
+from lungxray.models.kernels import conv3x3
 from lungxray.speed import bench
 
 TINY = ["--image-size", "64", "--batch-size", "4", "--steps", "3", "--warmup", "1"]
@@ -39,6 +40,10 @@ def test_bench_train_json_reports_the_issue_fields(capsys: pytest.CaptureFixture
     assert r["achieved_gflops"] == pytest.approx(3 * r["forward_gflops_per_image"] * r["images_per_second"])
     assert r["peak_gflops"] > 0
     assert r["fraction_of_peak"] == pytest.approx(r["achieved_gflops"] / r["peak_gflops"])
+    # those are direct-convolution FLOPs: the result says when Winograd passes (fewer multiplies) ran
+    assert r["winograd"] == any("winograd" in p for p in conv3x3.chosen().values())
+    line = bench.format_train({**r, "winograd": True}).splitlines()[2]
+    assert line.endswith("(direct-convolution FLOPs; the Winograd passes that ran do fewer multiplies)")
 
 
 def test_bench_train_counts_member_images_and_honours_flags() -> None:

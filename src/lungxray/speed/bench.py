@@ -32,6 +32,7 @@ import torch
 
 from lungxray.config import TrainConfig
 from lungxray.hostinfo import usable_cores
+from lungxray.models.kernels import conv3x3
 from lungxray.models.nets import build_model, count_flops
 from lungxray.runtime import cpu_features, resolve_device, resolve_precision, set_threads
 from lungxray.training.loop import EpochInputs, StepHooks, TrainState, fit, make_optimizer, train_one_epoch
@@ -241,6 +242,8 @@ def _train_result(arch: str, model: Any, cfg: TrainConfig, dev: torch.device, am
         "forward_gflops_per_image": fwd_flops / 1e9,
         "params": sum(p.numel() for p in model.parameters()) // members,
         "achieved_gflops": 3 * fwd_flops * rate / 1e9,  # forward + backward (2x forward) per image
+        # the Winograd passes do 2.25-4x fewer multiplies than these direct-convolution FLOPs count
+        "winograd": any("winograd" in plan for plan in conv3x3.chosen().values()),
         "peak_memory_mb": (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else _peak_rss_mb() * 2**20)
         / 2**20,
         **machine_info(dev),
@@ -386,6 +389,8 @@ def format_train(r: dict[str, Any]) -> str:
     ]
     if "peak_gflops" in r:
         lines[-1] += f" of {r['peak_gflops']:.0f} peak ({r['dtype']} matmul): {100 * r['fraction_of_peak']:.0f}%"
+    if r.get("winograd"):
+        lines[-1] += " (direct-convolution FLOPs; the Winograd passes that ran do fewer multiplies)"
     lines.append(f"  load average {r['load_average']} on {r['cores']} cores ({r['cpu']}, {r.get('isa', '?')})")
     if r.get("runtime"):
         lines.append(f"  {r['runtime']['line']}")
