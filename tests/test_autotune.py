@@ -93,3 +93,6 @@ def test_the_training_run_records_its_runtime(trained_run: Path) -> None:
     assert info["runtime"]["line"].startswith("runtime: ") and info["runtime"]["threads"] == 1  # SMOKE_OVERRIDES
     timing = json.loads((trained_run / "metrics.json").read_text())["timing"]
     assert timing["runtime"]["precision"] == {"bfloat16": "bf16", "float32": "fp32"}[timing["precision"]]
+    for record in (info, timing):  # and which C kernels it could use
+        assert set(record["kernels"]) == {"conv3x3", "patch_stem", "bn_relu", "warp", "seed_stem"}
+        assert all(isinstance(v, bool) for v in record["kernels"].values())

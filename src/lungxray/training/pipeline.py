@@ -29,6 +29,7 @@ from lungxray.inference.predictor import Predictor, make_predictions
 from lungxray.io.dataset import Dataset, load_dataset, stratified_kfold, stratified_split
 from lungxray.io.duplicates import find_duplicates, summarize_duplicates
 from lungxray.io.files import write_json, write_text
+from lungxray.models import kernels
 from lungxray.models.kernels import conv3x3
 from lungxray.models.nets import build_model, stack_members
 from lungxray.runtime import (
@@ -472,7 +473,7 @@ def _run_summary(rt: _Runtime, rd: _RunData, state: TrainState, scored: _Scored,
             "epochs": state.epoch, "images_seen": state.images_seen,
             "train_images_per_second": state.images_seen / max(state.train_seconds, 1e-9),
             "device": str(rt.device), "precision": rt.precision, "threads": rt.threads,
-            "runtime": rt.choice.to_dict(), "convolutions": conv3x3.chosen(),
+            "runtime": rt.choice.to_dict(), "convolutions": conv3x3.chosen(), "kernels": kernels.available(),
         },
         "data": {
             "classes": ds.classes, "counts": ds.class_counts(), "pool": len(rd.pool), "holdout": len(rd.holdout),
@@ -502,7 +503,8 @@ def _write_run(run_dir: Path, cfg: RunConfig, data: str | Path, rt: _Runtime, rd
     shutil.rmtree(run_dir / "members", ignore_errors=True)  # sequential members' resume files
     shutil.rmtree(run_dir / distributed.RANKS_DIR, ignore_errors=True)  # members-over-ranks checkpoints
     write_json(run_dir / RUN_INFO, {"data": str(Path(data).resolve()), "complete": True,
-                                    "runtime": rt.choice.to_dict(), "convolutions": conv3x3.chosen()})
+                                    "runtime": rt.choice.to_dict(), "convolutions": conv3x3.chosen(),
+                                    "kernels": kernels.available()})
 
 
 def adapted_scores(predictor: Predictor, images: np.ndarray, labels: np.ndarray, paths: list[str],
