@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from lungxray.models.kernels.bn_relu import bn_relu, use_bn_relu
 from lungxray.models.kernels.conv3x3 import conv3x3, use_conv3x3
 from lungxray.models.kernels.fused_stem import fused_pool_relu, fused_stem, use_fused_pool_relu, use_fused_stem
+from lungxray.models.kernels.inference import kernels_allowed
 from lungxray.models.kernels.patch_stem import patch_stem, use_patch_stem
 
 __all__ = ["PackedLinear", "PackedNet", "build_model", "count_flops", "extract_member", "list_models", "member_rows",
@@ -285,10 +286,11 @@ class ConvBlock(nn.Module):
         return F.relu(x, inplace=True) if self.relu else x
 
     def _pool_first(self, x: Tensor) -> Tensor:
-        """In training on CPU the 2x2 max-pool before BN runs as the pool kernel (`fused_pool_relu` without its
-        ReLU): max_pool2d's values and gradients bit for bit, without int64 indices and a zero-filled
-        full-resolution gradient. (Pool -> ReLU blocks, the seed's, use the kernel with its ReLU: `SeedCNN`.)"""
-        if self.training and _is_pool2(self.pool) and not _has_hooks(self.pool) and use_fused_pool_relu(x):
+        """In training on CPU (and the training loop's validation, `kernels.inference`) the 2x2 max-pool before BN
+        runs as the pool kernel (`fused_pool_relu` without its ReLU): max_pool2d's values and gradients bit for
+        bit, without int64 indices and a zero-filled full-resolution gradient. (Pool -> ReLU blocks, the seed's,
+        use the kernel with its ReLU: `SeedCNN`.)"""
+        if kernels_allowed(self) and _is_pool2(self.pool) and not _has_hooks(self.pool) and use_fused_pool_relu(x):
             return fused_pool_relu(x, relu=False)
         return self.pool(x)
 

@@ -15,8 +15,9 @@ forces it: `direct` (the direct loops), `winograd` (every pass as F(2x2, 3x3) wh
 `winograd4` (the same with F(4x4, 3x3)), `onednn`, or `auto` (the default). `LUNGXRAY_FUSED=0` turns it off with
 the other kernels.
 
-Used only where it computes the same function: training (evaluation, export, Grad-CAM and tracing run the plain
-module; deterministic runs too, as a measured choice could differ between a run and its resumption), CPU, fp32
+Used only where it computes the same function: training and the training loop's validation (eval-mode forward
+under no_grad inside `inference.kernels_for_inference`; other evaluation, export, Grad-CAM and tracing run the
+plain module; deterministic runs too, as a measured choice could differ between a run and its resumption), CPU, fp32
 weights and input with no autocast, 3x3 kernel, stride 1, padding 0 or 1, no dilation, zero padding mode, output
 channels per group a multiple of 16 and input channels per group a multiple of 2 (of 16 for the kernel's input
 gradient). Results equal oneDNN's up to float summation order (tests/test_conv3x3.py).
@@ -43,6 +44,7 @@ from torch import Tensor
 from lungxray.hostinfo import cache_root
 from lungxray.io.files import write_json
 from lungxray.models.kernels.fused_stem import ENV_SWITCH, tracing
+from lungxray.models.kernels.inference import kernels_allowed
 from lungxray.models.kernels.loader import LazyLibrary
 from lungxray.runtime import cpu_features
 
@@ -97,7 +99,7 @@ def conv3x3_available() -> bool:
 
 def use_conv3x3(conv: torch.nn.Module, x: Tensor) -> bool:
     """Whether `conv3x3` can stand in for `conv(x)` during training (see the module docstring for the terms)."""
-    if not (isinstance(conv, torch.nn.Conv2d) and conv.training) or tracing():
+    if not (isinstance(conv, torch.nn.Conv2d) and kernels_allowed(conv)) or tracing():
         return False
     if conv._forward_hooks or conv._forward_pre_hooks or torch.is_autocast_enabled("cpu"):
         return False
@@ -252,12 +254,14 @@ class _Conv3x3(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, pad: int, groups: int,  # type: ignore[override]
                 plan: Plan) -> Tensor:
-        if plan.weight_grad == "direct":  # the direct loops read a padded copy; forward shares it if direct too
+        if not any(ctx.needs_input_grad):  # inference (`kernels_for_inference`): nothing to keep
+            keep = x
+        elif plan.weight_grad == "direct":  # the direct loops read a padded copy; forward shares it if direct too
             keep = _nhwc_padded(x, pad)
         else:  # Winograd reads the unpadded input (a view of x when channels_last), oneDNN x itself
             keep = _nhwc(x) if plan.weight_grad in WINOGRAD_TILE else x
         if plan.forward == "direct":
-            xp = keep if plan.weight_grad == "direct" else _nhwc_padded(x, pad)
+            xp = keep if keep is not x and plan.weight_grad == "direct" else _nhwc_padded(x, pad)
             out = _direct_forward(xp, _tap_major(weight, groups), bias, groups)
         elif plan.forward in WINOGRAD_TILE:
             out = _forward_as(plan.forward, x, pad, weight, bias, groups)

@@ -8,7 +8,8 @@ layer wants it, and computes the weight gradient as a sum of patch (x) output-gr
 ~1.2 s step became ~30 (docs/performance.md). No input gradient: the input of a stem is data. Results equal
 oneDNN's up to float summation order (tests/test_patch_stem.py).
 
-Used where it computes the same function: training, a CPU fp32 input that needs no gradient, fp32 weights and no
+Used where it computes the same function: training (and the training loop's validation, inside
+`inference.kernels_for_inference`), a CPU fp32 input that needs no gradient, fp32 weights and no
 autocast (under bf16 autocast oneDNN's bf16 path stays), kernel size equal to the stride, no padding or dilation,
 output channels per group a multiple of 8 and at most 64 values per patch (in-channels per group x s^2), no hooks
 or tracing. Where gcc or AVX2+FMA is missing, or under `LUNGXRAY_FUSED=0`, the convolution stays oneDNN's.
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor
 
 from lungxray.models.kernels.fused_stem import ENV_SWITCH, tracing
+from lungxray.models.kernels.inference import kernels_allowed
 from lungxray.models.kernels.loader import LazyLibrary
 
 __all__ = ["MAX_PATCH", "patch_stem", "patch_stem_available", "use_patch_stem"]
@@ -44,7 +46,7 @@ def patch_stem_available() -> bool:
 
 def use_patch_stem(conv: torch.nn.Module, x: Tensor) -> bool:
     """Whether `patch_stem(conv, x)` can stand in for `conv(x)` (the terms are in the module docstring)."""
-    if not (isinstance(conv, torch.nn.Conv2d) and conv.training) or tracing() or x.requires_grad:
+    if not (isinstance(conv, torch.nn.Conv2d) and kernels_allowed(conv)) or tracing() or x.requires_grad:
         return False
     if conv._forward_hooks or conv._forward_pre_hooks or torch.is_autocast_enabled("cpu"):
         return False
