@@ -163,7 +163,10 @@ class PhotometricAugmenter:
             raise ValueError(f"parameters are for {tuple(p['gamma'].shape)} samples, batch has {n}")
         q = {k: v.to(x.device, torch.float32).view(n, 1, 1, 1) for k, v in p.items()}
         y = (x.float() * self.std).add_(self.mean).clamp_(1e-6, 1)  # [0, 1] intensities; in place = fewer passes
-        y.pow_(q["gamma"]).sub_(0.5).mul_(q["contrast"]).add_(0.5 + q["brightness"]).clamp_(0, 1)
+        # y ** gamma as exp(gamma log y): pow_ by a per-image exponent ran scalar, 96 of this function's 147 ms on
+        # the reference's batch (2 Zen 3 cores); log_/exp_ are vectorised (~2e-6 relative difference, at y ~ 1e-6)
+        y.log_().mul_(q["gamma"]).exp_()
+        y.sub_(0.5).mul_(q["contrast"]).add_(0.5 + q["brightness"]).clamp_(0, 1)
         use_detail = p["detail"] != 0
         if bool(use_detail.any()):  # only the selected samples are blurred: the costliest step
             sel = use_detail.nonzero().squeeze(1).to(x.device)
@@ -176,7 +179,7 @@ class PhotometricAugmenter:
         if bool(use_jpeg.any()):
             sel = use_jpeg.nonzero().squeeze(1).to(x.device)
             y = y.index_copy(0, sel, jpeg_roundtrip(y[sel], p["jpeg"].to(x.device)[sel]))
-        return ((y - self.mean) / self.std).to(x.dtype)
+        return y.sub_(self.mean).div_(self.std).to(x.dtype)  # y is never x: in place is safe
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Sample and apply; identity params return `x` itself without drawing random numbers."""
