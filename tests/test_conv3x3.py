@@ -153,3 +153,19 @@ def test_a_layer_the_kernels_cannot_take_every_pass_of_keeps_onednn_for_those(tm
     plan = c3.plan_for(torch.nn.Conv2d(4, 16, 3).train(), torch.randn(2, 4, 10, 10))
     assert plan.input_grad == "onednn" and plan.forward in ("direct", "onednn")
     assert not {"forward/winograd", "forward/winograd4", "input_grad/direct"} & set(plan.times_ms)
+
+
+@needs_kernel
+def test_inference_borrows_the_plan_of_the_nearest_measured_batch(tmp_path, monkeypatch) -> None:
+    """The validation's short last batch must not pay a measurement of passes it never runs backward."""
+    monkeypatch.setenv("LUNGXRAY_CACHE", str(tmp_path))
+    monkeypatch.setattr(c3, "_plans", {})
+    conv = torch.nn.Conv2d(32, 32, 3, padding=1).train()
+    measured = c3.plan_for(conv, torch.randn(8, 32, 6, 6))
+    monkeypatch.setattr(c3, "_measure", lambda *a: pytest.fail("measured again"))
+    with torch.no_grad():
+        assert c3.plan_for(conv, torch.randn(3, 32, 6, 6)) == measured  # bucket 4, borrowed from bucket 8
+    with pytest.raises(pytest.fail.Exception):  # training measures its own batch size
+        c3.plan_for(conv, torch.randn(3, 32, 6, 6))
+    with torch.no_grad(), pytest.raises(pytest.fail.Exception):  # another layer shape has nothing to borrow
+        c3.plan_for(torch.nn.Conv2d(32, 32, 3).train(), torch.randn(3, 32, 6, 6))
