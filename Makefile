@@ -2,21 +2,27 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 DATA ?=
 DATA_ARG := $(if $(DATA),--data $(DATA),)
 
 .PHONY: run test lint typecheck bench study clean
 
-$(STAMP): pyproject.toml
+# `make run` needs the package; `make test` adds the development tools on top (a shorter first `make run`).
+$(RUN_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
 	# The CPU build of PyTorch first, so nothing later pulls in a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e .
+	touch $(RUN_STAMP)
+
+$(STAMP): $(RUN_STAMP)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(VENV)/bin/lungxray train --config configs/reference.yaml $(DATA_ARG) --out runs/reference
 
 test: $(STAMP)
