@@ -92,3 +92,15 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def not_deterministic() -> Iterator[None]:
+    """Deterministic mode keeps oneDNN and PyTorch's ops (`use_conv3x3` and the other kernels' checks); a training
+    test with `train.deterministic` may have left it on for the process."""
+    import torch
+
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(False)
+    yield
+    torch.use_deterministic_algorithms(before, warn_only=True)

@@ -14,14 +14,7 @@ from lungxray.models import nets
 from lungxray.models.kernels import conv3x3 as c3
 from lungxray.models.nets import build_model
 
-
-@pytest.fixture(autouse=True)
-def _not_deterministic():
-    """Deterministic mode keeps oneDNN (`use_conv3x3`); another test may have left it on."""
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(False)
-    yield
-    torch.use_deterministic_algorithms(before, warn_only=True)
+pytestmark = pytest.mark.usefixtures("not_deterministic")  # another test may have left deterministic mode on
 
 
 needs_kernel = pytest.mark.skipif(not c3.conv3x3_available(), reason="conv3x3 kernel needs gcc and AVX2+FMA")

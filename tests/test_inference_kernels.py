@@ -13,6 +13,7 @@ from lungxray.models.kernels.inference import kernels_allowed, kernels_for_infer
 from lungxray.models.nets import build_model
 from lungxray.training.loop import predict_members
 
+pytestmark = pytest.mark.usefixtures("not_deterministic")  # another test may have left deterministic mode on
 needs_kernel = pytest.mark.skipif(not c3.conv3x3_available(), reason="the conv3x3 kernel needs gcc and AVX2+FMA")
 
 
