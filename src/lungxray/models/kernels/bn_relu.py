@@ -41,12 +41,6 @@ def bn_relu_available() -> bool:
     return os.environ.get(ENV_SWITCH, "1") != "0" and _kernels.get() is not None
 
 
-def _lib() -> ctypes.CDLL:
-    lib = _kernels.get()
-    assert lib is not None, "check use_bn_relu first"
-    return lib
-
-
 def use_bn_relu(bn: nn.Module, x: Tensor) -> bool:
     """Whether `bn_relu(bn, x, relu)` can stand in for `relu(bn(x))` / `bn(x)` (terms in the module docstring)."""
     if not (isinstance(bn, nn.BatchNorm2d) and bn.training and bn.affine and bn.track_running_stats):
@@ -82,7 +76,7 @@ class _BatchNormReLU(torch.autograd.Function):
         y = torch.empty_like(x)  # channels_last, like x
         mean, invstd, var = torch.empty(c), torch.empty(c), torch.empty(c)
         w, b = weight.detach().contiguous(), bias.detach().contiguous()
-        _lib().bn_relu_forward(x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), mean.data_ptr(),
+        _kernels.loaded().bn_relu_forward(x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), mean.data_ptr(),
                                invstd.data_ptr(), var.data_ptr(), x.numel() // c, c, eps, int(relu),
                                torch.get_num_threads())
         ctx.save_for_backward(x, w, b, mean, invstd)
@@ -96,7 +90,7 @@ class _BatchNormReLU(torch.autograd.Function):
         c = x.shape[1]
         gl = g.contiguous(memory_format=torch.channels_last)  # free when it already is
         dx, dw, db = torch.empty_like(x), torch.empty(c), torch.empty(c)
-        _lib().bn_relu_backward(x.data_ptr(), gl.data_ptr(), w.data_ptr(), b.data_ptr(), mean.data_ptr(),
+        _kernels.loaded().bn_relu_backward(x.data_ptr(), gl.data_ptr(), w.data_ptr(), b.data_ptr(), mean.data_ptr(),
                                 invstd.data_ptr(), dx.data_ptr(), dw.data_ptr(), db.data_ptr(), x.numel() // c, c,
                                 int(ctx.relu), torch.get_num_threads())
         return dx, dw, db, None, None

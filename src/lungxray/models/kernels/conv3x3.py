@@ -87,9 +87,7 @@ def _library() -> ctypes.CDLL | None:
 
 def _lib() -> ctypes.CDLL:
     """The loaded library, for code that runs only after `use_conv3x3` said yes."""
-    lib = _kernels.get()
-    assert lib is not None
-    return lib
+    return _kernels.loaded()
 
 
 def conv3x3_available() -> bool:

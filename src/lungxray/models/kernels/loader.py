@@ -88,6 +88,13 @@ class LazyLibrary:
                     log.info("%s unavailable (%s); %s", self.source.name, self.built.reason, self.fallback)
         return self.built.lib
 
+    def loaded(self) -> ctypes.CDLL:
+        """The library, for code that runs only after its `use_*` check said yes (which built it)."""
+        lib = self.get()
+        if lib is None:
+            raise RuntimeError(f"{self.source.name} is unavailable; check its use_* function first")
+        return lib
+
 
 def _cpu_id() -> str:
     """The CPU's model and feature flags: -march=native code built on one machine may not run on another that

@@ -85,9 +85,8 @@ class _PatchStem(torch.autograd.Function):
         s = weight.shape[-1]
         out = torch.empty((n, weight.shape[0], h // s, w // s), memory_format=torch.channels_last)  # not a view
         wt, b = _per_group(weight, groups), bias.detach().contiguous() if bias is not None else None
-        _kernels.get().patch_stem_forward(x.data_ptr(), wt.data_ptr(), b.data_ptr() if b is not None else None,  # type: ignore[union-attr]
-                                          out.data_ptr(),
-                                          *_shape_args(x, weight, groups), torch.get_num_threads())
+        _kernels.loaded().patch_stem_forward(x.data_ptr(), wt.data_ptr(), b.data_ptr() if b is not None else None,
+                                             out.data_ptr(), *_shape_args(x, weight, groups), torch.get_num_threads())
         ctx.save_for_backward(x, weight)
         ctx.groups, ctx.has_bias = groups, bias is not None
         return out
@@ -100,8 +99,8 @@ class _PatchStem(torch.autograd.Function):
         co = weight.shape[0] // groups
         dwt = torch.empty((groups, weight[0].numel(), co))
         db = torch.empty((groups * co,)) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        _kernels.get().patch_stem_backward_weight(x.data_ptr(), g.data_ptr(), dwt.data_ptr(),  # type: ignore[union-attr]
-                                                  db.data_ptr() if db is not None else None,
-                                                  *_shape_args(x, weight, groups), torch.get_num_threads())
+        _kernels.loaded().patch_stem_backward_weight(x.data_ptr(), g.data_ptr(), dwt.data_ptr(),
+                                                     db.data_ptr() if db is not None else None,
+                                                     *_shape_args(x, weight, groups), torch.get_num_threads())
         dw = dwt.transpose(1, 2).reshape(weight.shape) if ctx.needs_input_grad[1] else None
         return None, dw, db, None
