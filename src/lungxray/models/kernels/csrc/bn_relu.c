@@ -15,7 +15,6 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
 #include <omp.h>
 
@@ -48,7 +47,18 @@ static void column_sums(const float *x, int64_t rows, int64_t C, double *sum, do
 
 #define CHUNK 64 /* rows per task: a task's columns stay in L1 while its 8-channel blocks are summed */
 
-/* Per-thread double sums of the row chunks, added up in thread order (the result does not depend on timing). */
+/* Channel c's two sums over the threads' blocks of 2C partial sums, added in thread order (the result does not
+ * depend on timing). */
+static inline void thread_totals(const double *part, int nt, int64_t C, int64_t c, double *a, double *b) {
+    *a = 0.0;
+    *b = 0.0;
+    for (int t = 0; t < nt; t++) {
+        *a += part[t * 2 * C + c];
+        *b += part[t * 2 * C + C + c];
+    }
+}
+
+/* Per-thread double sums of the row chunks, then their totals (`thread_totals`). */
 static void batch_moments(const float *x, int64_t rows, int64_t C, int nt, double *mean, double *var) {
     double *part = calloc((size_t)(nt * 2 * C), sizeof(double));
     if (!part) return;
@@ -63,11 +73,8 @@ static void batch_moments(const float *x, int64_t rows, int64_t C, int nt, doubl
         }
     }
     for (int64_t c = 0; c < C; c++) {
-        double s = 0.0, q = 0.0;
-        for (int t = 0; t < nt; t++) {
-            s += part[t * 2 * C + c];
-            q += part[t * 2 * C + C + c];
-        }
+        double s, q;
+        thread_totals(part, nt, C, c, &s, &q);
         mean[c] = s / (double)rows;
         var[c] = fmax(q / (double)rows - mean[c] * mean[c], 0.0);
     }
@@ -153,11 +160,8 @@ void bn_relu_backward(const float *x, const float *g, const float *weight, const
         }
     }
     for (int64_t c = 0; c < C; c++) {
-        double sg = 0.0, sgx = 0.0;
-        for (int t = 0; t < nt; t++) {
-            sg += part[t * 2 * C + c];
-            sgx += part[t * 2 * C + C + c];
-        }
+        double sg, sgx;
+        thread_totals(part, nt, C, c, &sg, &sgx);
         dweight[c] = (float)sgx;
         dbias[c] = (float)sg;
         /* dx = k1 * g' + k2 * x + k3 with xhat = (x - mean) invstd folded in */
