@@ -49,7 +49,6 @@ __all__ = [
     "data_world",
     "local_share",
     "setup",
-    "shard",
     "share_from_main",
     "should_write",
     "shutdown",
@@ -176,12 +175,6 @@ def batch_shard(batch: int) -> tuple[int, int]:
     """This rank's columns [lo, hi) of a global batch of `batch` images per member (as even as possible)."""
     w, r = data_world(), _CTX.rank if _CTX.data_parallel else 0
     return r * batch // w, (r + 1) * batch // w
-
-
-def shard(index: torch.Tensor) -> torch.Tensor:
-    """This rank's contiguous chunk of a 1-D index tensor (validation images); everything in one process."""
-    lo, hi = batch_shard(len(index))
-    return index[lo:hi]
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
