@@ -157,8 +157,49 @@ def test_inference_borrows_the_plan_of_the_nearest_measured_batch(tmp_path, monk
     measured = c3.plan_for(conv, torch.randn(8, 32, 6, 6))
     monkeypatch.setattr(c3, "_measure", lambda *a: pytest.fail("measured again"))
     with torch.no_grad():
-        assert c3.plan_for(conv, torch.randn(3, 32, 6, 6)) == measured  # bucket 4, borrowed from bucket 8
+        near = c3.plan_for(conv, torch.randn(3, 32, 6, 6))  # bucket 4, borrowed from bucket 8
+    assert _passes(near) == _passes(measured) and near.like == "ci32-co32-6x6-p1-g1-n8-t" + str(torch.get_num_threads())
     with pytest.raises(pytest.fail.Exception):  # training measures its own batch size
         c3.plan_for(conv, torch.randn(3, 32, 6, 6))
     with torch.no_grad(), pytest.raises(pytest.fail.Exception):  # another layer shape has nothing to borrow
         c3.plan_for(torch.nn.Conv2d(32, 32, 3).train(), torch.randn(3, 32, 6, 6))
+
+
+def _passes(plan: c3.Plan) -> tuple[str, str, str]:
+    return plan.forward, plan.input_grad, plan.weight_grad
+
+
+@needs_kernel
+def test_a_network_that_lost_members_trains_on_the_plan_of_the_nearest_group_count(tmp_path, monkeypatch) -> None:
+    """Early-stopped members shrink the packed network's groups (16 -> 8 -> 4 buckets): measuring each new bucket
+    cost the reference 6-23 s; the same layer measured at another group count lends its plan, kept for the process."""
+    monkeypatch.setenv("LUNGXRAY_CACHE", str(tmp_path))
+    monkeypatch.setattr(c3, "_plans", {})
+    wide, narrow = (torch.nn.Conv2d(16 * g, 16 * g, 3, padding=1, groups=g).train() for g in (4, 2))
+    measured = c3.plan_for(wide, torch.randn(4, 64, 6, 6))
+    monkeypatch.setattr(c3, "_measure", lambda *a: pytest.fail("measured again"))
+    lent = c3.plan_for(narrow, torch.randn(4, 32, 6, 6))
+    assert _passes(lent) == _passes(measured) and lent.like.startswith("ci16-co16-6x6-p1-g4-n4-")
+    assert c3.plan_for(narrow, torch.randn(4, 32, 6, 6)) is lent  # kept
+    assert any(line.endswith(f"(as {lent.like})") for line in c3.chosen().values())
+    assert "g2" not in json.dumps(c3._read_cache())  # not cached on disk: a run that starts at 2 groups measures
+    with pytest.raises(pytest.fail.Exception):  # another batch bucket: training measures it
+        c3.plan_for(narrow, torch.randn(16, 32, 6, 6))
+
+
+@needs_kernel
+def test_calibration_candidates_borrow_plans_across_threads(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("LUNGXRAY_CACHE", str(tmp_path))
+    monkeypatch.setattr(c3, "_plans", {})
+    conv, x = torch.nn.Conv2d(16, 16, 3, padding=1).train(), torch.randn(4, 16, 6, 6)
+    measured = c3.plan_for(conv, x)
+    monkeypatch.setattr(c3, "_measure", lambda *a: pytest.fail("measured again"))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        with c3.borrowing_plans():
+            assert _passes(c3.plan_for(conv, x)) == _passes(measured)
+        with pytest.raises(pytest.fail.Exception):  # outside calibration another thread count is measured
+            c3.plan_for(conv, x)
+    finally:
+        torch.set_num_threads(threads)

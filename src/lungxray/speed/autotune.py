@@ -49,6 +49,7 @@ import torch
 from lungxray.config import RunConfig, TrainConfig
 from lungxray.hostinfo import cache_root, usable_cores
 from lungxray.io.files import write_json
+from lungxray.models.kernels.conv3x3 import borrowing_plans
 from lungxray.runtime import cpu_features, resolve_device, resolve_precision
 from lungxray.speed.bench import bench_train
 
@@ -288,13 +289,15 @@ def _measure(arch: str, model_args: dict[str, Any], members: int, image_size: in
 
 def _thread_stage(stage: Callable[[str, dict[str, Any]], None], reasons: list[str]) -> None:
     """Half the cores against all of them, measured only on an idle CPU: on a busy one fewer threads win for the
-    moment only, which is not a fact about the machine to cache."""
+    moment only, which is not a fact about the machine to cache. The half-core candidate runs the 3x3 layers'
+    plans measured for all cores (a slight handicap for it; training measures its own if it wins)."""
     cores = usable_cores()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if cores < 2:
         return
     if load < cores:
-        stage(f"{cores // 2} threads", {"threads": cores // 2})
+        with borrowing_plans():  # the 3x3 plans measured for all cores: measuring each layer again cost ~30 s
+            stage(f"{cores // 2} threads", {"threads": cores // 2})
     else:
         reasons.append(f"threads: all cores (CPU busy, load {load:.1f}: not measured)")
 

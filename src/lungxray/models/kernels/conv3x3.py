@@ -29,10 +29,12 @@ import ctypes
 import hashlib
 import json
 import logging
+import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +52,8 @@ from lungxray.runtime import cpu_features
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CHOICE_ENV", "Plan", "candidates", "chosen", "conv3x3", "conv3x3_available", "plan_for", "use_conv3x3"]
+__all__ = ["CHOICE_ENV", "Plan", "borrowing_plans", "candidates", "chosen", "conv3x3", "conv3x3_available", "plan_for",
+           "use_conv3x3"]
 
 SOURCE = Path(__file__).with_name("csrc") / "conv3x3.c"
 CHOICE_ENV = "LUNGXRAY_CONV3X3"  # auto | onednn | direct | winograd | winograd4
@@ -66,6 +69,7 @@ WINOGRAD_TILE = {"winograd": 2, "winograd4": 4}  # plan name -> output tile side
 _kernels = LazyLibrary(SOURCE, SIGNATURES, "convolutions stay oneDNN's")
 _lock = threading.Lock()
 _plans: dict[str, Plan] = {}
+_borrowing = False  # inside `borrowing_plans`
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,7 @@ class Plan:
     input_grad: str
     weight_grad: str
     times_ms: dict[str, float] | None = None
+    like: str = ""  # the layer shape whose measured plan this one borrowed ("" where measured or cached)
 
 
 def _library() -> ctypes.CDLL | None:
@@ -350,8 +355,8 @@ def plan_for(conv: torch.nn.Conv2d, x: Tensor) -> Plan:
                 return _plans[key]
             except TypeError:
                 pass
-        if not torch.is_grad_enabled() and (near := _nearest_batch_plan(key)) is not None:
-            return near  # inference runs only the forward: a short last batch borrows a measured neighbour's plan
+        if (near := _borrowed_plan(key)) is not None:
+            return near
     plan = _measure(conv, x)
     with _lock:
         _plans[key] = plan
@@ -366,20 +371,65 @@ def plan_for(conv: torch.nn.Conv2d, x: Tensor) -> Plan:
     return plan
 
 
-def _nearest_batch_plan(key: str) -> Plan | None:
-    """The plan measured in this process for the same layer and threads at the nearest batch bucket, if any."""
-    head, _, rest = key.partition("-n")
-    bucket, _, tail = rest.partition("-")
-    same = [(abs(int(k.partition("-n")[2].partition("-")[0]) - int(bucket)), p) for k, p in _plans.items()
-            if k.startswith(head + "-n") and k.endswith("-" + tail)]
-    return min(same, key=lambda t: t[0])[1] if same else None
+def _borrowed_plan(key: str) -> Plan | None:
+    """A neighbour's plan where measuring this shape would cost more than a neighbour's choice could lose, else None.
+
+    - calibration (`borrowing_plans`): its candidates (half the threads, say) run on the plans of the nearest
+      measured shape; the real training measures its own if that candidate wins;
+    - inference (no gradients): only the forward runs, and a short last batch or another member count borrows
+      the nearest measured batch or group bucket;
+    - training, a packed network that lost stopped members (fewer groups): the same layer at the nearest measured
+      group count, kept for the process. The passes' relative speeds hardly move with the group count (the choices
+      for 16, 8, 4 and 2 groups were the same on Zen 3), and each new bucket cost the reference 6-23 s of its
+      training to measure.
+    """
+    free = "gnt" if _borrowing else ("gn" if not torch.is_grad_enabled() else "g")
+    near = _nearest_plan(key, free)
+    if near is None:
+        return None
+    like, plan = near
+    borrowed = Plan(plan.forward, plan.input_grad, plan.weight_grad, None, like)
+    if free == "g":
+        _plans[key] = borrowed
+        log.info("conv3x3 %s: the plan measured for %s", key.split("/", 1)[1], like)
+    return borrowed
+
+
+def _key_fields(key: str) -> tuple[str, dict[str, int]]:
+    """A plan key's layer part and its numbers for g(roups), n (batch) and t(hreads)."""
+    head, *tail = key.rsplit("-", 3)
+    return head, {f[0]: int(f[1:]) for f in tail}
+
+
+def _nearest_plan(key: str, free: str) -> tuple[str, Plan] | None:
+    """(shape key, plan) measured in this process for the same layer with only the fields in `free` different, the
+    nearest in powers of two; None if there is none."""
+    head, mine = _key_fields(key)
+    near = []
+    for k, plan in _plans.items():
+        h, theirs = _key_fields(k)
+        if h == head and not plan.like and all(theirs[f] == mine[f] for f in "gnt" if f not in free):
+            near.append((sum(abs(math.log2(theirs[f] / mine[f])) for f in free), k.split("/", 1)[1], plan))
+    return min(near, key=lambda t: t[0])[1:] if near else None
+
+
+@contextmanager
+def borrowing_plans() -> Iterator[None]:
+    """Inside, a shape without a plan borrows its nearest measured neighbour's instead of being measured
+    (`speed.autotune`'s candidates: measuring every layer again for each would cost more than the calibration)."""
+    global _borrowing
+    before, _borrowing = _borrowing, True
+    try:
+        yield
+    finally:
+        _borrowing = before
 
 
 def chosen() -> dict[str, str]:
     """The passes chosen for every layer shape this process trained or calibrated, one line each (run.json, metrics)."""
     with _lock:
         return {key.split("/", 1)[1]: f"forward {p.forward}, input gradient {p.input_grad}, weight gradient "
-                f"{p.weight_grad}" for key, p in _plans.items()}
+                f"{p.weight_grad}" + (f" (as {p.like})" if p.like else "") for key, p in _plans.items()}
 
 
 def _best_ms(fns: dict[str, Callable[[], object]], rounds: int = 3) -> dict[str, float]:
