@@ -386,7 +386,8 @@ def predict_members(
     with eval_mode(model), kernels_for_inference():  # the training kernels, forward only: ~2x oneDNN's on AVX2
         for start in range(0, rows, batch_size):
             if index is None:
-                x = normalize(images[start : start + batch_size]).unsqueeze(1).expand(-1, members, -1, -1)
+                x = normalize(images[start : start + batch_size]).unsqueeze(1)
+                x = x.expand(-1, members, -1, -1)  # type: ignore[call-overload]
             else:
                 x = normalize(images[index[start : start + batch_size]])  # (B, K, H, W)
             x = x.contiguous(memory_format=torch.channels_last)  # type: ignore[call-overload]
