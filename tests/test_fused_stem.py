@@ -362,7 +362,7 @@ def test_the_ctypes_table_matches_the_c_prototypes() -> None:
     c_types = {"int64_t": "i64", "int": "i"}
     source = fs.SOURCE.read_text()
     found = {}
-    for name, params in re.findall(r"^void (seed_\w+)\(([^)]*)\)", source, flags=re.M):
+    for name, params in re.findall(r"^int (seed_\w+)\(([^)]*)\)", source, flags=re.M):
         kinds = []
         for param in (p.strip() for p in params.replace("\n", " ").split(",")):
             kinds.append("p" if "*" in param else c_types[param.split()[0]])

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lungxray.models.kernels.loader import load_library
+from lungxray.models.kernels.loader import declare_all, load_library
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +59,8 @@ SIGNATURES: dict[str, tuple[str, ...]] = {
 }
 
 
-def declare(lib: ctypes.CDLL) -> None:
-    """Give every kernel of SIGNATURES its argument types (and no return value) on the loaded library."""
-    for name, params in SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes = [_CTYPES[p] for p in params]
-        fn.restype = None
+declare = declare_all(  # ctypes types of SIGNATURES; every kernel returns its status
+    {name: tuple(_CTYPES[p] for p in params) for name, params in SIGNATURES.items()})
 _lock = threading.Lock()
 _state: dict[str, Any] = {"lib": None, "tried": False, "reason": None, "compile_s": None, "path": None}
 

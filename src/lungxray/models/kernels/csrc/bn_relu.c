@@ -58,10 +58,10 @@ static inline void thread_totals(const double *part, int nt, int64_t C, int64_t 
     }
 }
 
-/* Per-thread double sums of the row chunks, then their totals (`thread_totals`). */
-static void batch_moments(const float *x, int64_t rows, int64_t C, int nt, double *mean, double *var) {
+/* Per-thread double sums of the row chunks, then their totals (`thread_totals`); -1 without memory for them. */
+static int batch_moments(const float *x, int64_t rows, int64_t C, int nt, double *mean, double *var) {
     double *part = calloc((size_t)(nt * 2 * C), sizeof(double));
-    if (!part) return;
+    if (!part) return -1;
     const int64_t chunks = (rows + CHUNK - 1) / CHUNK;
 #pragma omp parallel num_threads(nt)
     {
@@ -79,19 +79,24 @@ static void batch_moments(const float *x, int64_t rows, int64_t C, int nt, doubl
         var[c] = fmax(q / (double)rows - mean[c] * mean[c], 0.0);
     }
     free(part);
+    return 0;
 }
 
 /* y = relu(x * scale + shift), scale = weight * invstd, shift = bias - mean * scale; mean, invstd written; var
  * (biased) written for the running statistics. */
-void bn_relu_forward(const float *x, const float *weight, const float *bias, float *y, float *mean, float *invstd,
-                     float *var, int64_t rows, int64_t C, double eps, int relu, int nthreads) {
+int bn_relu_forward(const float *x, const float *weight, const float *bias, float *y, float *mean, float *invstd,
+                    float *var, int64_t rows, int64_t C, double eps, int relu, int nthreads) {
     const int nt = nthr(nthreads);
     double *m = malloc((size_t)(2 * C) * sizeof(double));
     float *scale = malloc((size_t)(2 * C) * sizeof(float));
-    if (!m || !scale) { free(m); free(scale); return; }
+    if (!m || !scale) { free(m); free(scale); return -1; }
     double *v = m + C;
     float *shift = scale + C;
-    batch_moments(x, rows, C, nt, m, v);
+    if (batch_moments(x, rows, C, nt, m, v)) {
+        free(m);
+        free(scale);
+        return -1;
+    }
     for (int64_t c = 0; c < C; c++) {
         mean[c] = (float)m[c];
         invstd[c] = (float)(1.0 / sqrt(v[c] + eps));
@@ -109,6 +114,7 @@ void bn_relu_forward(const float *x, const float *weight, const float *bias, flo
         }
     free(m);
     free(scale);
+    return 0;
 }
 
 /* The sums of the backward over rows r0..r0+n: sg += g', sgx += g' * xhat, g' = g where the ReLU passed */
@@ -137,13 +143,13 @@ static void grad_sums(const float *x, const float *g, int64_t n, int64_t C, cons
 }
 
 /* dx = weight * invstd * (g' - mean(g') - xhat * mean(g' xhat)); dweight = sum g' xhat, dbias = sum g' */
-void bn_relu_backward(const float *x, const float *g, const float *weight, const float *bias, const float *mean,
-                      const float *invstd, float *dx, float *dweight, float *dbias, int64_t rows, int64_t C,
-                      int relu, int nthreads) {
+int bn_relu_backward(const float *x, const float *g, const float *weight, const float *bias, const float *mean,
+                     const float *invstd, float *dx, float *dweight, float *dbias, int64_t rows, int64_t C,
+                     int relu, int nthreads) {
     const int nt = nthr(nthreads);
     float *coef = malloc((size_t)(5 * C) * sizeof(float));
     double *part = calloc((size_t)(nt * 2 * C), sizeof(double));
-    if (!coef || !part) { free(coef); free(part); return; }
+    if (!coef || !part) { free(coef); free(part); return -1; }
     float *scale = coef, *shift = coef + C, *k1 = coef + 2 * C, *k2 = coef + 3 * C, *k3 = coef + 4 * C;
     for (int64_t c = 0; c < C; c++) {
         scale[c] = weight[c] * invstd[c];
@@ -185,4 +191,5 @@ void bn_relu_backward(const float *x, const float *g, const float *weight, const
         }
     free(coef);
     free(part);
+    return 0;
 }

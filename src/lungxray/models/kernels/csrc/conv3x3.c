@@ -63,8 +63,8 @@ static inline __attribute__((always_inline)) void fwd_tile(const float *xr, cons
     for (int r = 0; r < R; r++) { ST(o + r * GT, a0[r]); ST(o + r * GT + 8, a1[r]); }
 }
 
-void conv3x3_forward(const float *x, const float *w, const float *bias, float *out, int64_t N, int64_t Hp,
-                     int64_t Wp, int64_t G, int64_t Ci, int64_t Co, int nthreads) {
+int conv3x3_forward(const float *x, const float *w, const float *bias, float *out, int64_t N, int64_t Hp,
+                    int64_t Wp, int64_t G, int64_t Ci, int64_t Co, int nthreads) {
     const int64_t Ho = Hp - 2, Wo = Wp - 2, CT = G * Ci, GT = G * Co;
 #pragma omp parallel for schedule(static) num_threads(nthr(nthreads))
     for (int64_t task = 0; task < N * Ho; task++) {  /* one output row per task: a contiguous block */
@@ -89,6 +89,7 @@ void conv3x3_forward(const float *x, const float *w, const float *bias, float *o
             }
         }
     }
+    return 0;
 }
 
 /* ------------------------------------------------------------------------------------------ weight gradient */
@@ -133,8 +134,8 @@ static inline __attribute__((always_inline)) void wgrad_tile(const float *x0, co
  * they are short (each tile then sums 64 positions before it touches dw, which for 128 channels is past L2).
  * A group's rows are cut into segments short enough that their x and g stay in L1 (~24 KB) while every tile of
  * every tap passes over them. Each thread sums into its own dw and db, added up at the end. */
-void conv3x3_backward_weight(const float *x, const float *g, float *dw, float *db, int64_t N, int64_t Hp,
-                             int64_t Wp, int64_t G, int64_t Ci, int64_t Co, int nthreads) {
+int conv3x3_backward_weight(const float *x, const float *g, float *dw, float *db, int64_t N, int64_t Hp,
+                            int64_t Wp, int64_t G, int64_t Ci, int64_t Co, int nthreads) {
     const int64_t Ho = Hp - 2, Wo = Wp - 2, CT = G * Ci, GT = G * Co, per = G * 9 * Ci * Co;
     int64_t rb = (64 + Wo - 1) / Wo;
     rb = rb > Ho ? Ho : rb;
@@ -145,7 +146,7 @@ void conv3x3_backward_weight(const float *x, const float *g, float *dw, float *d
     seg = (Wo + nseg - 1) / nseg;  /* equal segments */
     nthreads = nthr(nthreads);
     float *acc = calloc((size_t)(nthreads * (per + GT)), sizeof(float));
-    if (!acc) return;
+    if (!acc) return -1;
 #pragma omp parallel num_threads(nthreads)
     {
 #ifdef _OPENMP
@@ -181,6 +182,7 @@ void conv3x3_backward_weight(const float *x, const float *g, float *dw, float *d
         else if (db) db[q - per] = tot;
     }
     free(acc);
+    return 0;
 }
 
 /* ------------------------------------------------------------------ Winograd F(m x m, 3x3), m = 2 or 4
@@ -403,15 +405,15 @@ static inline __attribute__((always_inline)) void forward_task(const float *x, c
 /* u (G, (m+2)^2, Co/16, Ci, 16) from the caller's G w G^T, each block of 16 output channels contiguous (the GEMM
  * streams it; ~10% faster than rows of Co, measured); m is 2 or 4 (anything else writes nothing). One task per block
  * of tile rows of one group, group-major, so that a thread's consecutive tasks share U. */
-void conv3x3_winograd_forward(const float *x, const float *u, const float *bias, float *out, int64_t N, int64_t H,
-                              int64_t W, int64_t G, int64_t Ci, int64_t Co, int64_t pad, int m, int nthreads) {
-    if (m != 2 && m != 4) return;
+int conv3x3_winograd_forward(const float *x, const float *u, const float *bias, float *out, int64_t N, int64_t H,
+                             int64_t W, int64_t G, int64_t Ci, int64_t Co, int64_t pad, int m, int nthreads) {
+    if (m != 2 && m != 4) return -2; /* no such tile */
     const int K = (m + 2) * (m + 2);
     const tiling tl = tiles_of(N, H, W, pad, m);
     const int64_t rb = rows_per_task(&tl, K, Ci), T = rb * tl.tw, blocks = (tl.rows + rb - 1) / rb;
     nthreads = nthr(nthreads);
     float *work = malloc((size_t)(nthreads * K * T * (Ci + 16)) * sizeof(float));
-    if (!work) return;
+    if (!work) return -1;
 #pragma omp parallel num_threads(nthreads)
     {
 #ifdef _OPENMP
@@ -430,6 +432,7 @@ void conv3x3_winograd_forward(const float *x, const float *u, const float *bias,
         }
     }
     free(work);
+    return 0;
 }
 
 /* ------------------------------------------------------------------------- Winograd weight gradient
@@ -493,14 +496,14 @@ static inline __attribute__((always_inline)) void wgrad_transform_row(const floa
 }
 
 /* du (G, (m+2)^2, Ci, Co) overwritten: dL/dU, to be turned into dL/dw = G^T du G by the caller; m is 2 or 4 */
-void conv3x3_winograd_backward_weight(const float *x, const float *g, float *du, int64_t N, int64_t H, int64_t W,
-                                      int64_t G, int64_t Ci, int64_t Co, int64_t pad, int m, int nthreads) {
-    if (m != 2 && m != 4) return;
+int conv3x3_winograd_backward_weight(const float *x, const float *g, float *du, int64_t N, int64_t H, int64_t W,
+                                     int64_t G, int64_t Ci, int64_t Co, int64_t pad, int m, int nthreads) {
+    if (m != 2 && m != 4) return -2; /* no such tile */
     const int K = (m + 2) * (m + 2);
     const tiling tl = tiles_of(N, H, W, pad, m);
     const int64_t total = tl.rows * tl.tw, blocks = Co / 16;
     float *V = malloc((size_t)(K * total * (Ci + Co)) * sizeof(float));
-    if (!V) return;
+    if (!V) return -1;
     float *Gt = V + K * total * Ci;
     nthreads = nthr(nthreads);
     memset(du, 0, (size_t)(G * K * Ci * Co) * sizeof(float));
@@ -522,4 +525,5 @@ void conv3x3_winograd_backward_weight(const float *x, const float *g, float *du,
         }
     }
     free(V);
+    return 0;
 }

@@ -84,9 +84,9 @@ static inline __attribute__((always_inline)) void forward_positions(const float 
     if (o0 < d->co) forward_tile(p, npos, d, wk, b, L, outs, o0, 1);
 }
 
-void patch_stem_forward(const float *x, const float *wt, const float *bias, float *out, int64_t n,
-                        int64_t groups, int64_t cin, int64_t h, int64_t w, int64_t s, int64_t co, int64_t sn,
-                        int64_t sc, int64_t sh, int64_t sw, int nthreads) {
+int patch_stem_forward(const float *x, const float *wt, const float *bias, float *out, int64_t n,
+                       int64_t groups, int64_t cin, int64_t h, int64_t w, int64_t s, int64_t co, int64_t sn,
+                       int64_t sc, int64_t sh, int64_t sw, int nthreads) {
     const Shape d = shape_of(n, groups, cin, h, w, s, co, sn, sc, sh, sw);
     const int64_t ho = h / s, wo = w / s, L = cin * s * s, ct = groups * co;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(nthr(nthreads))
@@ -111,6 +111,7 @@ void patch_stem_forward(const float *x, const float *wt, const float *bias, floa
                 }
             }
         }
+    return 0;
 }
 
 /* dw[l0 + u][o0 : o0 + 8 nb] += sum over the row's wo positions j of patch_j[off[l0 + u]] * g_j[o0 : o0 + 8 nb],
@@ -154,14 +155,14 @@ static void wgrad_row(const float *xn, const Shape *d, const float *grow, int64_
             for (int64_t o = 0; o < co; o++) dbk[o] += g[j * ct + o];
 }
 
-void patch_stem_backward_weight(const float *x, const float *g, float *dwt, float *db, int64_t n, int64_t groups,
-                                int64_t cin, int64_t h, int64_t w, int64_t s, int64_t co, int64_t sn, int64_t sc,
-                                int64_t sh, int64_t sw, int nthreads) {
+int patch_stem_backward_weight(const float *x, const float *g, float *dwt, float *db, int64_t n, int64_t groups,
+                               int64_t cin, int64_t h, int64_t w, int64_t s, int64_t co, int64_t sn, int64_t sc,
+                               int64_t sh, int64_t sw, int nthreads) {
     const Shape d = shape_of(n, groups, cin, h, w, s, co, sn, sc, sh, sw);
     const int64_t ho = h / s, wo = w / s, L = cin * s * s, per = groups * (L + 1) * co; /* dw and db per thread */
     const int nt = nthr(nthreads);
     float *acc = calloc((size_t)(nt * per), sizeof(float));
-    if (!acc) return;
+    if (!acc) return -1;
 #pragma omp parallel num_threads(nt)
     {
         float *mine = acc + (int64_t)omp_get_thread_num() * per;
@@ -187,4 +188,5 @@ void patch_stem_backward_weight(const float *x, const float *g, float *dwt, floa
             db[e] = v;
         }
     free(acc);
+    return 0;
 }

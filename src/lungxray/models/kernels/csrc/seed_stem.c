@@ -110,8 +110,8 @@ static inline vf vsqrt(vf x) {
 static inline int clamp_threads(int nthreads) { return nthreads > 0 ? nthreads : 1; }
 
 /* ------------------------------------------------------------------------------------------------ forward */
-void seed_stem_forward(const float *x, const float *wt, const float *bias, void *out, uint8_t *code,
-                       int64_t N, int64_t K, int64_t C, int64_t H, int64_t W, int out_bf16, int nthreads) {
+int seed_stem_forward(const float *x, const float *wt, const float *bias, void *out, uint8_t *code,
+                      int64_t N, int64_t K, int64_t C, int64_t H, int64_t W, int out_bf16, int nthreads) {
     const int64_t Ho = (H - 2) / 2, Wo = (W - 2) / 2, KC = K * C;
     const int64_t rows = N * Ho;  /* one task per output row (all members): it writes a contiguous block */
 #pragma omp parallel for schedule(static) num_threads(clamp_threads(nthreads))
@@ -163,17 +163,18 @@ void seed_stem_forward(const float *x, const float *wt, const float *bias, void 
         }
       }
     }
+    return 0;
 }
 
 /* ----------------------------------------------------------------------------------------------- backward */
 /* g (N, Ho, Wo, K*C) fp32 or bf16, gradient of the block's output. dw (K, C, 9) and db (K, C) are overwritten. */
-void seed_stem_backward_weight(const float *x, const void *g, const uint8_t *code, float *dw, float *db,
-                               int64_t N, int64_t K, int64_t C, int64_t H, int64_t W, int g_bf16, int nthreads) {
+int seed_stem_backward_weight(const float *x, const void *g, const uint8_t *code, float *dw, float *db,
+                              int64_t N, int64_t K, int64_t C, int64_t H, int64_t W, int g_bf16, int nthreads) {
     const int64_t Ho = (H - 2) / 2, Wo = (W - 2) / 2, KC = K * C;
     const int64_t rows = N * Ho, per = K * C * 10;  /* per thread: 9 taps + bias, (K, C, 10) doubles */
     nthreads = clamp_threads(nthreads);
     double *acc = calloc((size_t)(nthreads * per), sizeof(double));
-    if (!acc) return;
+    if (!acc) return -1;
 #pragma omp parallel num_threads(nthreads)
     {
 #ifdef _OPENMP
@@ -231,13 +232,14 @@ void seed_stem_backward_weight(const float *x, const void *g, const uint8_t *cod
         }
     }
     free(acc);
+    return 0;
 }
 
 /* dx (N, K, H, W) fp32, overwritten: the gradient scattered back through the argmax and the 3x3 taps.
  * w is the (K, C, 9) weight (channel-major here). One task per image and member: rows of neighbouring pooled
  * positions overlap in the input, so a task owns a whole plane. */
-void seed_stem_backward_input(const float *w, const void *g, const uint8_t *code, float *dx_out, int64_t N,
-                              int64_t K, int64_t C, int64_t H, int64_t W, int g_bf16, int nthreads) {
+int seed_stem_backward_input(const float *w, const void *g, const uint8_t *code, float *dx_out, int64_t N,
+                             int64_t K, int64_t C, int64_t H, int64_t W, int g_bf16, int nthreads) {
     const int64_t Ho = (H - 2) / 2, Wo = (W - 2) / 2, KC = K * C;
 #pragma omp parallel for schedule(static) num_threads(clamp_threads(nthreads))
     for (int64_t plane = 0; plane < N * K; plane++) {
@@ -268,6 +270,7 @@ void seed_stem_backward_input(const float *w, const void *g, const uint8_t *code
             }
         }
     }
+    return 0;
 }
 
 /* ===================================================================== blocks 2-3: 2x2/2 max-pool -> ReLU
@@ -294,8 +297,8 @@ static inline void store_bf16_exact(uint16_t *p, vf v, int n) {
     else memcpy(p, &h, (size_t)n * 2);
 }
 
-void seed_pool_relu_forward(const void *x, void *out, uint8_t *code, int64_t N, int64_t H, int64_t W, int64_t C,
-                            int relu, int bf16, int nthreads) {
+int seed_pool_relu_forward(const void *x, void *out, uint8_t *code, int64_t N, int64_t H, int64_t W, int64_t C,
+                           int relu, int bf16, int nthreads) {
     const int64_t Ho = H / 2, Wo = W / 2;
 #pragma omp parallel for schedule(static) num_threads(clamp_threads(nthreads))
     for (int64_t task = 0; task < N * Ho; task++) {
@@ -320,6 +323,7 @@ void seed_pool_relu_forward(const void *x, void *out, uint8_t *code, int64_t N, 
             }
         }
     }
+    return 0;
 }
 
 /* Pure data movement, so one body per element width: E the element (uint16_t: bf16, uint32_t: fp32), L lanes
@@ -370,8 +374,9 @@ POOL_RELU_BACKWARD(pool_relu_backward_u16, uint16_t, 32)
 POOL_RELU_BACKWARD(pool_relu_backward_u32, uint32_t, 16)
 
 /* g (N, Ho, Wo, C) and dx (N, H, W, C), both fp32 or both bf16; dx is overwritten entirely. */
-void seed_pool_relu_backward(const void *g, const uint8_t *code, void *dx, int64_t N, int64_t H, int64_t W,
-                             int64_t C, int bf16, int nthreads) {
+int seed_pool_relu_backward(const void *g, const uint8_t *code, void *dx, int64_t N, int64_t H, int64_t W,
+                            int64_t C, int bf16, int nthreads) {
     if (bf16) pool_relu_backward_u16((const uint16_t *)g, code, (uint16_t *)dx, N, H, W, C, nthreads);
     else pool_relu_backward_u32((const uint32_t *)g, code, (uint32_t *)dx, N, H, W, C, nthreads);
+    return 0;
 }

@@ -75,8 +75,8 @@ static void row_vector(const uint8_t *img, int64_t h, int64_t w, float *o, float
     row_scalar(img, h, w, o, j, rx, ry, ax, ay, scale, shift);
 }
 
-void warp_affine_u8(const uint8_t *src, const int64_t *rows, const double *mat, float *out, int64_t n_src,
-                    int64_t n, int64_t h, int64_t w, float scale, float shift, int nthreads) {
+int warp_affine_u8(const uint8_t *src, const int64_t *rows, const double *mat, float *out, int64_t n_src,
+                   int64_t n, int64_t h, int64_t w, float scale, float shift, int nthreads) {
 #pragma omp parallel for collapse(2) schedule(static) num_threads(nthreads > 0 ? nthreads : 1)
     for (int64_t k = 0; k < n; k++) {
         for (int64_t i = 0; i < h; i++) {
@@ -90,4 +90,5 @@ void warp_affine_u8(const uint8_t *src, const int64_t *rows, const double *mat, 
                 row_vector(img, h, w, o, rx, ry, (float)m[0], (float)m[3], scale, shift);
         }
     }
+    return 0;
 }
