@@ -63,3 +63,20 @@ def test_another_seed_gives_other_outputs(first_run: dict[str, Any], tiny_datase
     other = _outputs(tmp_path / "c")
     for key in ("weights", "history", "plan"):
         assert other[key] != first_run[key], key
+
+
+def test_each_run_sets_its_own_deterministic_mode() -> None:
+    """A deterministic run earlier in the process must not leave the next, non-deterministic one without the fast
+    kernels (they stand aside in deterministic mode)."""
+    import torch
+
+    from lungxray.runtime import seed_everything
+
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        seed_everything(0, deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled()
+        seed_everything(0, deterministic=False)
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=True)

@@ -151,13 +151,15 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
-    """Seed Python, numpy and torch; in deterministic mode also force deterministic kernels."""
+    """Seed Python, numpy and torch, and set torch's deterministic-algorithms mode to this run's: a deterministic
+    run earlier in the process (a notebook, the test suite) must not leave the next run without its fast kernels,
+    which stand aside in deterministic mode."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(deterministic, warn_only=deterministic)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
 
 

@@ -306,7 +306,8 @@ def conv3x3(conv: torch.nn.Conv2d, x: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------------ the choice
 def _bucket(v: int) -> int:
     """The next power of two: an epoch's short last batch, or a packed network that lost a stopped member, reuses
-    the choice measured for its neighbour instead of paying seconds of measurement again."""
+    the choice measured for its bucket instead of paying seconds of measurement again (and across buckets:
+    `_borrowed_plan`)."""
     return 1 << max(v - 1, 0).bit_length()
 
 
