@@ -203,3 +203,20 @@ def test_calibration_candidates_borrow_plans_across_threads(tmp_path, monkeypatc
             c3.plan_for(conv, x)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_pass_far_behind_after_one_round_is_not_timed_again() -> None:
+    import time
+
+    calls = {"forward/fast": 0, "forward/slow": 0, "weight_grad/alone": 0}
+
+    def timed(name: str, seconds: float):
+        def fn() -> None:
+            calls[name] += 1
+            time.sleep(seconds)
+        return fn
+
+    ms = c3._best_ms({"forward/fast": timed("forward/fast", 0.002), "forward/slow": timed("forward/slow", 0.02),
+                      "weight_grad/alone": timed("weight_grad/alone", 0.02)}, rounds=3)
+    assert calls == {"forward/fast": 4, "forward/slow": 2, "weight_grad/alone": 4}  # untimed call + rounds raced
+    assert ms["forward/slow"] > c3.OUT_OF_RACE * ms["forward/fast"]

@@ -10,7 +10,9 @@ the kernel flipped and its channels swapped.
 Which implementation runs is decided per pass and per layer shape by measurement, not by rule: the first time a
 shape is seen, `plan_for` times this file's kernel against oneDNN for the forward, input-gradient and weight-gradient
 passes (interleaved, best of 3) and keeps the faster of each, cached in memory and on disk under
-`$LUNGXRAY_CACHE/autotune/conv3x3/plans.json` per CPU, instruction-set limit and torch version. `LUNGXRAY_CONV3X3`
+`$LUNGXRAY_CACHE/autotune/conv3x3/plans.json` per CPU, instruction-set limit and torch version. A shape next to a
+measured one (another batch or group bucket, fewer threads in the calibration) borrows its plan where measuring
+would cost more than the choice could gain (`_borrowed_plan`). `LUNGXRAY_CONV3X3`
 forces it: `direct` (the direct loops), `winograd` (every pass as F(2x2, 3x3) where the channels allow),
 `winograd4` (the same with F(4x4, 3x3)), `onednn`, or `auto` (the default). `LUNGXRAY_FUSED=0` turns it off with
 the other kernels.
@@ -59,6 +61,7 @@ SOURCE = Path(__file__).with_name("csrc") / "conv3x3.c"
 CHOICE_ENV = "LUNGXRAY_CONV3X3"  # auto | onednn | direct | winograd | winograd4
 PLAN_VERSION = 4  # 2: the direct loops named "direct"; 3: F(4x4, 3x3) a candidate; 4: Winograd pads itself
 MIN_GAIN = 1.05  # the kernel must beat oneDNN by this factor on a pass to replace it
+OUT_OF_RACE = 1.6  # a pass this much slower than the fastest after one timed round is not timed again
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 SIGNATURES = {"conv3x3_forward": (_P,) * 4 + (_I64,) * 6 + (ctypes.c_int,),
               "conv3x3_winograd_forward": (_P,) * 4 + (_I64,) * 7 + (ctypes.c_int,) * 2,
@@ -433,16 +436,29 @@ def chosen() -> dict[str, str]:
                 f"{p.weight_grad}" + (f" (as {p.like})" if p.like else "") for key, p in _plans.items()}
 
 
+def _pass(candidate: str) -> str:
+    """"forward/winograd4" -> "forward"."""
+    return candidate.split("/")[0]
+
+
 def _best_ms(fns: dict[str, Callable[[], object]], rounds: int = 3) -> dict[str, float]:
-    """Best time of each function over interleaved rounds, after one untimed call each."""
+    """Best time of each function over interleaved rounds, after one untimed call each. After the first round, a
+    function more than OUT_OF_RACE times slower than the fastest of its pass ("forward/..." and so on) is not timed
+    again: it cannot win, and its further calls were ~1/3 of a layer's measurement (seconds on the first run)."""
     for fn in fns.values():
         fn()
     best = {name: float("inf") for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    racing = dict(fns)
+    for round_ in range(rounds):
+        for name, fn in racing.items():
             t0 = time.perf_counter()
             fn()
             best[name] = min(best[name], 1e3 * (time.perf_counter() - t0))
+        if round_ == 0:
+            fastest: dict[str, float] = {}
+            for name, ms in best.items():
+                fastest[_pass(name)] = min(ms, fastest.get(_pass(name), ms))
+            racing = {n: fn for n, fn in racing.items() if best[n] <= OUT_OF_RACE * fastest[_pass(n)]}
     return best
 
 
