@@ -77,8 +77,8 @@ class _BatchNormReLU(torch.autograd.Function):
         mean, invstd, var = torch.empty(c), torch.empty(c), torch.empty(c)
         w, b = weight.detach().contiguous(), bias.detach().contiguous()
         _kernels.loaded().bn_relu_forward(x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), mean.data_ptr(),
-                               invstd.data_ptr(), var.data_ptr(), x.numel() // c, c, eps, int(relu),
-                               torch.get_num_threads())
+                                          invstd.data_ptr(), var.data_ptr(), x.numel() // c, c, eps, int(relu),
+                                          torch.get_num_threads())
         ctx.save_for_backward(x, w, b, mean, invstd)
         ctx.relu = relu
         ctx.mark_non_differentiable(mean, var)
@@ -91,6 +91,6 @@ class _BatchNormReLU(torch.autograd.Function):
         gl = g.contiguous(memory_format=torch.channels_last)  # free when it already is
         dx, dw, db = torch.empty_like(x), torch.empty(c), torch.empty(c)
         _kernels.loaded().bn_relu_backward(x.data_ptr(), gl.data_ptr(), w.data_ptr(), b.data_ptr(), mean.data_ptr(),
-                                invstd.data_ptr(), dx.data_ptr(), dw.data_ptr(), db.data_ptr(), x.numel() // c, c,
-                                int(ctx.relu), torch.get_num_threads())
+                                           invstd.data_ptr(), dx.data_ptr(), dw.data_ptr(), db.data_ptr(),
+                                           x.numel() // c, c, int(ctx.relu), torch.get_num_threads())
         return dx, dw, db, None, None

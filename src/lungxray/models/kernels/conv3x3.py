@@ -93,11 +93,6 @@ def _library() -> ctypes.CDLL | None:
     return _kernels.get()
 
 
-def _lib() -> ctypes.CDLL:
-    """The loaded library, for code that runs only after `use_conv3x3` said yes."""
-    return _kernels.loaded()
-
-
 def conv3x3_available() -> bool:
     """Whether the kernel library is built and loaded (builds it on first call)."""
     return _library() is not None
@@ -154,8 +149,8 @@ def _direct_forward(xp: Tensor, wk: Tensor, bias: Tensor | None, groups: int) ->
     g, _, ci, co = wk.shape
     out = torch.empty((n, g * co, hp - 2, wp - 2), memory_format=torch.channels_last)  # not a view: in-place ops after
     b = bias.contiguous() if bias is not None else None
-    _lib().conv3x3_forward(xp.data_ptr(), wk.data_ptr(), b.data_ptr() if b is not None else None,
-                                  out.data_ptr(), n, hp, wp, g, ci, co, torch.get_num_threads())
+    _kernels.loaded().conv3x3_forward(xp.data_ptr(), wk.data_ptr(), b.data_ptr() if b is not None else None,
+                                      out.data_ptr(), n, hp, wp, g, ci, co, torch.get_num_threads())
     return out
 
 
@@ -189,8 +184,9 @@ def _winograd_forward(xl: Tensor, u: Tensor, bias: Tensor | None, groups: int, p
     co = 16 * blocks
     out = torch.empty((n, g * co, h + 2 * pad - 2, w + 2 * pad - 2), memory_format=torch.channels_last)
     b = bias.contiguous() if bias is not None else None
-    _lib().conv3x3_winograd_forward(xl.data_ptr(), u.data_ptr(), b.data_ptr() if b is not None else None,
-                                    out.data_ptr(), n, h, w, g, ci, co, pad, _tile_side(k), torch.get_num_threads())
+    _kernels.loaded().conv3x3_winograd_forward(xl.data_ptr(), u.data_ptr(), b.data_ptr() if b is not None else None,
+                                               out.data_ptr(), n, h, w, g, ci, co, pad, _tile_side(k),
+                                               torch.get_num_threads())
     return out
 
 
@@ -226,9 +222,9 @@ def _direct_weight_grad(xp: Tensor, g: Tensor, groups: int, with_bias: bool) -> 
     ci, co = ct // groups, gl.shape[-1] // groups
     dw = xp.new_empty((groups, 9, ci, co))
     db = xp.new_empty((groups * co,)) if with_bias else None
-    _lib().conv3x3_backward_weight(xp.data_ptr(), gl.data_ptr(), dw.data_ptr(),
-                                          db.data_ptr() if db is not None else None, n, hp, wp, groups, ci, co,
-                                          torch.get_num_threads())
+    _kernels.loaded().conv3x3_backward_weight(xp.data_ptr(), gl.data_ptr(), dw.data_ptr(),
+                                              db.data_ptr() if db is not None else None, n, hp, wp, groups, ci, co,
+                                              torch.get_num_threads())
     return dw.permute(0, 3, 2, 1).reshape(groups * co, ci, 3, 3), db
 
 
@@ -240,8 +236,8 @@ def _winograd_weight_grad(xl: Tensor, g: Tensor, groups: int, with_bias: bool, m
     gl = _nhwc(g)
     ci, co, a = ct // groups, gl.shape[-1] // groups, m + 2
     du = xl.new_empty((groups, a * a, ci, co))
-    _lib().conv3x3_winograd_backward_weight(xl.data_ptr(), gl.data_ptr(), du.data_ptr(), n, h, w,
-                                            groups, ci, co, pad, m, torch.get_num_threads())
+    _kernels.loaded().conv3x3_winograd_backward_weight(xl.data_ptr(), gl.data_ptr(), du.data_ptr(), n, h, w,
+                                                       groups, ci, co, pad, m, torch.get_num_threads())
     dw = _WINOGRAD_KRON[m].T @ du.view(groups, a * a, ci * co)  # G^T (dL/dU) G, tap-major (G, 9, Ci*Co)
     db = gl.sum((0, 1, 2)) if with_bias else None
     return dw.view(groups, 9, ci, co).permute(0, 3, 2, 1).reshape(groups * co, ci, 3, 3), db
@@ -507,7 +503,7 @@ def _measure(conv: torch.nn.Conv2d, x: Tensor) -> Plan:
     ms = _best_ms(candidates(tuple(x.shape), conv.weight, _pad(conv), conv.groups))
 
     def pick(stage: str) -> str:
-        mine = [k for k in ms if k.startswith(stage + "/") and not k.endswith("/onednn")]
+        mine = [k for k in ms if _pass(k) == stage and not k.endswith("/onednn")]
         best = min(mine, key=ms.__getitem__, default=None)  # none where the channels rule the kernels out
         return best.split("/")[1] if best and ms[best] * MIN_GAIN < ms[f"{stage}/onednn"] else "onednn"
 

@@ -30,8 +30,7 @@ from lungxray.hostinfo import cache_root
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FLAGS", "Built", "LazyLibrary", "build", "check_status", "declare_all", "load_library", "trusted",
-           "trusted_folder"]
+__all__ = ["FLAGS", "Built", "LazyLibrary", "build", "declare_all", "load_library", "trusted", "trusted_folder"]
 
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
@@ -64,17 +63,17 @@ def load_library(source: Path, declare: Callable[[ctypes.CDLL], None]) -> Built:
 
 def declare_all(signatures: Mapping[str, tuple[type, ...]]) -> Callable[[ctypes.CDLL], None]:
     """A `declare` for `load_library`: each named function gets these ctypes argument types and returns its status,
-    which `check_status` turns into an exception."""
+    which `_check_status` turns into an exception."""
 
     def declare(lib: ctypes.CDLL) -> None:
         for name, params in signatures.items():
             fn = getattr(lib, name)
-            fn.argtypes, fn.restype, fn.errcheck = list(params), ctypes.c_int, check_status
+            fn.argtypes, fn.restype, fn.errcheck = list(params), ctypes.c_int, _check_status
 
     return declare
 
 
-def check_status(status: int, fn: Any, _args: tuple[Any, ...]) -> int:
+def _check_status(status: int, fn: Any, _args: tuple[Any, ...]) -> int:
     """Every kernel returns 0 when done; -1 when it could not allocate its work space (its output is then not
     written: a silent return would hand the caller uninitialised memory as a result); another value for arguments
     it does not take."""
