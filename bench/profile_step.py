@@ -4,9 +4,9 @@ Prints the share of self time per kind of work (convolution, max-pool, augmentat
 and the operators with the most self time, grouped by input shape.
 
 Read the per-operator figures as relative, not as the real step's: on the VMs here the first touch of a fresh page
-costs ~6 us, and a profiled run touches pages the steady step reuses (a seed_cnn dense-weight cast read 55 ms per
-call here against 2.5-3 ms timed in place; docs/performance.md, "session 14"). The rate printed is the step's
-under the profiler, slower than `lungxray bench train`'s.
+costs ~6 us, and a profiled run probably touches pages the steady step reuses (not verified: a seed_cnn
+dense-weight cast read 55 ms per call here against 2.5-3 ms timed in place; docs/performance.md, "session 14").
+The rate printed is the step's under the profiler, slower than `lungxray bench train`'s.
 
     .venv/bin/python bench/profile_step.py --arch seed_cnn --steps 4
 """
